@@ -1,0 +1,10 @@
+"""fastattn: hand-written Triton kernels for attention, LayerNorm / RMSNorm and embeddings, as
+drop-ins for torch's own functions. See README.md for what is supported."""
+
+from . import nn
+from ._dispatch import backend, record_backends
+from .layer_norm import add_layer_norm, layer_norm, rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["add_layer_norm", "backend", "layer_norm", "nn", "record_backends", "rms_norm"]

@@ -1,0 +1,79 @@
+"""Which implementation runs an op, and a record of what ran.
+
+    CUDA tensor                          -> "triton": the compiled Triton kernel
+    CPU tensor with TRITON_INTERPRET=1   -> "triton-interpreter": the same kernel, run by Triton's
+                                            interpreter (how the kernels are tested without a GPU)
+    any other tensor                     -> "reference": the eager PyTorch code in fastattn.reference
+
+TRITON_INTERPRET must be set before the first fastattn op runs: Triton decides whether a kernel is
+compiled or interpreted when the kernel module is first imported (kernels are imported lazily, on
+first use, so `import fastattn` itself neither needs a GPU nor imports Triton).
+
+    >>> fastattn.backend(x)                  # the path ops on x take
+    'triton-interpreter'
+    >>> with fastattn.record_backends() as ran:
+    ...     y = fastattn.layer_norm(x, (768,))
+    >>> ran
+    [('norm_fwd', 'triton-interpreter')]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+TRITON = "triton"
+INTERPRETER = "triton-interpreter"
+REFERENCE = "reference"
+
+_lock = threading.Lock()
+_records: list[list[tuple[str, str]]] = []
+
+
+def _interpreting() -> bool:
+    from fastattn.kernels.configs import interpreting  # configs imports no Triton
+
+    return interpreting()
+
+
+def backend(tensor_or_device: torch.Tensor | torch.device | str) -> str:
+    """The implementation fastattn ops use for tensors on this device: "triton",
+    "triton-interpreter" or "reference"."""
+    device = getattr(tensor_or_device, "device", tensor_or_device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return TRITON
+    if device.type == "cpu" and _interpreting():
+        return INTERPRETER
+    return REFERENCE
+
+
+def kernels(name: str) -> ModuleType:
+    """The launcher module fastattn.kernels.<name>, imported (and its kernels defined) on first use."""
+    return importlib.import_module(f"fastattn.kernels.{name}")
+
+
+def record(op: str, path: str) -> None:
+    """Note that `op` ran on `path` in every open record_backends() block (all threads: autograd
+    may run backward passes on its own threads)."""
+    with _lock:
+        for log in _records:
+            log.append((op, path))
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[list[tuple[str, str]]]:
+    """Collect (op name, backend) for every fastattn kernel launch or fallback inside the block."""
+    log: list[tuple[str, str]] = []
+    with _lock:
+        _records.append(log)
+    try:
+        yield log
+    finally:
+        with _lock:
+            _records.remove(log)

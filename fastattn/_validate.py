@@ -1,0 +1,33 @@
+"""Checks at the public boundary: each raises TypeError / ValueError naming the argument, the value
+and the rule, so bad input never reaches a kernel."""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, value, *, dtypes=KERNEL_DTYPES) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(value.dtype).removeprefix('torch.')}; "
+                        f"supported: {allowed}")
+
+
+def check_same_device(**tensors) -> None:
+    """All given (non-None) tensors on one device."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"expected all tensors on one device, got {where}")
+
+
+def check_same_dtype(**tensors) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    if len({v.dtype for v in present.values()}) > 1:
+        what = ", ".join(f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in present.items())
+        raise TypeError(f"expected one dtype, got {what}")
