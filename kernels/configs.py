@@ -158,9 +158,15 @@ _ATTN_BWD_DQ_AMPERE = (
     (1024, 32, 16, 8, 1),
 )
 
-# Under the interpreter: one fixed tile for every pass (warps and stages are ignored there; larger
-# tiles mean fewer Python-level programs and loop steps).
-_ATTN_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+# Under the interpreter: one fixed setting per pass (warps and stages are ignored there). The tiles
+# are as lopsided as the GPU's (the fixed block twice the streamed one), so CPU tests exercise the
+# loop bounds with BLOCK_M != BLOCK_N; 64/32 also keeps the number of Python-level programs low.
+_ATTN_INTERPRET_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+_ATTN_INTERPRET_BWD = dict(
+    preprocess=dict(BLOCK_M=64, num_warps=4),
+    dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
+    dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+)
 
 
 def _attention_row_bytes(head_dim: int, dtype: torch.dtype) -> int:
@@ -186,7 +192,7 @@ def attention_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device
     head_dim: max(D, Dv), the wider of the query/key and value head dims.
     """
     if interpreting() or device.type != "cuda":
-        return dict(_ATTN_INTERPRET)
+        return dict(_ATTN_INTERPRET_FWD)
     table = _ATTN_FWD_HOPPER if _attention_is_hopper_class(device) else _ATTN_FWD_AMPERE
     return _attention_pick(table, head_dim, dtype)
 
@@ -196,8 +202,7 @@ def attention_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device
     {"preprocess": {BLOCK_M, num_warps}, "dkdv": {...}, "dq": {...}}, the last two with
     BLOCK_M, BLOCK_N, num_warps, num_stages. head_dim: max(D, Dv)."""
     if interpreting() or device.type != "cuda":
-        return dict(preprocess=dict(BLOCK_M=_ATTN_INTERPRET["BLOCK_M"], num_warps=4),
-                    dkdv=dict(_ATTN_INTERPRET), dq=dict(_ATTN_INTERPRET))
+        return {name: dict(cfg) for name, cfg in _ATTN_INTERPRET_BWD.items()}
     hopper = _attention_is_hopper_class(device)
     return dict(
         # delta = rowsum(dO * O) is memory bound: big row blocks, 4 warps.

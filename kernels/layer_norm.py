@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .configs import column_sum_config, device_guard, norm_bwd_programs, norm_config
+from .numerics import round_to
 
 
 @triton.jit
@@ -48,7 +49,7 @@ def _load_norm_input(X, RES, H, rows, cols, mask, N, stride_xm, stride_xn, strid
         if STORE_H:
             x = _load_f32(X, rows, cols, stride_xm, stride_xn, mask)
             r = _load_f32(RES, rows, cols, stride_rm, stride_rn, mask)
-            h = (x + r).to(H.dtype.element_ty)
+            h = round_to(x + r, H.dtype.element_ty)
             tl.store(H + rows[:, None] * N + cols[None, :], h, mask=mask)
             return h.to(tl.float32)
         else:
@@ -70,7 +71,7 @@ def _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N,
         y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * N + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -180,7 +181,7 @@ def _dx_store(DX, DH, dy, xhat, g, c1, c2, rstd, rows, cols, mask, N, stride_dhm
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
     if HAS_DH:
         dx += _load_f32(DH, rows, cols, stride_dhm, stride_dhn, mask)
-    tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + rows[:, None] * N + cols[None, :], round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import torch
 
-import fastattn
-
-# Per dtype: the atol of the rule, relative to the size of the reference values.
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.double() - ref).abs().max().item() if ref.numel() else 0.0
+from fastattn.testing import parity
 
 
 def assert_within_torch_error(name: str, ours: torch.Tensor, theirs: torch.Tensor,
                               ref: torch.Tensor, dtype: torch.dtype) -> None:
     """ours and theirs (torch's own op, same inputs, same dtype) against ref (float64):
-    error(ours) <= 2 * error(theirs) + atol."""
+    error(ours) <= 2 * error(theirs) + atol (fastattn.testing.parity)."""
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype} != torch's {theirs.dtype}"
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-    err, torch_err = max_err(ours, ref), max_err(theirs, ref)
-    bound = 2 * torch_err + ATOL[dtype] * scale
-    assert err <= bound, f"{name}: error {err:.3e} > 2 x torch's {torch_err:.3e} + atol ({bound:.3e})"
+    p = parity(ours, theirs, ref, dtype)
+    assert p.ok, (f"{name}: error {p.err:.3e} > 2 x torch's {p.torch_err:.3e} + atol "
+                  f"({p.bound:.3e})")
 
 
 def expected_backend(device: str) -> str:
