@@ -80,6 +80,8 @@ class _NormFn(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if dy is None:  # only h was used downstream
             dy = torch.zeros_like(x)
+        if not ctx.has_residual:  # h is an empty placeholder (torch.compile may still pass a grad)
+            dh = None
         dx, dweight, dbias = torch.ops.fastattn.norm_bwd(
             dy, x, weight, bias, mean, rstd, dh, ctx.is_rms,
             ctx.needs_input_grad[1], ctx.needs_input_grad[2])

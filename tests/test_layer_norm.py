@@ -277,3 +277,21 @@ def test_bad_input_raises_clear_error(call, error, match, device):
     w = torch.randn(97, device=device)
     with pytest.raises(error, match=match):
         call(x, w)
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    """The ops trace into one graph (custom ops with fake impls) and give the eager results."""
+    torch._dynamo.reset()
+    x, w, b, dy = _inputs(8, 64, torch.float32, device, seed=14)
+    r = torch.randn(8, 64, device=device, requires_grad=True)
+
+    def f(x, r, w, b):
+        out, h = fastattn.add_layer_norm(x, r, 64, w, b)
+        return fastattn.layer_norm(out, (64,), w, b) * 2 + h
+
+    eager = _run(f, [x, r, w, b], dy)
+    with fastattn.record_backends() as ran:
+        compiled = _run(torch.compile(f, fullgraph=True), [x, r, w, b], dy)
+    assert_kernels_ran(ran, ["norm_fwd", "norm_bwd"], device)
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6)
