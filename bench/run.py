@@ -20,6 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from common import DEVICE, HAS_CUDA, header, markdown_table  # noqa: E402
 
+import attention  # noqa: E402
 import norm  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -33,14 +34,19 @@ def main() -> int:
     head = header()
     lines = [f"# fastattn bench: {head['date']}, {head['device']}",
              "", "```", json.dumps(head, indent=1), "```", ""]
-    parity = norm.parity(DEVICE)
-    failed = sum(r["pass"] != "yes" for r in parity)
-    lines += ["## Parity: max |error| against float64 (norms)", "",
-              "pass: error <= 2 x torch's error in the same dtype + atol (fastattn.testing)", "",
-              markdown_table(parity), f"{len(parity) - failed} of {len(parity)} outputs pass", ""]
+    failed = 0
+    for name, module in (("norms", norm), ("attention", attention)):
+        rows = module.parity(DEVICE)
+        bad = sum(r["pass"] != "yes" for r in rows)
+        failed += bad
+        lines += [f"## Parity: max |error| against float64 ({name})", "",
+                  "pass: error <= 2 x torch's error in the same dtype + atol (fastattn.testing)",
+                  "", markdown_table(rows), f"{len(rows) - bad} of {len(rows)} outputs pass", ""]
     if HAS_CUDA and not args.parity:
-        lines += ["## Norms: GB/s (" + norm.__doc__.split("\n\n")[1].strip().splitlines()[0]
-                  + " ...; see bench/norm.py)", "", markdown_table(norm.timings(DEVICE))]
+        lines += ["## Norms: GB/s", "", "```", norm.__doc__.strip(), "```", "",
+                  markdown_table(norm.timings(DEVICE)),
+                  "## Attention: TFLOP/s", "", "```", attention.__doc__.strip(), "```", "",
+                  markdown_table(attention.timings(DEVICE))]
     else:
         lines += ["(no timings: " + ("--parity" if args.parity else "no CUDA device") + ")", ""]
     text = "\n".join(lines)

@@ -3,8 +3,11 @@ drop-ins for torch's own functions. See README.md for what is supported."""
 
 from . import nn
 from ._dispatch import backend, record_backends
+from .attention import scaled_dot_product_attention
+from .embedding import bert_embeddings, embedding, gpt_embeddings
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["add_layer_norm", "backend", "layer_norm", "nn", "record_backends", "rms_norm"]
+__all__ = ["add_layer_norm", "backend", "bert_embeddings", "embedding", "gpt_embeddings",
+           "layer_norm", "nn", "record_backends", "rms_norm", "scaled_dot_product_attention"]

@@ -5,9 +5,10 @@
                                             interpreter (how the kernels are tested without a GPU)
     any other tensor                     -> "reference": the eager PyTorch code in fastattn.reference
 
-TRITON_INTERPRET must be set before the first fastattn op runs: Triton decides whether a kernel is
-compiled or interpreted when the kernel module is first imported (kernels are imported lazily, on
-first use, so `import fastattn` itself neither needs a GPU nor imports Triton).
+TRITON_INTERPRET must be set before Triton is first imported (torch may import it too): Triton
+decides whether a kernel, and its own library functions, are compiled or interpreted when they are
+defined. fastattn imports its kernel modules lazily, on first use, so `import fastattn` itself
+neither needs a GPU nor imports Triton.
 
     >>> fastattn.backend(x)                  # the path ops on x take
     'triton-interpreter'
@@ -56,6 +57,19 @@ def backend(tensor_or_device: torch.Tensor | torch.device | str) -> str:
 def kernels(name: str) -> ModuleType:
     """The launcher module fastattn.kernels.<name>, imported (and its kernels defined) on first use."""
     return importlib.import_module(f"fastattn.kernels.{name}")
+
+
+def implementation(op: str, kernel_module: str, tensor: torch.Tensor) -> ModuleType:
+    """The module that runs custom op `op` for `tensor`: fastattn.kernels.<kernel_module> (Triton,
+    compiled or interpreted) or fastattn.reference; the choice is recorded. Both modules define a
+    function named `op` with the same signature."""
+    path = backend(tensor)
+    record(op, path)
+    if path == REFERENCE:
+        from fastattn import reference
+
+        return reference
+    return kernels(kernel_module)
 
 
 def record(op: str, path: str) -> None:

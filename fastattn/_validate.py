@@ -19,7 +19,7 @@ def check_tensor(name: str, value, *, dtypes=KERNEL_DTYPES) -> None:
 
 def check_same_device(**tensors) -> None:
     """All given (non-None) tensors on one device."""
-    present = {k: v for k, v in tensors.items() if v is not None}
+    present = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     devices = {v.device for v in present.values()}
     if len(devices) > 1:
         where = ", ".join(f"{k} on {v.device}" for k, v in present.items())

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _dispatch, reference
+from . import _dispatch
 from ._validate import check_same_device, check_same_dtype, check_tensor
 
 # ---- custom ops: one per launcher, with fake (meta) implementations ----
@@ -24,9 +24,7 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual (M, N); weight, bias (N,) -> y (M, N), h = x + residual (M, N) or empty,
     mean (M,) fp32 or empty (RMSNorm), rstd (M,) fp32."""
-    path = _dispatch.backend(x)
-    _dispatch.record("norm_fwd", path)
-    impl = reference if path == _dispatch.REFERENCE else _dispatch.kernels("layer_norm")
+    impl = _dispatch.implementation("norm_fwd", "layer_norm", x)
     return impl.norm_fwd(x, weight, bias, residual, eps, is_rms)
 
 
@@ -41,17 +39,18 @@ def _(x, weight, bias, residual, eps, is_rms):
 @torch.library.custom_op("fastattn::norm_bwd", mutates_args=())
 def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              mean: Tensor, rstd: Tensor, dh: Optional[Tensor], is_rms: bool,
-             compute_dweight: bool, compute_dbias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """dy, x, dh (M, N); mean, rstd (M,) -> dx (M, N), dweight (N,) or empty, dbias (N,) or empty."""
-    path = _dispatch.backend(x)
-    _dispatch.record("norm_bwd", path)
-    impl = reference if path == _dispatch.REFERENCE else _dispatch.kernels("layer_norm")
+             compute_dweight: bool, compute_dbias: bool, dropout_p: float = 0.0,
+             dropout_seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """dy, x, dh (M, N); mean, rstd (M,) -> dx (M, N), dweight (N,) or empty, dbias (N,) or empty.
+    dropout_p > 0: the normalized output went through dropout drawn with dropout_seed."""
+    impl = _dispatch.implementation("norm_bwd", "layer_norm", x)
     return impl.norm_bwd(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight,
-                         compute_dbias)
+                         compute_dbias, dropout_p, dropout_seed)
 
 
 @norm_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight, compute_dbias):
+def _(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight, compute_dbias, dropout_p=0.0,
+      dropout_seed=0):
     N = x.shape[1]
     return (x.new_empty(x.shape),
             weight.new_empty((N,)) if compute_dweight else x.new_empty((0,)),

@@ -106,57 +106,31 @@ def device_guard(tensor: torch.Tensor):
 
 # ---- attention ----
 #
-# Tiles are chosen by the bytes of one padded head row, next_power_of_2(head_dim) * itemsize, which is
-# what fills registers and shared memory: fp16/bf16 d64 = 128 B, d128 = 256 B, d256 = 512 B; fp32
-# lands one bucket higher than the same head dim in 16 bits. Each table row reads
-# (largest row bytes, BLOCK_M, BLOCK_N, num_warps, num_stages). These are starting points from the
-# Triton tutorial / FlashAttention tiles, not yet autotuned on a GPU.
+# Settings are picked by the padded head dim BLOCK_D = next_power_of_2(max(D, Dv)) (what fills
+# registers and shared memory), per architecture for fp16/bf16, and from one table for fp32, whose
+# dots run as exact fp32 FMAs (input_precision="ieee", no tensor cores) on every GPU. Table rows read
+# (largest BLOCK_D, BLOCK_M, BLOCK_N, num_warps, num_stages). They start from the Triton tutorial and
+# FlashAttention tiles and were checked by compiling for sm_90 / sm_80 with ptxas (no register
+# spills, shared memory within 227 KB on Hopper and ~99 KB on Ampere/Ada); they are not yet timed on
+# a GPU. The widest row also serves head dims past the table.
 
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per loop step.
-_ATTN_FWD_HOPPER = (
-    (128, 128, 64, 4, 3),  # d64
-    (256, 128, 64, 4, 3),  # d128
-    (512, 64, 64, 4, 2),  # d256
-    (1024, 32, 32, 4, 2),  # d256 fp32
-)
-# Ampere/Ada and older: about 100 KB of shared memory per block on consumer parts, so smaller tiles and
-# fewer stages (K and V tiles take 2 * BLOCK_N * row bytes per stage).
-_ATTN_FWD_AMPERE = (
-    (128, 64, 64, 4, 2),
-    (256, 64, 64, 4, 2),
-    (512, 32, 32, 4, 1),
-    (1024, 32, 32, 4, 1),
-)
+_ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 2))
+_ATTN_FWD_AMPERE = ((64, 64, 64, 4, 2), (128, 64, 64, 4, 2), (256, 32, 32, 4, 1))
+_ATTN_FWD_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 32, 16, 8, 1))
 
-# Backward dK/dV pass: a fixed block of BLOCK_N keys holds k, v and the fp32 dk, dv accumulators
-# (2 * BLOCK_N * head_dim * 4 bytes) in registers while BLOCK_M query rows stream past; from d128 on
-# that spills with 4 warps, hence 8 warps and 64- or 32-wide key blocks.
-_ATTN_BWD_DKDV_HOPPER = (
-    (128, 32, 128, 4, 3),
-    (256, 32, 64, 8, 2),
-    (512, 32, 32, 8, 2),
-    (1024, 16, 32, 8, 1),
-)
-_ATTN_BWD_DKDV_AMPERE = (
-    (128, 32, 64, 4, 2),
-    (256, 32, 64, 8, 2),
-    (512, 32, 32, 8, 1),
-    (1024, 16, 32, 8, 1),
-)
-# Backward dQ pass: a fixed block of BLOCK_M query rows (q, dO and the fp32 dq accumulator) while
-# BLOCK_N keys stream past.
-_ATTN_BWD_DQ_HOPPER = (
-    (128, 128, 32, 4, 3),
-    (256, 128, 32, 8, 2),
-    (512, 64, 32, 8, 2),
-    (1024, 32, 16, 8, 1),
-)
-_ATTN_BWD_DQ_AMPERE = (
-    (128, 64, 32, 4, 2),
-    (256, 64, 32, 4, 2),
-    (512, 32, 32, 8, 1),
-    (1024, 32, 16, 8, 1),
-)
+# Backward dK/dV: a fixed block of BLOCK_N keys keeps k, v and the fp32 dk, dv accumulators in
+# registers while BLOCK_M query rows stream past; from d64 on that needs 8 warps (4 spill), and the
+# streamed block shrinks as the head dim grows.
+_ATTN_BWD_DKDV_HOPPER = ((64, 32, 128, 8, 3), (128, 16, 64, 8, 2), (256, 16, 32, 8, 2))
+_ATTN_BWD_DKDV_AMPERE = ((64, 32, 64, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
+_ATTN_BWD_DKDV_FP32 = ((64, 32, 32, 4, 1), (128, 16, 32, 4, 1), (256, 16, 16, 4, 1))
+
+# Backward dQ: a fixed block of BLOCK_M query rows (q, dO and the fp32 dq accumulator) while BLOCK_N
+# keys stream past.
+_ATTN_BWD_DQ_HOPPER = ((64, 128, 32, 4, 3), (128, 128, 32, 8, 2), (256, 64, 32, 8, 2))
+_ATTN_BWD_DQ_AMPERE = ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
+_ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1))
 
 # Under the interpreter: one fixed setting per pass (warps and stages are ignored there). The tiles
 # are as lopsided as the GPU's (the fixed block twice the streamed one), so CPU tests exercise the
@@ -169,21 +143,16 @@ _ATTN_INTERPRET_BWD = dict(
 )
 
 
-def _attention_row_bytes(head_dim: int, dtype: torch.dtype) -> int:
-    return next_power_of_2(max(head_dim, 16)) * dtype.itemsize
-
-
-def _attention_pick(table, head_dim: int, dtype: torch.dtype) -> dict:
-    row_bytes = _attention_row_bytes(head_dim, dtype)
-    # The first row wide enough; rows wider than the table (head dims > 256) get its last, smallest tiles.
-    row = next((r for r in table if row_bytes <= r[0]), table[-1])
-    _, block_m, block_n, warps, stages = row
+def _attention_pick(tables: tuple, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The row of (hopper, ampere, fp32) `tables` for this head dim, dtype and GPU."""
+    hopper, ampere, fp32 = tables
+    if dtype == torch.float32:
+        table = fp32
+    else:  # Hopper (9) and datacenter Blackwell (10) have ~228 KB of shared memory per SM
+        table = hopper if arch_major(device) in (9, 10) else ampere
+    block_d = next_power_of_2(head_dim)
+    _, block_m, block_n, warps, stages = next((row for row in table if block_d <= row[0]), table[-1])
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-
-
-def _attention_is_hopper_class(device: torch.device) -> bool:
-    # Hopper (9) and datacenter Blackwell (10) have ~228 KB of shared memory per SM.
-    return arch_major(device) in (9, 10)
 
 
 def attention_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -193,20 +162,54 @@ def attention_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device
     """
     if interpreting() or device.type != "cuda":
         return dict(_ATTN_INTERPRET_FWD)
-    table = _ATTN_FWD_HOPPER if _attention_is_hopper_class(device) else _ATTN_FWD_AMPERE
-    return _attention_pick(table, head_dim, dtype)
+    return _attention_pick((_ATTN_FWD_HOPPER, _ATTN_FWD_AMPERE, _ATTN_FWD_FP32), head_dim, dtype, device)
 
 
 def attention_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Launch settings of the three attention backward kernels, as
-    {"preprocess": {BLOCK_M, num_warps}, "dkdv": {...}, "dq": {...}}, the last two with
-    BLOCK_M, BLOCK_N, num_warps, num_stages. head_dim: max(D, Dv)."""
+    """Launch settings of the three attention backward kernels, as {"preprocess": {BLOCK_M,
+    num_warps}, "dkdv": {...}, "dq": {...}}, the last two with BLOCK_M, BLOCK_N, num_warps,
+    num_stages. head_dim: max(D, Dv)."""
     if interpreting() or device.type != "cuda":
         return {name: dict(cfg) for name, cfg in _ATTN_INTERPRET_BWD.items()}
-    hopper = _attention_is_hopper_class(device)
+    # delta = rowsum(dO * O) is memory bound: about 8K elements of each per program.
+    block_m = max(16, min(128, 8192 // next_power_of_2(head_dim)))
     return dict(
-        # delta = rowsum(dO * O) is memory bound: big row blocks, 4 warps.
-        preprocess=dict(BLOCK_M=128 if _attention_row_bytes(head_dim, dtype) <= 256 else 64, num_warps=4),
-        dkdv=_attention_pick(_ATTN_BWD_DKDV_HOPPER if hopper else _ATTN_BWD_DKDV_AMPERE, head_dim, dtype),
-        dq=_attention_pick(_ATTN_BWD_DQ_HOPPER if hopper else _ATTN_BWD_DQ_AMPERE, head_dim, dtype),
+        preprocess=dict(BLOCK_M=block_m, num_warps=4),
+        dkdv=_attention_pick((_ATTN_BWD_DKDV_HOPPER, _ATTN_BWD_DKDV_AMPERE, _ATTN_BWD_DKDV_FP32),
+                             head_dim, dtype, device),
+        dq=_attention_pick((_ATTN_BWD_DQ_HOPPER, _ATTN_BWD_DQ_AMPERE, _ATTN_BWD_DQ_FP32),
+                           head_dim, dtype, device),
     )
+
+
+# ---- embedding ----
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Tile of the embedding kernels: BLOCK_T tokens x BLOCK_D columns."""
+
+    BLOCK_T: int
+    BLOCK_D: int
+    num_warps: int
+
+
+# Widest row the fused (normalizing) embedding keeps whole in registers.
+EMBEDDING_MAX_NORM_DIM = 16384
+
+
+def embedding_config(dim: int, device: torch.device, *, whole_row: bool = False) -> EmbeddingConfig:
+    """Gather tile for rows of `dim` columns; whole_row: one column block spans the row (needed
+    when the kernel normalizes the row)."""
+    cap = EMBEDDING_MAX_NORM_DIM if whole_row else (4096 if interpreting() else 1024)
+    block_d = min(next_power_of_2(dim), cap)
+    if interpreting():
+        return EmbeddingConfig(max(1, min(256, 8192 // block_d)), block_d, 4)
+    block_t = max(1, min(16, 4096 // block_d))
+    return EmbeddingConfig(block_t, block_d, _norm_warps(block_t * block_d))
+
+
+def embedding_bwd_config(dim: int, device: torch.device) -> EmbeddingConfig:
+    """Segment reduction tile: BLOCK_T tokens of one run of equal indices per step."""
+    block_d = min(next_power_of_2(dim), 4096 if interpreting() else 512)
+    return EmbeddingConfig(64 if interpreting() else 16, block_d, 4)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .configs import column_sum_config, device_guard, norm_bwd_programs, norm_config
-from .numerics import round_to
+from .numerics import dropout_keep, round_to
 
 
 @triton.jit
@@ -59,9 +59,11 @@ def _load_norm_input(X, RES, H, rows, cols, mask, N, stride_xm, stride_xn, strid
 
 
 @triton.jit
-def _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N,
-                     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y = (x - mean) * rstd * w + b for one tile, stored to Y (contiguous rows of N)."""
+def _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, dropout_p, seed,
+                     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr):
+    """y = (x - mean) * rstd * w + b for one tile (then dropout: kept values scaled by 1 / (1 - p),
+    the mask drawn at element row * N + col), stored to Y (contiguous rows of N)."""
     if IS_RMS:
         y = x * rstd[:, None]
     else:
@@ -71,6 +73,9 @@ def _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N,
         y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], dropout_p)
+        y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
     tl.store(Y + rows[:, None] * N + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -112,7 +117,8 @@ def _norm_fwd_kernel(
             diff = tl.where(mask, x - mean[:, None], 0.0)
             var = tl.sum(diff * diff, axis=1) / N
         rstd = 1.0 / tl.sqrt(var + eps)
-        _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, IS_RMS, HAS_WEIGHT, HAS_BIAS)
+        _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, 0.0, 0, IS_RMS, HAS_WEIGHT,
+                         HAS_BIAS, False)
     else:
         # Pass 1: sum(h) for LayerNorm, sum(h^2) for RMSNorm (and h = x + residual stored).
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -147,8 +153,8 @@ def _norm_fwd_kernel(
             mask = row_mask[:, None] & (cols < N)[None, :]
             x = _load_norm_input(X, RES, H, rows, cols, mask, N, stride_xm, stride_xn, stride_rm,
                                  stride_rn, HAS_RESIDUAL, False)
-            _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, IS_RMS, HAS_WEIGHT,
-                             HAS_BIAS)
+            _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, 0.0, 0, IS_RMS,
+                             HAS_WEIGHT, HAS_BIAS, False)
     if not IS_RMS:
         tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
@@ -156,10 +162,15 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _xhat_and_g(X, W, DY, rows, cols, mask, mean, rstd, stride_xm, stride_xn, stride_dym,
-                stride_dyn, N, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """For one tile: dy, xhat = (x - mean) * rstd and g = weight * dy, all fp32, 0 where masked."""
+                stride_dyn, N, dropout_p, seed, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr):
+    """For one tile: dy (through the forward's dropout mask, if any), xhat = (x - mean) * rstd and
+    g = weight * dy, all fp32, 0 where masked."""
     x = _load_f32(X, rows, cols, stride_xm, stride_xn, mask)
     dy = _load_f32(DY, rows, cols, stride_dym, stride_dyn, mask)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], dropout_p)
+        dy = tl.where(keep, dy / (1.0 - dropout_p), 0.0)
     if IS_RMS:
         xhat = x * rstd[:, None]
     else:
@@ -200,9 +211,11 @@ def _norm_bwd_kernel(
     M, N,
     # strides
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_dhm, stride_dhn,
+    # runtime scalars
+    dropout_p, seed,
     # constexpr flags
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DH: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
@@ -225,7 +238,8 @@ def _norm_bwd_kernel(
             if not IS_RMS:
                 mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
             dy, xhat, g = _xhat_and_g(X, W, DY, rows, cols, mask, mean, rstd, stride_xm,
-                                      stride_xn, stride_dym, stride_dyn, N, IS_RMS, HAS_WEIGHT)
+                                      stride_xn, stride_dym, stride_dyn, N, dropout_p, seed, IS_RMS,
+                                      HAS_WEIGHT, HAS_DROPOUT)
             c1 = tl.sum(xhat * g, axis=1) / N
             c2 = tl.sum(g, axis=1) / N
             _dx_store(DX, DH, dy, xhat, g, c1, c2, rstd, rows, cols, mask, N, stride_dhm,
@@ -255,8 +269,8 @@ def _norm_bwd_kernel(
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = row_mask[:, None] & (cols < N)[None, :]
                 dy, xhat, g = _xhat_and_g(X, W, DY, rows, cols, mask, mean, rstd, stride_xm,
-                                          stride_xn, stride_dym, stride_dyn, N, IS_RMS,
-                                          HAS_WEIGHT)
+                                          stride_xn, stride_dym, stride_dyn, N, dropout_p,
+                                          seed, IS_RMS, HAS_WEIGHT, HAS_DROPOUT)
                 acc1 += xhat * g
                 acc2 += g
             c1 = tl.sum(acc1, axis=1) / N
@@ -267,8 +281,8 @@ def _norm_bwd_kernel(
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
                 dy, xhat, g = _xhat_and_g(X, W, DY, rows, cols, mask, mean, rstd, stride_xm,
-                                          stride_xn, stride_dym, stride_dyn, N, IS_RMS,
-                                          HAS_WEIGHT)
+                                          stride_xn, stride_dym, stride_dyn, N, dropout_p,
+                                          seed, IS_RMS, HAS_WEIGHT, HAS_DROPOUT)
                 _dx_store(DX, DH, dy, xhat, g, c1, c2, rstd, rows, cols, mask, N, stride_dhm,
                           stride_dhn, IS_RMS, HAS_DH)
                 if COMPUTE_DW:
@@ -346,9 +360,13 @@ def norm_bwd(
     is_rms: bool,
     compute_dweight: bool,
     compute_dbias: bool,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx (M, N) in x.dtype, dweight (N,) in weight's dtype and dbias (N,) in bias's dtype
-    (each empty when not asked for)."""
+    (each empty when not asked for). dropout_p > 0: the forward output went through dropout drawn
+    with dropout_seed at element row * N + col (as the fused BERT embedding does); dy is masked
+    and rescaled the same way first."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     cfg = norm_config(N, x.device)
@@ -367,8 +385,10 @@ def norm_bwd(
                 part[0] if compute_dweight else part, part[n_parts - 1] if compute_dbias else part,
                 M, N,
                 x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dh_.stride(0), dh_.stride(1),
+                dropout_p, dropout_seed,
                 IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_DH=dh is not None,
                 COMPUTE_DW=compute_dweight, COMPUTE_DB=compute_dbias,
+                HAS_DROPOUT=dropout_p > 0.0,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SINGLE_TILE=cfg.SINGLE_TILE,
                 num_warps=cfg.num_warps,
             )

@@ -24,3 +24,10 @@ def round_to(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def dropout_keep(seed, offsets, p):
+    """Keep-mask of dropout with probability p at element `offsets` (int64; the low 32 bits feed
+    Philox): the same (seed, offsets) give the same mask in the forward and the backward."""
+    return tl.rand(seed, offsets) >= p

@@ -1,6 +1,6 @@
 """Test setup: CUDA when present; otherwise Triton's interpreter runs the same kernels on the CPU.
 
-TRITON_INTERPRET has to be set before fastattn first imports a kernel module, hence here, at the top.
+TRITON_INTERPRET has to be set before Triton is imported, hence here, at the top.
 """
 
 import os
@@ -11,6 +11,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Triton decides at import whether its own library functions (tl.sum's combine function, ...)
+    # are interpreted: import it now, before any test flips TRITON_INTERPRET off for a while.
+    import triton  # noqa: F401
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -25,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled floating tensors, so an output element a kernel forgets to
+    write shows up as NaN instead of a plausible leftover value."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)

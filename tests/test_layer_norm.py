@@ -295,3 +295,29 @@ def test_torch_compile_fullgraph_matches_eager(device):
     assert_kernels_ran(ran, ["norm_fwd", "norm_bwd"], device)
     for a, e in zip(compiled, eager):
         torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_rows_on_gpu(dtype):
+    """Sizes the interpreter cannot afford: 8192 rows x 8192 on the compiled kernel."""
+    x, w, b, dy = _inputs(8192, 8192, dtype, "cuda", seed=15)
+    with fastattn.record_backends() as ran:
+        ours = _run(lambda x, w, b: fastattn.layer_norm(x, (8192,), w, b), [x, w, b], dy)
+    assert_kernels_ran(ran, ["norm_fwd", "norm_bwd"], "cuda")
+    theirs = _run(lambda x, w, b: F.layer_norm(x, (8192,), w, b), [x, w, b], dy)
+    ref = _run(lambda x, w, b: reference.layer_norm(x, w, b, 1e-5), _f64([x, w, b]), dy.double())
+    _check("layer_norm 8192x8192", ours, theirs, ref, dtype)
+
+
+@pytest.mark.gpu
+def test_launches_on_the_tensors_gpu():
+    """A tensor on the second GPU runs there while another GPU is current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x, w, b, dy = _inputs(64, 768, torch.float16, "cuda:1", seed=16)
+    with torch.cuda.device(0):
+        ours = _run(lambda x, w, b: fastattn.layer_norm(x, (768,), w, b), [x, w, b], dy)
+    theirs = _run(lambda x, w, b: F.layer_norm(x, (768,), w, b), [x, w, b], dy)
+    ref = _run(lambda x, w, b: reference.layer_norm(x, w, b, 1e-5), _f64([x, w, b]), dy.double())
+    _check("layer_norm cuda:1", ours, theirs, ref, torch.float16)
