@@ -9,5 +9,20 @@ from .layer_norm import add_layer_norm, layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
+
+def patch(model):
+    """Swap a model's LayerNorm / RMSNorm / Embedding modules for fastattn's and, for a Hugging
+    Face model, use fastattn attention (see fastattn.integrations.transformers.patch)."""
+    from .integrations.transformers import patch as _patch
+
+    return _patch(model)
+
+
+def unpatch(model):
+    """Undo fastattn.patch(model)."""
+    from .integrations.transformers import unpatch as _unpatch
+
+    return _unpatch(model)
+
 __all__ = ["add_layer_norm", "backend", "bert_embeddings", "embedding", "gpt_embeddings",
-           "layer_norm", "nn", "record_backends", "rms_norm", "scaled_dot_product_attention"]
+           "layer_norm", "nn", "patch", "record_backends", "rms_norm", "scaled_dot_product_attention", "unpatch"]
