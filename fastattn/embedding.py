@@ -103,15 +103,23 @@ class _EmbeddingFn(torch.autograd.Function):
 # ---- public functions ----
 
 
+def _skip_range_check() -> bool:
+    """The range check reads two numbers back from the device: skip it while torch.compile traces
+    or a CUDA graph is being captured (the kernels then read nothing outside the table: an index
+    out of range gives a zero row and no gradient instead of an IndexError)."""
+    return torch.compiler.is_compiling() or (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _check_indices(name: str, ids: Tensor, num_rows: int, table: str) -> None:
     """Integer indices in [0, num_rows). Costs one device sync on the GPU (reading min and max);
-    skipped under torch.compile, where the kernels read nothing outside the table instead."""
+    see _skip_range_check for when it is skipped."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must hold int32 or int64 indices, got dtype "
                         f"{str(ids.dtype).removeprefix('torch.')}")
-    if ids.numel() == 0 or torch.compiler.is_compiling():
+    if ids.numel() == 0 or _skip_range_check():
         return
     lo, hi = torch.aminmax(ids)
     lo, hi = torch.stack([lo, hi]).tolist()
