@@ -1,13 +1,46 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU: install, run the whole test suite on CUDA, then the parity check
-# and benchmark sweep. Everything it prints and writes lands in $OUT (or bench/results/).
-#   bash bench/gpu_check.sh
+# One prepared run for a lent GPU, about six minutes (a 15-minute lease leaves room to rerun it):
+# install fastattn, say which GPU and versions, run the test suite on CUDA, then `python -m bench`
+# (parity, ceilings, the sweep with its time budget cut to what the tests left). All of it lands in
+# one folder, $OUT (default bench/results/<date>_<gpu>):
+#   gpu_check.log                 everything printed, the exit codes last
+#   summary.md, results.json, results.csv, attention.png, norm.png, embedding.png   (python -m bench)
+# A failing or timed-out test run does not stop the benchmark. Exit status 0 when both passed.
+#   bash bench/gpu_check.sh                       OUT=/tmp/run bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/results}"
+START=$SECONDS
+if [ -z "${OUT:-}" ]; then
+  GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
+        | tr -cs 'A-Za-z0-9' '-' | sed 's/-*$//')
+  OUT="bench/results/$(date +%F)_${GPU:-gpu}"
+fi
 mkdir -p "$OUT"
-python3 -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest tests -q -x --durations=15 2>&1 | tee "$OUT/tests.txt" | tail -25
-python3 bench/run.py 2>&1 | tee "$OUT/bench.txt" | tail -80
-cp bench/results/*.md "$OUT/" 2>/dev/null || true
+export PYTHONUNBUFFERED=1
+
+{
+  echo "== gpu_check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tail -3
+  python3 -c "import torch, triton, fastattn; print('torch', torch.__version__, '| CUDA', \
+torch.version.cuda, '| triton', triton.__version__, '| fastattn', fastattn.__version__, '|', \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')"
+
+  echo "== tests (python3 -m pytest tests -q)"
+  timeout 200 python3 -m pytest tests -q -p no:cacheprovider --durations=10
+  TESTS=$?
+  echo "tests exit $TESTS at $((SECONDS - START)) s"
+
+  # The sweep gets what is left of ~5.5 minutes after the tests, less ~60 s for parity, ceilings
+  # and files; python -m bench skips the cases past its budget (and says so) rather than overrun.
+  BUDGET=$((330 - (SECONDS - START) - 60))
+  ((BUDGET < 90)) && BUDGET=90
+  ((BUDGET > 240)) && BUDGET=240
+  echo "== bench (python3 -m bench --out $OUT --budget-s $BUDGET)"
+  timeout 420 python3 -m bench --out "$OUT" --budget-s "$BUDGET"
+  BENCH=$?
+  echo "bench exit $BENCH at $((SECONDS - START)) s"
+  echo "== exit codes: tests $TESTS, bench $BENCH (124: timed out); files in $OUT:"
+  ls -l "$OUT"
+  ((TESTS == 0 && BENCH == 0))
+} 2>&1 | tee "$OUT/gpu_check.log"

@@ -1,0 +1,150 @@
+"""The main job: does fastattn match torch, and is it faster, on this device?
+
+    python -m bench                      # parity, ceilings and the full sweep
+    python -m bench --quick              # fewer parity shapes and a small sweep
+    python -m bench --parity-only        # parity only
+    python -m bench --filter 'norm'      # only the ops whose name matches the regex
+    python -m bench --out DIR            # the output folder (bench/results/<date>_<device>)
+
+1. Says what the device is (GPU, torch, triton, CUDA; or CPU with Triton's interpreter).
+2. Parity: every op forward and backward on odd shapes, fp32 / fp16 / bf16, against float64, by the
+   DESIGN.md rule: pass / fail with the error and the bound.
+3. Ceilings: this device's copy bandwidth and bf16 matmul rate, measured in the same run.
+4. Sweep: each case against its peers (torch SDPA's backends and FlexAttention; F.layer_norm /
+   F.rms_norm and their torch.compile'd versions; F.embedding and the eager compositions): ms
+   (median, p20-p80), TFLOP/s or GB/s, % of the ceiling, speedup over each peer, peak memory.
+5. Targets: the issue-8 goals as ratios from this run, and how far each falls short.
+6. Writes DIR/summary.md (what is printed), results.json and results.csv (the records; schema in
+   bench/report.py) and DIR/<family>.png plots.
+
+Without a GPU the kernels run under Triton's interpreter: parity is checked as on a GPU, and a tiny
+sweep runs whose figures are labelled CPU / interpreter figures everywhere they appear.
+Exit status 1 when a parity check fails, or fastattn errs or disagrees with torch in the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from . import HAS_CUDA, cases, measure, parity, report, targets
+
+# Seconds the sweep may take (0: no limit), and how they are shared among the families.
+DEFAULT_BUDGET_S = {"full": 240, "quick": 90, "cpu": 0}
+SHARES = {"attention": 0.55, "norm": 0.3, "embedding": 0.15}
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer parity shapes, a small sweep")
+    p.add_argument("--out", type=Path, help="output folder (default bench/results/<date>_<device>)")
+    p.add_argument("--parity-only", action="store_true", help="parity only: no ceilings, no sweep")
+    p.add_argument("--filter", default="", metavar="REGEX", help="only ops whose name matches")
+    p.add_argument("--budget-s", type=float, metavar="S",
+                   help="time limit of the sweep in seconds, 0 for none (default: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_BUDGET_S.items()) + ")")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    return p.parse_args(argv)
+
+
+def _name(case: cases.Case) -> str:
+    return f"{case.op.name} {case.shape} {str(case.dtype).removeprefix('torch.')}"
+
+
+def _sweep(sweep: list[cases.Case], ceilings: dict[str, float], device: str, profile: str,
+           budget_s: float, say, save) -> list[dict]:
+    """Every case, family by family within the time budget; each family's table printed (say) and
+    the records so far saved (save) as soon as it is done."""
+    heavy_note = {"full": None, "quick": "n/a: compiled peers skipped by --quick",
+                  "cpu": "n/a: compiled peers not run on the CPU"}[profile]
+    budget = measure.Budget(budget_s, {c.op.family: SHARES[c.op.family] for c in sweep})
+    records: list[dict] = []
+    for family in cases.FAMILIES:
+        todo = [c for c in sweep if c.op.family == family]
+        if not todo:
+            continue
+        budget.start(family)
+        for case in report.progress(todo, f"sweep {family}", _name):
+            if budget.over():
+                note = f"n/a: over the {budget_s:.0f} s sweep budget"
+                records += measure.case_note(case, device, note)
+                continue
+            try:
+                records += measure.measure_case(case, ceilings, device, heavy_note)
+            except Exception as exc:  # noqa: BLE001  (note it, and keep what the others give)
+                note = f"error: case failed: {type(exc).__name__}: {report.describe(exc)}"
+                records += measure.case_note(case, device, note)
+        say(report.sweep_section(records, family, device))
+        save(records)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _args(argv)
+    info = measure.device_info()
+    profile = "cpu" if not HAS_CUDA else "quick" if args.quick else "full"
+    out = args.out or Path(__file__).parent / "results" / info["slug"]
+    out.mkdir(parents=True, exist_ok=True)
+    device = info["device"]
+    text: list[str] = []
+
+    def say(block: str) -> None:  # print, and keep for summary.md
+        print(block, flush=True)
+        text.append(block)
+
+    def wanted(case: cases.Case) -> bool:
+        return re.search(args.filter, case.op.name) is not None
+
+    say(report.header(info, profile, argv))
+    run = report.record(kind="run", device=device, note=info["detail"], args=argv,
+                        profile=profile, seconds={},
+                        **{k: info[k] for k in ("date", "torch", "triton", "cuda", "python",
+                                                "fastattn", "backend")})
+    records = [run]
+    started = time.monotonic()
+
+    checks = [c for c in cases.parity_cases(args.quick) if wanted(c)]
+    for case in report.progress(checks, "parity", _name):
+        records += parity.check(case, device)
+    run["seconds"]["parity"] = round(time.monotonic() - started, 1)
+    say(report.parity_section(records))
+
+    ceilings: dict[str, float] = {}
+    if not args.parity_only:
+        t0 = time.monotonic()
+        ceilings, ceiling_records = measure.ceilings(device)
+        records += ceiling_records
+        say(report.ceiling_section(records))
+        sweep = [c for c in cases.sweep_cases(profile) if wanted(c)]
+        budget_s = DEFAULT_BUDGET_S[profile] if args.budget_s is None else args.budget_s
+        records += _sweep(sweep, ceilings, device, profile, budget_s, say,
+                          lambda done: report.write_json(records + done, out))
+        run["seconds"]["sweep"] = round(time.monotonic() - t0, 1)
+        target_records = targets.evaluate(records, judged=HAS_CUDA)
+        records += target_records
+        say(targets.section(target_records, judged=HAS_CUDA))
+
+    files = [report.write_json(records, out), report.write_csv(records, out)]
+    if not args.no_plots and not args.parity_only:
+        try:
+            files += report.plot(records, ceilings, out, device)
+        except ImportError:
+            say("(no plots: matplotlib is not installed; pip install -e '.[bench]')\n")
+        except Exception as exc:  # noqa: BLE001  (plots are the last thing: keep the rest)
+            say(f"(no plots: {type(exc).__name__}: {report.describe(exc)})\n")
+    run["seconds"]["total"] = round(time.monotonic() - started, 1)
+    failed = [r for r in records if r["impl"] == "fastattn" and r["kind"] in ("parity", "sweep")
+              and (r["pass"] is False or (r["note"] or "").startswith("error"))]
+    say(f"{len(failed)} fastattn failure(s); {run['seconds']} s; wrote "
+        + ", ".join(str(f) for f in [*files, out / "summary.md"]) + "\n")
+    report.write_json(records, out)  # again, with the total time
+    (out / "summary.md").write_text("\n".join(text))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

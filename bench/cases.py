@@ -1,0 +1,431 @@
+"""The cases the runner checks and times: for each op, how to make its inputs, fastattn's call,
+torch's own call (the parity yardstick and the sweep's agreement reference), the float64 oracle, the
+work it does, its peers in the sweep, and the sizes swept on each kind of machine.
+
+Work counted per case (the same figure for every implementation, so the ratios are time ratios):
+
+    attention        FLOPs  fwd 4·B·H·L·S·D (x0.5 causal); bwd 2.5 x fwd; fwd+bwd 3.5 x fwd.
+                            The padding-mask case counts the dense L x S work: skipping padded
+                            keys shows up as speed.
+    layer_norm,      bytes  fwd 2·M·N·e (read x, write y); bwd 3·M·N·e (read x, dy; write dx)
+      rms_norm
+    add_layer_norm   bytes  fwd 4·M·N·e (read x, residual; write y, h); bwd 3·M·N·e
+    embedding        bytes  fwd 2·T·D·e (read T rows, write out); bwd T·D·e + V·D·e (read
+                            dout, write the table gradient)
+    gpt_embeddings   bytes  fwd 2·T·D·e + N·D·e (+ the N position rows);
+                            bwd T·D·e + (V + N)·D·e
+    bert_embeddings  bytes  fwd 2·T·D·e + N·D·e; bwd 2·T·D·e + (V + N)·D·e (dout, saved sum)
+
+with T = B·N tokens and e bytes per element; parameters and statistics (O(N) or O(M)) left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastattn
+from fastattn import reference
+
+Tensors = dict[str, Tensor]
+Fn = Callable[[Tensors], Tensor]
+MODES = ("fwd", "bwd", "fwd+bwd")
+UNITS = {"attention": "TFLOP/s", "norm": "GB/s", "embedding": "GB/s"}
+CEILINGS = {"attention": "matmul", "norm": "copy", "embedding": "copy"}  # what % of ceiling is of
+
+
+@dataclass
+class Inputs:
+    t: Tensors  # the named arguments; those named in `grads` require grad
+    grads: tuple[str, ...]
+    dout: Tensor  # the gradient fed to the output
+
+    @property
+    def leaves(self) -> list[Tensor]:
+        return [self.t[name] for name in self.grads]
+
+    def to_float64(self) -> "Inputs":
+        """Fresh float64 leaves with the same values (integer and bool tensors as they are)."""
+        t = {name: x.detach().double().requires_grad_(name in self.grads)
+             if x.is_floating_point() else x for name, x in self.t.items()}
+        return Inputs(t, self.grads, self.dout.double())
+
+
+@dataclass
+class Op:
+    name: str  # as in the JSON records; contains "attention", "norm" or "embedding"
+    family: str  # "attention" | "norm" | "embedding": its unit and the ceiling it is held to
+    make: Callable[[dict, torch.dtype, str, int], Inputs]  # (size, dtype, device, seed)
+    ours: Fn
+    torch: Fn  # torch's own op in the input dtype
+    reference: Fn  # the oracle, run on float64 inputs
+    work: Callable[[dict, torch.dtype], tuple[float, float]]  # (fwd, bwd) FLOPs or bytes
+    peers: Callable[["Case", Tensors, str, Union[str, None]], dict[str, Union[Fn, str]]]
+    label: Callable[[dict], str]  # the shape as printed
+
+
+@dataclass
+class Case:
+    op: Op
+    size: dict
+    dtype: torch.dtype
+    flex: bool = False  # attention: also time FlexAttention (a compile per case, so a few only)
+
+    @property
+    def shape(self) -> str:
+        return self.op.label(self.size)
+
+
+def step(fn: Fn, inputs: Inputs, mode: str, out: Tensor | None = None) -> Callable[[], object]:
+    """What is timed for `mode`: fwd calls fn (inputs requiring grad, as in training); bwd
+    differentiates one forward output (`out`, or a new one) again and again; fwd+bwd does both."""
+    t, leaves, dout = inputs.t, inputs.leaves, inputs.dout
+    if mode == "fwd":
+        return lambda: fn(t)
+    if mode == "bwd":
+        out = fn(t) if out is None else out
+        return lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(t), leaves, dout)
+    raise ValueError(f"mode {mode!r} is not one of {MODES}")
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _randn(gen: torch.Generator, device: str, dtype: torch.dtype, *shape: int,
+           grad: bool = False) -> Tensor:
+    return torch.randn(*shape, generator=gen, device=device).to(dtype).requires_grad_(grad)
+
+
+def _generator(device: str, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def compiled(fn: Fn) -> Fn:
+    """torch.compile'd fn for this case's shapes. Dynamo is reset first: every case compiles afresh,
+    so the recompiles of a sweep never reach Dynamo's limit (past it, it silently runs eager)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+# ---- attention ----
+#
+# size: B, H (query heads), Hkv, L (queries), S (keys), D (head dim). Sweeps keep B·N = 16384
+# tokens and H·D = 2048 (flash-attention's benchmark convention), so every sequence length fills
+# the GPU the same way.
+
+# The peers' names, "torch <name>", and torch.nn.attention.SDPBackend's names for them.
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+MATH_MAX_SCORES = 2**30  # math backend skipped above this many B·H·L·S scores (time, memory)
+
+
+def _attention_size(n: int, d: int, gqa: bool = False, tokens: int = 16384,
+                    width: int = 2048) -> dict:
+    h = width // d
+    return dict(B=max(1, tokens // n), H=h, Hkv=h // 4 if gqa else h, L=n, S=n, D=d)
+
+
+def _attention_label(s: dict) -> str:
+    seq = f"N{s['L']}" if s["L"] == s["S"] else f"L{s['L']} S{s['S']}"
+    heads = f"H{s['H']}" + (f"/{s['Hkv']}" if s["Hkv"] != s["H"] else "")
+    return f"B{s['B']} {heads} {seq} D{s['D']}"
+
+
+def _attention_op(name: str, causal: bool = False, mask: bool = False, gqa: bool = False) -> Op:
+    """One attention variant: plain, causal, a BERT key-padding mask, or grouped-query heads."""
+    extra = {"enable_gqa": True} if gqa else {}
+
+    def make(size, dtype, device, seed):
+        gen = _generator(device, seed)
+        B, H, Hkv, L, S, D = (size[k] for k in ("B", "H", "Hkv", "L", "S", "D"))
+        t = dict(q=_randn(gen, device, dtype, B, H, L, D, grad=True),  # (B, H, L, D)
+                 k=_randn(gen, device, dtype, B, Hkv, S, D, grad=True),  # (B, Hkv, S, D)
+                 v=_randn(gen, device, dtype, B, Hkv, S, D, grad=True))
+        if mask:  # each sequence keeps its first `lengths[b]` keys, a quarter to all of them
+            t["lengths"] = torch.randint(max(1, S // 4), S + 1, (B,), generator=gen, device=device)
+            keep = torch.arange(S, device=device) < t["lengths"][:, None]  # (B, S)
+            t["mask"] = keep[:, None, None, :]  # (B, 1, 1, S) bool, True = attend
+        return Inputs(t, ("q", "k", "v"), _randn(gen, device, dtype, B, H, L, D))
+
+    def ours(t):
+        return fastattn.scaled_dot_product_attention(t["q"], t["k"], t["v"],
+                                                     attn_mask=t.get("mask"), is_causal=causal,
+                                                     enable_gqa=gqa)
+
+    def torch_sdpa(t):
+        return F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=t.get("mask"),
+                                              is_causal=causal, **extra)
+
+    def oracle(t):
+        if mask:  # torch's math SDPA in float64 (fastattn.reference takes no mask)
+            return torch_sdpa(t)
+        return reference.scaled_dot_product_attention(t["q"], t["k"], t["v"], causal)[0]
+
+    def work(size, dtype):
+        fwd = 4 * size["B"] * size["H"] * size["L"] * size["S"] * size["D"] * (0.5 if causal else 1)
+        return fwd, 2.5 * fwd
+
+    def peers(case, t, device, heavy_note):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def in_backend(backend):
+            def run(t):
+                with sdpa_kernel(backend):
+                    return torch_sdpa(t)
+            return run
+
+        s = case.size
+        out = {}
+        for name, enum_name in SDPA_BACKENDS.items():
+            backend = getattr(SDPBackend, enum_name, None)
+            if backend is None:
+                out[f"torch {name}"] = f"n/a: torch {torch.__version__} has no {name} backend"
+            elif name == "math" and s["B"] * s["H"] * s["L"] * s["S"] > MATH_MAX_SCORES:
+                out[f"torch {name}"] = "n/a: skipped above 2^30 scores (math materialises them)"
+            else:
+                out[f"torch {name}"] = in_backend(backend)
+        if case.flex:
+            out["torch flex"] = heavy_note or _flex(t, causal, gqa, device)
+        return out
+
+    return Op(name, "attention", make, ours, torch_sdpa, oracle, work, peers, _attention_label)
+
+
+def _flex(t: Tensors, causal: bool, gqa: bool, device: str) -> Fn | str:
+    """FlexAttention (compiled) with the case's causal or padding mask as a block mask."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return f"n/a: torch {torch.__version__} has no FlexAttention"
+    B, _, L, _ = t["q"].shape
+    S = t["k"].shape[2]
+    block_mask = None
+    if "lengths" in t:
+        lengths = t["lengths"]
+        block_mask = create_block_mask(lambda b, h, q, kv: kv < lengths[b], B, None, L, S,
+                                       device=device)
+    elif causal:
+        block_mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, L, S,
+                                       device=device)
+    flex = compiled(flex_attention)
+    return lambda t: flex(t["q"], t["k"], t["v"], block_mask=block_mask, enable_gqa=gqa)
+
+
+ATTENTION = _attention_op("attention")
+ATTENTION_CAUSAL = _attention_op("attention_causal", causal=True)
+ATTENTION_MASK = _attention_op("attention_padding_mask", mask=True)
+ATTENTION_GQA = _attention_op("attention_gqa", causal=True, gqa=True)
+
+# ---- layer_norm / rms_norm / add_layer_norm ----
+#
+# size: M rows, N hidden. Sweeps keep M·N = 2^27 elements (256 MiB per bf16 tensor): every size
+# moves enough bytes for its time to be bandwidth, not launch latency.
+
+NORM_ELEMENTS = 2**27
+
+
+def _norm_op(name: str, ours: Fn, theirs: Fn, oracle: Fn, names: tuple[str, ...],
+             fwd_tensors: int, bwd_tensors: int) -> Op:
+    """names: the inputs, all differentiable: x (M, N), then r (M, N), w (N,), b (N,) as used."""
+
+    def make(size, dtype, device, seed):
+        gen = _generator(device, seed)
+        M, N = size["M"], size["N"]
+        t = {n: _randn(gen, device, dtype, *((M, N) if n in ("x", "r") else (N,)), grad=True)
+             for n in names}
+        return Inputs(t, names, _randn(gen, device, dtype, M, N))
+
+    def work(size, dtype):
+        mne = size["M"] * size["N"] * _bytes(dtype)
+        return fwd_tensors * mne, bwd_tensors * mne
+
+    def peers(case, t, device, heavy_note):
+        return {"torch": theirs, "torch compile": heavy_note or compiled(theirs)}
+
+    return Op(name, "norm", make, ours, theirs, oracle, work, peers,
+              lambda s: f"M{s['M']} N{s['N']}")
+
+
+def _n(t: Tensors) -> tuple[int]:
+    return (t["x"].shape[-1],)
+
+
+LAYER_NORM = _norm_op(
+    "layer_norm",
+    lambda t: fastattn.layer_norm(t["x"], _n(t), t["w"], t["b"], 1e-5),
+    lambda t: F.layer_norm(t["x"], _n(t), t["w"], t["b"], 1e-5),
+    lambda t: reference.layer_norm(t["x"], t["w"], t["b"], 1e-5),
+    ("x", "w", "b"), 2, 3)
+RMS_NORM = _norm_op(
+    "rms_norm",
+    lambda t: fastattn.rms_norm(t["x"], _n(t), t["w"], 1e-6),
+    lambda t: F.rms_norm(t["x"], _n(t), t["w"], 1e-6),
+    lambda t: reference.rms_norm(t["x"], t["w"], 1e-6),
+    ("x", "w"), 2, 3)
+ADD_LAYER_NORM = _norm_op(
+    "add_layer_norm",
+    lambda t: fastattn.add_layer_norm(t["x"], t["r"], _n(t), t["w"], t["b"], 1e-5)[0],
+    lambda t: F.layer_norm(t["x"] + t["r"], _n(t), t["w"], t["b"], 1e-5),
+    lambda t: reference.layer_norm(t["x"] + t["r"], t["w"], t["b"], 1e-5),
+    ("x", "r", "w", "b"), 4, 3)
+
+# ---- embedding / gpt_embeddings / bert_embeddings ----
+#
+# size: B sequences of N tokens, V rows in the word table, D columns; position tables have N rows.
+
+
+def _embedding_op(name: str, ours: Fn, theirs: Fn, tables: tuple[str, ...],
+                  fwd: Callable[[int, int, int], int], bwd: Callable[[int, int, int], int]) -> Op:
+    """tables: the differentiable inputs among word (V, D), pos (N, D), type (2, D), ln_w,
+    ln_b (D,); fwd, bwd: elements moved, from (T, N, V) per column."""
+
+    def make(size, dtype, device, seed):
+        gen = _generator(device, seed)
+        B, N, V, D = size["B"], size["N"], size["V"], size["D"]
+        rows = {"word": V, "pos": N, "type": 2}
+        t = dict(ids=torch.randint(0, V, (B, N), generator=gen, device=device),  # (B, N)
+                 types=torch.randint(0, 2, (B, N), generator=gen, device=device))
+        for n in tables:
+            if n in rows:
+                t[n] = _randn(gen, device, dtype, rows[n], D, grad=True)  # (rows, D)
+        if "ln_w" in tables:
+            ln_w = torch.rand(D, generator=gen, device=device) + 0.5  # (D,) in [0.5, 1.5)
+            t["ln_w"] = ln_w.to(dtype).requires_grad_()
+            t["ln_b"] = _randn(gen, device, dtype, D, grad=True)
+        return Inputs(t, tables, _randn(gen, device, dtype, B, N, D))
+
+    def work(size, dtype):
+        B, N, V, D = size["B"], size["N"], size["V"], size["D"]
+        per_column = D * _bytes(dtype)
+        return fwd(B * N, N, V) * per_column, bwd(B * N, N, V) * per_column
+
+    def peers(case, t, device, heavy_note):
+        return {"torch": theirs}
+
+    return Op(name, "embedding", make, ours, theirs, theirs, work, peers,
+              lambda s: f"B{s['B']} N{s['N']} V{s['V']} D{s['D']}")
+
+
+def _positions(t: Tensors) -> Tensor:
+    return torch.arange(t["ids"].shape[-1], device=t["ids"].device)  # (N,)
+
+
+def _gpt_compose(t: Tensors) -> Tensor:
+    return F.embedding(t["ids"], t["word"]) + F.embedding(_positions(t), t["pos"])
+
+
+def _bert_compose(t: Tensors) -> Tensor:
+    h = _gpt_compose(t) + F.embedding(t["types"], t["type"])
+    return F.layer_norm(h, (h.shape[-1],), t["ln_w"], t["ln_b"], 1e-12)
+
+
+EMBEDDING = _embedding_op(
+    "embedding",
+    lambda t: fastattn.embedding(t["ids"], t["word"]),
+    lambda t: F.embedding(t["ids"], t["word"]),
+    ("word",), lambda T, N, V: 2 * T, lambda T, N, V: T + V)
+GPT_EMBEDDINGS = _embedding_op(
+    "gpt_embeddings",
+    lambda t: fastattn.gpt_embeddings(t["ids"], t["word"], t["pos"]),
+    _gpt_compose,
+    ("word", "pos"), lambda T, N, V: 2 * T + N, lambda T, N, V: T + V + N)
+BERT_EMBEDDINGS = _embedding_op(
+    "bert_embeddings",
+    lambda t: fastattn.bert_embeddings(t["ids"], t["word"], t["pos"], t["type"], t["ln_w"],
+                                       t["ln_b"], token_type_ids=t["types"], eps=1e-12),
+    _bert_compose,
+    ("word", "pos", "type", "ln_w", "ln_b"), lambda T, N, V: 2 * T + N,
+    lambda T, N, V: 2 * T + V + N)
+
+OPS = (ATTENTION, ATTENTION_CAUSAL, ATTENTION_MASK, ATTENTION_GQA, LAYER_NORM, RMS_NORM,
+       ADD_LAYER_NORM, EMBEDDING, GPT_EMBEDDINGS, BERT_EMBEDDINGS)
+FAMILIES = ("attention", "norm", "embedding")
+
+# ---- what is checked and swept ----
+
+PARITY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Odd sizes, not multiples of any block; the first of each is the --quick set.
+PARITY_SIZES = {
+    "attention": [dict(B=2, H=3, Hkv=3, L=17, S=17, D=64),
+                  dict(B=1, H=2, Hkv=2, L=100, S=37, D=40)],
+    "attention_causal": [dict(B=2, H=3, Hkv=3, L=17, S=17, D=64),
+                         dict(B=1, H=2, Hkv=2, L=100, S=37, D=40)],
+    "attention_padding_mask": [dict(B=2, H=3, Hkv=3, L=17, S=29, D=64)],
+    "attention_gqa": [dict(B=2, H=4, Hkv=2, L=33, S=33, D=64)],
+    "layer_norm": [dict(M=19, N=768), dict(M=37, N=97), dict(M=5, N=4099)],
+    "rms_norm": [dict(M=19, N=768), dict(M=37, N=97), dict(M=5, N=4099)],
+    "add_layer_norm": [dict(M=19, N=768), dict(M=5, N=4099)],
+    "embedding": [dict(B=3, N=17, V=97, D=1000), dict(B=3, N=20, V=50257, D=768)],
+    "gpt_embeddings": [dict(B=3, N=17, V=50257, D=72)],
+    "bert_embeddings": [dict(B=2, N=23, V=120, D=96)],
+}
+
+
+def parity_cases(quick: bool) -> list[Case]:
+    return [Case(op, size, dtype) for op in OPS
+            for size in PARITY_SIZES[op.name][:1 if quick else None] for dtype in PARITY_DTYPES]
+
+
+SEQS = (512, 1024, 2048, 4096, 8192, 16384)
+HIDDEN = (768, 1024, 2048, 4096, 8192, 16384)
+
+
+def _norm_size(n: int) -> dict:
+    return dict(M=NORM_ELEMENTS // n, N=n)
+
+
+def sweep_cases(profile: str) -> list[Case]:
+    """The sweep, family by family, each family's headline cases (the README targets) first.
+    profile: "full" (GPU: 29 attention, 13 norm and 7 embedding cases, about 4 minutes with
+    compiles), "quick" (GPU: a small sweep without compiled peers) or "cpu" (one tiny shape per op,
+    for the interpreter)."""
+    bf16, fp16 = torch.bfloat16, torch.float16
+    if profile == "cpu":
+        tiny = dict(B=2, H=2, Hkv=2, L=64, S=64, D=64)
+        return ([Case(op, tiny, bf16) for op in (ATTENTION, ATTENTION_CAUSAL, ATTENTION_MASK)]
+                + [Case(ATTENTION_GQA, dict(tiny, H=4), bf16)]
+                + [Case(op, dict(M=64, N=768), bf16) for op in (LAYER_NORM, RMS_NORM,
+                                                                ADD_LAYER_NORM)]
+                + [Case(op, dict(B=2, N=32, V=512, D=64), bf16)
+                   for op in (EMBEDDING, GPT_EMBEDDINGS, BERT_EMBEDDINGS)])
+    if profile == "quick":
+        return ([Case(op, _attention_size(n, 128), bf16)
+                 for op in (ATTENTION, ATTENTION_CAUSAL) for n in (1024, 4096)]
+                + [Case(ATTENTION_MASK, _attention_size(2048, 128), bf16),
+                   Case(ATTENTION_GQA, _attention_size(4096, 128, gqa=True), bf16)]
+                + [Case(op, _norm_size(n), bf16) for op in (LAYER_NORM, RMS_NORM, ADD_LAYER_NORM)
+                   for n in (1024, 4096)]
+                + [Case(EMBEDDING, dict(B=64, N=1024, V=50257, D=1024), bf16),
+                   Case(GPT_EMBEDDINGS, dict(B=64, N=1024, V=50257, D=768), bf16),
+                   Case(BERT_EMBEDDINGS, dict(B=128, N=512, V=30522, D=768), bf16)])
+    if profile != "full":
+        raise ValueError(f"profile {profile!r} is not one of full, quick, cpu")
+    attention = (
+        [Case(op, _attention_size(n, 128), bf16, flex=op is ATTENTION and n == 4096)
+         for op in (ATTENTION, ATTENTION_CAUSAL) for n in SEQS]
+        + [Case(ATTENTION_MASK, _attention_size(n, 128), bf16, flex=n == 2048)
+           for n in (512, 2048, 8192)]
+        + [Case(ATTENTION_MASK, _attention_size(n, 64), bf16) for n in (512, 2048)]
+        + [Case(op, _attention_size(n, 64), bf16) for op in (ATTENTION, ATTENTION_CAUSAL)
+           for n in (512, 2048, 8192)]
+        + [Case(op, _attention_size(n, 128), fp16) for op in (ATTENTION, ATTENTION_CAUSAL)
+           for n in (2048, 8192)]
+        + [Case(ATTENTION_GQA, _attention_size(n, 128, gqa=True), bf16) for n in (2048, 8192)])
+    norms = ([Case(LAYER_NORM, _norm_size(n), bf16) for n in HIDDEN]
+             + [Case(op, _norm_size(n), bf16) for op in (RMS_NORM, ADD_LAYER_NORM)
+                for n in (1024, 4096, 16384)]
+             + [Case(LAYER_NORM, _norm_size(4096), fp16)])
+    embeddings = ([Case(EMBEDDING, dict(B=64, N=1024, V=50257, D=d), bf16)
+                   for d in (768, 2048, 4096)]
+                  + [Case(GPT_EMBEDDINGS, dict(B=64, N=1024, V=50257, D=d), bf16)
+                     for d in (768, 1600)]
+                  + [Case(BERT_EMBEDDINGS, dict(B=128, N=512, V=30522, D=d), bf16)
+                     for d in (768, 1024)])
+    return attention + norms + embeddings

@@ -1,0 +1,226 @@
+"""Measuring: the device and its versions, timing (CUDA-synchronised), peak memory, this device's
+ceilings (copy bandwidth, bf16 matmul rate), and one sweep case against its peers.
+
+On the GPU times come from triton.testing.do_bench (CUDA events, L2 flushed before each rep; median
+with the 20th and 80th percentiles). On the CPU the kernels run under Triton's interpreter: those
+times are wall-clock Python figures that say nothing about a GPU, and every record says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+import fastattn
+from fastattn.testing import ATOL
+
+from . import DEVICE, HAS_CUDA
+from .cases import CEILINGS, MODES, UNITS, Case, Fn, Inputs, step
+from .report import CPU_LABEL, describe, record
+
+
+def device_info() -> dict:
+    """What this run measures on: the device and every version that matters."""
+    import triton
+
+    info = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda,
+                python=platform.python_version(), fastattn=fastattn.__version__,
+                backend=fastattn.backend(DEVICE))
+    if HAS_CUDA:
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, detail=f"{p.name}, sm_{p.major}{p.minor}, "
+                    f"{p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        info.update(device=CPU_LABEL,
+                    detail=f"CPU ({platform.machine()}), Triton interpreter: timings are CPU / "
+                           "interpreter figures, not GPU figures")
+    info["slug"] = info["date"] + "_" + re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-")
+    return info
+
+
+@dataclass
+class Timing:
+    ms: float  # median
+    lo: float  # 20th percentile
+    hi: float  # 80th percentile
+
+
+CPU_REPS = 2  # interpreter calls are slow (and compile nothing): two timed calls, no warm-up
+
+
+def time_ms(fn, warmup_ms: int = 10, rep_ms: int = 50) -> Timing:
+    """Time fn(): on CUDA by do_bench (events around each call, so the GPU work is waited for);
+    on the CPU by the wall clock."""
+    if HAS_CUDA:
+        import triton.testing
+
+        return Timing(*triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+                                               quantiles=[0.5, 0.2, 0.8]))
+    times = []
+    for _ in range(CPU_REPS):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8],
+                                                                       dtype=torch.float64))
+    return Timing(*q.tolist())
+
+
+def peak_mib(fn) -> float | None:
+    """Peak memory fn() allocates above what was allocated before it (CUDA only), MiB."""
+    if not HAS_CUDA:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def ceilings(device_label: str) -> tuple[dict[str, float], list[dict]]:
+    """This device's copy bandwidth (GB/s, bytes read + written) and bf16 matmul rate (TFLOP/s),
+    measured now: {"copy": ..., "matmul": ...} and their records."""
+    n_bytes, m = (2**30, 8192) if HAS_CUDA else (2**26, 256)
+    src = torch.ones(n_bytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    copy = time_ms(lambda: dst.copy_(src), 25, 100)
+    a, b = (torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    matmul = time_ms(lambda: a @ b, 25, 100)
+    values = {"copy": 2 * n_bytes / copy.ms / 1e6, "matmul": 2 * m**3 / matmul.ms / 1e9}
+    records = [
+        record(kind="ceiling", op="copy", impl="torch", shape=f"{n_bytes // 2**20} MiB",
+               dtype="uint8", ms=copy.ms, ms_lo=copy.lo, ms_hi=copy.hi, metric=values["copy"],
+               unit="GB/s", device=device_label, note="dst.copy_(src), 2 x bytes / time"),
+        record(kind="ceiling", op="matmul", impl="torch", shape=f"{m}x{m}x{m}",
+               dtype="bfloat16", ms=matmul.ms, ms_lo=matmul.lo, ms_hi=matmul.hi,
+               metric=values["matmul"], unit="TFLOP/s", device=device_label,
+               note="a @ b, 2·m·n·k / time"),
+    ]
+    return values, records
+
+
+def agrees(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The sweep's sanity check at benchmark size: finite, and within 4 x the dtype's parity atol
+    (relative to the output's size) of torch's own op on the same inputs."""
+    scale = max(1.0, ref.abs().max().item())
+    err = (out.float() - ref.float()).abs().max().item()
+    return bool(torch.isfinite(out).all()) and err <= 4 * ATOL[dtype] * scale
+
+
+def _failure(impl: str, exc: BaseException, inputs: Inputs) -> str:
+    """The note a failed call leaves: "n/a: ..." where the implementation cannot run this case,
+    "error: ..." where fastattn failed (a bug)."""
+    text = describe(exc)
+    if "out of memory" in text.lower():
+        return "n/a: out of memory"
+    if impl != "fastattn":
+        return f"n/a: {text}"
+    if isinstance(exc, NotImplementedError):
+        return ("n/a: fastattn build without attn_mask" if "mask" in inputs.t
+                else f"n/a: not implemented: {text}")
+    return f"error: {type(exc).__name__}: {text}"
+
+
+def _free() -> None:
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _measure_impl(case: Case, impl: str, fn: Fn | str, inputs: Inputs, ref: torch.Tensor,
+                  base: dict) -> list[dict]:
+    """One implementation in every mode: a record per mode."""
+    if isinstance(fn, str):  # a peer that does not run here: the note says why
+        return [record(**base, mode=mode, impl=impl, note=fn) for mode in MODES]
+    try:
+        out = fn(inputs.t)  # the first call compiles; its output is checked and reused by bwd
+        ok = None if fn is case.op.torch else agrees(out.detach(), ref, case.dtype)
+    except Exception as exc:  # noqa: BLE001  (any failure of one implementation is a note)
+        _free()
+        return [record(**base, mode=mode, impl=impl, note=_failure(impl, exc, inputs))
+                for mode in MODES]
+    rows = []
+    for mode in MODES:
+        try:
+            run = step(fn, inputs, mode, out if mode == "bwd" else None)
+            peak = peak_mib(run)
+            t = time_ms(run)
+            rows.append(record(**base, mode=mode, impl=impl, ms=t.ms, ms_lo=t.lo, ms_hi=t.hi,
+                               peak_mib=peak, **{"pass": ok}))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(record(**base, mode=mode, impl=impl, note=_failure(impl, exc, inputs)))
+        run = None
+        _free()
+    return rows
+
+
+def measure_case(case: Case, ceiling: dict[str, float], device_label: str,
+                 heavy_note: str | None) -> list[dict]:
+    """fastattn and each peer on one case, every mode: time (median and spread), metric, % of
+    the ceiling, fastattn's speedup over each, peak memory, and whether its output agrees with
+    torch's. heavy_note: None to run compiled peers (torch.compile, FlexAttention), else why not."""
+    op = case.op
+    inputs = op.make(case.size, case.dtype, DEVICE, 0)
+    with torch.no_grad():
+        ref = op.torch(inputs.t)
+    base = dict(kind="sweep", op=op.name, family=op.family, shape=case.shape,
+                dtype=str(case.dtype).removeprefix("torch."), unit=UNITS[op.family],
+                device=device_label, size=case.size)
+    impls = {"fastattn": op.ours, **op.peers(case, inputs.t, DEVICE, heavy_note)}
+    rows = []
+    for impl, fn in impls.items():
+        rows += _measure_impl(case, impl, fn, inputs, ref, base)
+    fwd, bwd = op.work(case.size, case.dtype)
+    work = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+    scale = 1e9 if op.family == "attention" else 1e6  # per ms -> TFLOP/s or GB/s
+    ours = {r["mode"]: r for r in rows if r["impl"] == "fastattn"}
+    for r in rows:
+        if r["ms"] is None:
+            continue
+        r["metric"] = work[r["mode"]] / r["ms"] / scale
+        r["ceiling_pct"] = 100 * r["metric"] / ceiling[CEILINGS[op.family]]
+        if ours[r["mode"]]["ms"] is not None:
+            r["ratio"] = r["ms"] / ours[r["mode"]]["ms"]
+    for mode, r in ours.items():
+        peers = [p for p in rows if p["mode"] == mode and p["impl"] != "fastattn" and p["ms"]]
+        if r["ms"] is not None and peers:
+            best = min(peers, key=lambda p: p["ms"])
+            r["best_peer"], r["vs_best"] = best["impl"], best["ms"] / r["ms"]
+    return rows
+
+
+def case_note(case: Case, device_label: str, note: str) -> list[dict]:
+    """Records for a case the sweep did not measure: over its time budget, or it crashed."""
+    return [record(kind="sweep", op=case.op.name, family=case.op.family, mode=mode,
+                   impl="fastattn", shape=case.shape, dtype=str(case.dtype).removeprefix("torch."),
+                   unit=UNITS[case.op.family], device=device_label, size=case.size, note=note)
+            for mode in MODES]
+
+
+class Budget:
+    """The sweep's time limit, shared among the op families: a family gets its share of the time
+    left when it starts (what one leaves passes on); its cases past that are skipped. So a slow
+    family cannot starve the others, and a 15-minute GPU lease is never overrun."""
+
+    def __init__(self, seconds: float | None, shares: dict[str, float]):
+        self.end = None if not seconds else time.monotonic() + seconds
+        self.shares = dict(shares)
+        self.deadline = None
+
+    def start(self, family: str) -> None:
+        if self.end is None:
+            return
+        weight = self.shares.pop(family, 0.0)
+        rest = sum(self.shares.values())
+        now = time.monotonic()
+        self.deadline = now + (self.end - now) * (weight / (weight + rest) if weight + rest else 1)
+
+    def over(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline

@@ -1,0 +1,287 @@
+"""What the runner writes: the records (one schema for results.json and results.csv), the terminal
+tables (markdown, also saved as summary.md), PNG plots, and a progress bar.
+
+A record is a flat dict with every key of RECORD_KEYS (None where it does not apply):
+
+    kind         "run" (first record: device, versions, arguments, seconds per phase), "parity",
+                 "ceiling", "sweep" or "target"
+    op           "attention", "attention_causal", "attention_padding_mask", "attention_gqa",
+                 "layer_norm", "rms_norm", "add_layer_norm", "embedding", "gpt_embeddings",
+                 "bert_embeddings"; for ceilings "copy" / "matmul"
+    family       "attention" | "norm" | "embedding"
+    mode         "fwd" | "bwd" | "fwd+bwd" (parity: "fwd" for out, "bwd" for gradients)
+    impl         "fastattn" for ours; peers "torch flash", "torch efficient", "torch cudnn",
+                 "torch math", "torch flex", "torch", "torch compile"
+    shape, size  the shape as printed ("B8 H16 N2048 D128", "M174762 N768", ...) and as a dict
+    dtype        "bfloat16", "float16", "float32"
+    device       the GPU's name, or "CPU, Triton interpreter" (those figures are not GPU figures)
+    pass         parity: within the DESIGN.md rule; sweep: output agrees with torch's own op at this
+                 size (None for torch's op itself); target: met (None when not judged, on a CPU)
+    ms, ms_lo, ms_hi   median time and its 20th / 80th percentiles
+    metric, unit       TFLOP/s (attention) or GB/s (memory-bound ops), by the formulas of cases.py;
+                       ceilings: the measured rate; targets: the judged value (% or x)
+    ceiling_pct  metric as % of this run's measured ceiling (matmul for attention, copy otherwise)
+    ratio        sweep: this impl's time / fastattn's (fastattn's speedup over it; 1.0 for
+                 fastattn); parity: err / bound (<= 1 passes); target: value / goal
+    vs_best, best_peer  fastattn records: the fastest peer and fastattn's speedup over it
+    peak_mib     peak memory the timed call allocates above its inputs (CUDA)
+    output, err, torch_err, bound, backend   parity: which output, max |error| of fastattn and of
+                 torch against float64, the bound, and the fastattn path that ran
+    target, goal target records: the target's name and the value it asks for
+    note         why a figure is missing ("n/a: ..."; "error: ..." is a fastattn failure)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, TypeVar
+
+CPU_LABEL = "CPU, Triton interpreter"  # the device of a run without a GPU: never GPU figures
+
+RECORD_KEYS = ("kind", "op", "family", "mode", "impl", "shape", "dtype", "device", "pass", "ms",
+               "ms_lo", "ms_hi", "metric", "unit", "ceiling_pct", "ratio", "vs_best", "best_peer",
+               "peak_mib", "output", "err", "torch_err", "bound", "backend", "target", "goal",
+               "note", "size")
+
+
+def record(**fields) -> dict:
+    unknown = set(fields) - set(RECORD_KEYS)
+    if unknown and fields.get("kind") != "run":
+        raise KeyError(f"not record keys: {sorted(unknown)}")
+    return {**dict.fromkeys(RECORD_KEYS), **fields}
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's first sentence, short enough for a note."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:100]
+
+
+# ---- terminal tables (markdown) ----
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        if v == 0 or abs(v) >= 100:
+            return f"{v:.0f}"
+        return f"{v:.3g}" if abs(v) >= 1e-2 else f"{v:.2e}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def header(info: dict, profile: str, argv: list[str]) -> str:
+    lines = [f"# fastattn bench: {info['date']}, {info['device']}", "",
+             f"- device: {info['detail']}",
+             f"- fastattn {info['fastattn']} ({info['backend']} path), torch {info['torch']}, "
+             f"triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}",
+             f"- sweep: {profile}; arguments: {' '.join(argv) or '(none)'}", ""]
+    return "\n".join(lines)
+
+
+def parity_section(records: list[dict]) -> str:
+    rows = [r for r in records if r["kind"] == "parity"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["dtype"]), []).append(r)
+    summary = []
+    for (op, dtype), rs in groups.items():
+        judged = [r for r in rs if r["pass"] is not None]
+        worst = max((r for r in judged if r["ratio"] is not None), key=lambda r: r["ratio"],
+                    default=None)
+        summary.append({"op": op, "dtype": dtype, "shapes": len({r["shape"] for r in rs}),
+                        "pass": f"{sum(r['pass'] for r in judged)}/{len(judged)}" if judged
+                        else rs[0]["note"],
+                        "worst err / bound": worst["ratio"] if worst else None,
+                        "worst output": f"{worst['output']} {worst['shape']}" if worst else None,
+                        "path": worst["backend"] if worst else None})
+    failed = [r for r in rows if r["pass"] is False]
+    n = sum(r["pass"] is not None for r in rows)
+    text = ["## Parity: fwd and bwd against float64", "",
+            "pass: max|fastattn - ref64| <= 2 x max|torch - ref64| + atol[dtype] x max(1, |ref64|) "
+            "(DESIGN.md, fastattn.testing)", "", markdown_table(summary),
+            f"{n - len(failed)} of {n} outputs pass" + (" (FAILURES below)" if failed else ""), ""]
+    if failed:
+        keys = ("op", "shape", "dtype", "output", "err", "torch_err", "bound", "note")
+        text += [markdown_table([{k: r[k] for k in keys} for r in failed])]
+    return "\n".join(text)
+
+
+def ceiling_section(records: list[dict]) -> str:
+    rows = [{"ceiling": r["op"], "rate": f"{fmt(r['metric'])} {r['unit']}", "shape": r["shape"],
+             "ms": r["ms"], "how": r["note"]} for r in records if r["kind"] == "ceiling"]
+    return "\n".join(["## Ceilings measured in this run", "", markdown_table(rows)])
+
+
+def _peer_name(impl: str) -> str:
+    return impl.removeprefix("torch ") if impl != "torch" else impl
+
+
+def sweep_section(records: list[dict], family: str, device: str) -> str:
+    """One row per (op, shape, dtype, mode): fastattn's figures and its speedup over each peer."""
+    rows = [r for r in records if r["kind"] == "sweep" and r["family"] == family]
+    if not rows:
+        return ""
+    cases: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cases.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
+    unit = rows[0]["unit"]
+    ceiling = "matmul" if family == "attention" else "copy"
+    table, notes = [], {}
+    for (op, shape, dtype, mode), rs in cases.items():
+        ours = next(r for r in rs if r["impl"] == "fastattn")
+        peers = []
+        for p in rs:
+            if p["impl"] == "fastattn":
+                continue
+            figure = (f"{fmt(p['ratio'])}x" if p["ratio"] is not None
+                      else "n/a" if p["ms"] is None else f"{fmt(p['ms'])}ms")
+            peers.append(f"{_peer_name(p['impl'])} {figure}")
+            if p["note"]:
+                notes.setdefault((p["impl"], p["note"]), []).append(op)
+        if ours["note"]:
+            notes.setdefault(("fastattn", ours["note"]), []).append(op)
+        table.append({
+            "op": op, "shape": shape, "dtype": dtype, "mode": mode,
+            "fastattn ms (p20-p80)":
+                f"{fmt(ours['ms'])} ({fmt(ours['ms_lo'])}-{fmt(ours['ms_hi'])})"
+                if ours["ms"] is not None else ours["note"],
+            unit: ours["metric"], f"% {ceiling}": ours["ceiling_pct"], "peak MiB": ours["peak_mib"],
+            "agrees": ours["pass"],
+            "vs best peer": (f"{fmt(ours['vs_best'])}x {_peer_name(ours['best_peer'])}"
+                             if ours["vs_best"] else None),
+            "fastattn speedup over each peer": ", ".join(peers)})
+    title = {"attention": "Attention", "norm": "LayerNorm / RMSNorm", "embedding": "Embeddings"}
+    text = [f"## {title[family]}: {unit}, % of the measured {ceiling} ceiling, speedup over peers"
+            + (" (CPU, Triton interpreter: not GPU figures)" if device == CPU_LABEL else ""), "",
+            markdown_table(table)]
+    if notes:
+        text += ["Missing figures:", ""]
+        text += [f"- {impl}: {note} ({', '.join(sorted(set(ops)))})"
+                 for (impl, note), ops in notes.items()]
+        text.append("")
+    return "\n".join(text)
+
+
+# ---- files ----
+
+
+def write_json(records: list[dict], out: Path) -> Path:
+    path = out / "results.json"
+    path.write_text(json.dumps(records, indent=1, default=str) + "\n")
+    return path
+
+
+def write_csv(records: list[dict], out: Path) -> Path:
+    path = out / "results.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RECORD_KEYS, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({**r, "size": json.dumps(r["size"]) if r["size"] else None})
+    return path
+
+
+# Per family: the size key on the x axis, and the size keys that split the cases into series.
+PLOT_AXES = {"attention": ("L", ("D",)), "norm": ("N", ()), "embedding": ("D", ())}
+# One colour per implementation in every panel; fastattn black and thick.
+PLOT_COLORS = {"fastattn": "black", "torch": "C0", "torch flash": "C0", "torch compile": "C1",
+               "torch efficient": "C1", "torch cudnn": "C2", "torch math": "C3", "torch flex": "C4"}
+
+
+def plot(records: list[dict], ceilings: dict[str, float], out: Path, device: str) -> list[Path]:
+    """One PNG per op family: metric against size, a line per implementation, a panel per (op,
+    dtype, series) and mode, the measured ceiling dashed. Needs matplotlib (the "bench" extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .cases import CEILINGS, MODES
+
+    paths = []
+    for family, (x_key, series_keys) in PLOT_AXES.items():
+        rows = [r for r in records if r["kind"] == "sweep" and r["family"] == family
+                and r["metric"] is not None]
+        if not rows:
+            continue
+        panels: dict[tuple, list[dict]] = {}
+        for r in rows:
+            key = (r["op"], r["dtype"], *(f"{k}{r['size'][k]}" for k in series_keys))
+            panels.setdefault(key, []).append(r)
+        fig, axes = plt.subplots(len(panels), len(MODES), squeeze=False,
+                                 figsize=(5 * len(MODES), 3.4 * len(panels)))
+        for row, (key, rs) in enumerate(panels.items()):
+            for col, mode in enumerate(MODES):
+                ax = axes[row][col]
+                impls = list(dict.fromkeys(r["impl"] for r in rs))
+                for impl in impls:
+                    pts = sorted((r["size"][x_key], r["metric"]) for r in rs
+                                 if r["impl"] == impl and r["mode"] == mode)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=impl, color=PLOT_COLORS.get(impl),
+                                linewidth=2.5 if impl == "fastattn" else 1.2)
+                ceiling = ceilings.get(CEILINGS[family])
+                if ceiling:
+                    ax.axhline(ceiling, linestyle="--", color="grey", label="measured ceiling")
+                if len({r["size"][x_key] for r in rs}) > 1:
+                    ax.set_xscale("log", base=2)
+                ax.set_title(f"{' '.join(key)} {mode}", fontsize=9)
+                ax.set_xlabel(x_key)
+                ax.set_ylabel(rs[0]["unit"])
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle(f"fastattn vs torch, {family}: {device}"
+                     + (" (not GPU figures)" if device == CPU_LABEL else ""), fontsize=11)
+        fig.tight_layout()
+        path = out / f"{family}.png"
+        fig.savefig(path, dpi=72)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---- progress ----
+
+T = TypeVar("T")
+
+
+def progress(items: list[T], title: str, label=str) -> Iterator[T]:
+    """Yield the items, drawing a progress bar on stderr: redrawn in place on a terminal; in a
+    log, a line at least every 15 s. label(item) names the item being worked on."""
+    tty = sys.stderr.isatty()
+    start = last = time.monotonic()
+    total = len(items)
+
+    def draw(done: int, what: str, final: bool = False) -> None:
+        nonlocal last
+        now = time.monotonic()
+        elapsed = now - start
+        eta = f" eta {elapsed / done * (total - done):.0f}s" if done and not final else ""
+        line = f"{title} [{'#' * (20 * done // max(total, 1)):<20}] {done}/{total} " \
+               f"{elapsed:.0f}s{eta} {what}"
+        if tty:
+            sys.stderr.write("\r\033[K" + line[:150] + ("\n" if final else ""))
+        elif final or done == 0 or now - last >= 15:
+            sys.stderr.write(line + "\n")
+            last = now
+        sys.stderr.flush()
+
+    for i, item in enumerate(items):
+        draw(i, label(item))
+        yield item
+    draw(total, "done", final=True)
