@@ -369,7 +369,7 @@ def norm_bwd(
     and rescaled the same way first."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    cfg = norm_config(N, x.device)
+    cfg = norm_config(N, x.device, backward=True)
     n_programs = norm_bwd_programs(triton.cdiv(M, cfg.BLOCK_M), x.device)
     n_parts = int(compute_dweight) + int(compute_dbias)
     # Partial sums (dweight and/or dbias, programs, N); the wide-row path accumulates in place.

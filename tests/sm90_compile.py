@@ -1,0 +1,99 @@
+"""Compile fastattn's kernels for a GPU target on a machine without one (Triton's front end plus
+the ptxas that ships with Triton), and print one JSON line per kernel variant:
+{"kernel", "variant", "ok", "error", "registers", "spill_bytes"}.
+
+Run by tests/test_gpu_compile.py in a subprocess (kernels must be defined with TRITON_INTERPRET
+unset). This catches what the interpreter cannot: code that does not compile for the GPU.
+    python tests/sm90_compile.py [arch=90]
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastattn.kernels import embedding as EM  # noqa: E402
+from fastattn.kernels import layer_norm as LN  # noqa: E402
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# The newest ptxas Triton ships (it emits PTX versions the older one may not read).
+PTXAS = next((os.path.join(_BIN, n) for n in ("ptxas-blackwell", "ptxas")
+              if os.path.exists(os.path.join(_BIN, n))), "ptxas")
+FLOATS = {"eps", "dropout_p", "scale"}
+
+
+def compile_variant(fn, pointers: dict, constexprs: dict, num_warps: int, arch: int) -> dict:
+    """pointers: argument name -> Triton pointer type ("*bf16"); other non-constexpr arguments
+    are i32 scalars, or fp32 for the names in FLOATS."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = pointers.get(name, "fp32" if name in FLOATS else "i32")
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, {}),
+                              target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    suffix = "a" if arch == 90 else ""
+    out = subprocess.run([PTXAS, f"-arch=sm_{arch}{suffix}", "-v", f.name, "-o", os.devnull],
+                         capture_output=True, text=True)
+    os.unlink(f.name)
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", out.stderr)]
+    spill = [int(s) for s in re.findall(r"(\d+) bytes spill stores", out.stderr)]
+    return {"ok": out.returncode == 0, "error": out.stderr[-400:] if out.returncode else "",
+            "registers": max(regs, default=0), "spill_bytes": max(spill, default=0)}
+
+
+def variants():
+    """(kernel, variant name, pointers, constexprs, num_warps): each kernel's constexpr branches,
+    at the tile sizes kernels/configs.py picks on the GPU."""
+    bf16 = "*bf16"
+    norm_ptrs = {"X": bf16, "RES": bf16, "W": bf16, "B": bf16, "Y": bf16, "H": bf16,
+                 "MEAN": "*fp32", "RSTD": "*fp32"}
+    for single, block_m, block_n, warps in [(True, 2, 1024, 4), (True, 1, 16384, 16),
+                                            (False, 1, 4096, 8)]:
+        for rms, residual in [(False, True), (True, False)]:
+            yield (LN._norm_fwd_kernel, f"rms={rms} residual={residual} tile={block_m}x{block_n}",
+                   norm_ptrs, dict(IS_RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms,
+                                   HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n,
+                                   SINGLE_TILE=single), warps)
+    bwd_ptrs = {"X": bf16, "W": bf16, "MEAN": "*fp32", "RSTD": "*fp32", "DY": bf16, "DH": bf16,
+                "DX": bf16, "DW_PART": "*fp32", "DB_PART": "*fp32"}
+    for single, block_m, block_n, warps in [(True, 2, 1024, 4), (True, 1, 4096, 8),
+                                            (False, 1, 4096, 8)]:
+        yield (LN._norm_bwd_kernel, f"tile={block_m}x{block_n} single={single}", bwd_ptrs,
+               dict(IS_RMS=False, HAS_WEIGHT=True, HAS_DH=True, COMPUTE_DW=True, COMPUTE_DB=True,
+                    HAS_DROPOUT=True, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single), warps)
+    yield (LN._column_sum_kernel, "256", {"PART": "*fp32", "OUT": "*fp32"},
+           dict(BLOCK_G=16, BLOCK_N=256), 4)
+    emb_ptrs = {"IDS": "*i64", "POS_IDS": "*i64", "TYPE_IDS": "*i64", "WORD": bf16, "POS": bf16,
+                "TYPE": bf16, "LN_W": bf16, "LN_B": bf16, "OUT": bf16, "H": bf16,
+                "MEAN": "*fp32", "RSTD": "*fp32"}
+    for norm in (False, True):
+        yield (EM._embedding_fwd_kernel, f"bert={norm}", emb_ptrs,
+               dict(HAS_POS=norm, HAS_TYPE=norm, HAS_NORM=norm, HAS_DROPOUT=norm, BLOCK_T=2,
+                    BLOCK_D=1024), 4)
+    yield (EM._embedding_bwd_kernel, "segment reduction",
+           {"SORTED": "*i64", "PERM": "*i64", "DOUT": bf16, "DW": bf16},
+           dict(HAS_PADDING=True, SCALE_BY_FREQ=True, BLOCK_T=16, BLOCK_D=512), 4)
+
+
+if __name__ == "__main__":
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    for fn, name, pointers, constexprs, warps in variants():
+        try:
+            result = compile_variant(fn, pointers, constexprs, warps, arch)
+        except Exception as e:  # a front-end error: the kernel does not compile
+            result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[-400:]}",
+                      "registers": 0, "spill_bytes": 0}
+        print(json.dumps({"kernel": fn.__name__, "variant": name, **result}), flush=True)
