@@ -61,8 +61,11 @@ class NormConfig:
     num_warps: int
 
 
-# Widest row kept whole in registers; wider rows are processed in chunks of this many columns.
-_NORM_MAX_TILE_CUDA = 16384
+# Widest row kept whole in registers (the backward holds more per element: dweight and dbias
+# partial sums beside x and dy); wider rows are walked in chunks. Chosen by compiling for sm_90
+# and reading ptxas' spill counts (none at these sizes), not by timing.
+_NORM_MAX_TILE_CUDA = {"forward": 16384, "backward": 4096}
+_NORM_CHUNK_CUDA = 4096
 # Under the interpreter, a smaller limit so that the tests exercise the chunked path at modest sizes.
 _NORM_MAX_TILE_INTERPRET = 4096
 
@@ -72,11 +75,15 @@ def _norm_warps(block_elems: int) -> int:
     return 4 if block_elems <= 2048 else 8 if block_elems <= 8192 else 16
 
 
-def norm_config(n_cols: int, device: torch.device) -> NormConfig:
-    """Tile for the norm forward and backward kernels on rows of `n_cols` elements."""
-    max_tile = _NORM_MAX_TILE_INTERPRET if interpreting() else _NORM_MAX_TILE_CUDA
-    block_n = min(next_power_of_2(n_cols), max_tile)
+def norm_config(n_cols: int, device: torch.device, backward: bool = False) -> NormConfig:
+    """Tile for the norm forward (or backward) kernel on rows of `n_cols` elements."""
+    if interpreting():
+        max_tile = chunk = _NORM_MAX_TILE_INTERPRET
+    else:
+        max_tile = _NORM_MAX_TILE_CUDA["backward" if backward else "forward"]
+        chunk = _NORM_CHUNK_CUDA
     single = next_power_of_2(n_cols) <= max_tile
+    block_n = next_power_of_2(n_cols) if single else chunk
     if interpreting():
         # Few, large programs: the interpreter pays per program and per op, not per element.
         block_m = max(1, min(1024, 8192 // block_n)) if single else 1
@@ -96,7 +103,7 @@ def norm_bwd_programs(n_row_tiles: int, device: torch.device) -> int:
 
 def column_sum_config(n_cols: int, device: torch.device) -> int:
     """BLOCK_N of the kernel that sums the (programs, N) partials column by column."""
-    return min(next_power_of_2(n_cols), 4096 if interpreting() else 1024)
+    return min(next_power_of_2(n_cols), 4096 if interpreting() else 256)
 
 
 def device_guard(tensor: torch.Tensor):
