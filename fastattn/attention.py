@@ -1,8 +1,11 @@
-"""Fused scaled-dot-product attention (FlashAttention-2) as a differentiable op.
+"""Fused scaled-dot-product attention (FlashAttention-2) as a differentiable op, with attention
+masks, dropout, and packed variable-length batches.
 
 Layers (see DESIGN.md): scaled_dot_product_attention (validate, flatten batch dims) -> _AttentionFn
 (autograd) -> custom ops fastattn::attention_fwd / fastattn::attention_bwd (dispatch) ->
-kernels/attention.py launchers.
+kernels/attention.py launchers; varlen_attention -> _VarlenAttentionFn ->
+fastattn::varlen_attention_fwd / _bwd -> the same kernels. unpad / pad convert a padded batch to the
+packed layout and back.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor
 
 from . import _dispatch
 from ._validate import check_same_device, check_same_dtype, check_tensor
+from .embedding import _seed as _dropout_seed
 
 MAX_HEAD_DIM = 256
 
@@ -22,29 +26,72 @@ MAX_HEAD_DIM = 256
 
 
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                  is_causal: bool) -> tuple[Tensor, Tensor]:
-    """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) -> out (B, Hq, L, Ev), lse (B, Hq, L) fp32."""
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
+                  attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                  seed: int = 0) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), attn_mask broadcastable to
+    (B, Hq, L, S) -> out (B, Hq, L, Ev), lse (B, Hq, L) fp32."""
     impl = _dispatch.implementation("attention_fwd", "attention", q)
-    return impl.attention_fwd(q, k, v, scale, is_causal)
+    return impl.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, is_causal):
+def _(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=0):
     B, Hq, L, _ = q.shape
     return q.new_empty((B, Hq, L, v.shape[-1])), q.new_empty((B, Hq, L), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  scale: float, is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """do, out (B, Hq, L, Ev); lse (B, Hq, L) -> dq, dk, dv shaped as q, k, v."""
+                  scale: float, is_causal: bool, attn_mask: Optional[Tensor] = None,
+                  dropout_p: float = 0.0, seed: int = 0,
+                  mask_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """do, out (B, Hq, L, Ev); lse (B, Hq, L) -> dq, dk, dv shaped as q, k, v, and the gradient of
+    the float attn_mask (shaped as it) when mask_grad, else an empty tensor."""
     impl = _dispatch.implementation("attention_bwd", "attention", q)
-    return impl.attention_bwd(do, q, k, v, out, lse, scale, is_causal)
+    return impl.attention_bwd(do, q, k, v, out, lse, scale, is_causal, attn_mask, dropout_p, seed,
+                              mask_grad)
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, scale, is_causal):
+def _(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=0,
+      mask_grad=False):
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+@torch.library.custom_op("fastattn::varlen_attention_fwd", mutates_args=())
+def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                         cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                         is_causal: bool, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev), cu_seqlens (B + 1,) int32 ->
+    out (Tq, Hq, Ev), lse (Hq, Tq) fp32."""
+    impl = _dispatch.implementation("varlen_attention_fwd", "attention", q)
+    return impl.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, scale, is_causal, dropout_p, seed)
+
+
+@varlen_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+      dropout_p, seed):
+    Tq, Hq, _ = q.shape
+    return q.new_empty((Tq, Hq, v.shape[-1])), q.new_empty((Hq, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattn::varlen_attention_bwd", mutates_args=())
+def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                         max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float,
+                         seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """do, out (Tq, Hq, Ev); lse (Hq, Tq) -> dq, dk, dv shaped as q, k, v."""
+    impl = _dispatch.implementation("varlen_attention_bwd", "attention", q)
+    return impl.varlen_attention_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p, seed)
+
+
+@varlen_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+      is_causal, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -52,61 +99,137 @@ def _(do, q, k, v, out, lse, scale, is_causal):
 
 
 class _AttentionFn(torch.autograd.Function):
-    """out, lse = attention(q, k, v) on (B, H, N, D) tensors. Saves q, k, v, out, lse.
-    lse is returned for merging partial attentions; it carries no gradient."""
+    """out, lse = attention(q, k, v, attn_mask) on (B, H, N, D) tensors. Saves q, k, v, out, lse and
+    the mask; the dropout mask is not saved but redrawn from the seed. lse is returned for merging
+    partial attentions; it carries no gradient. A float attn_mask that requires grad gets one."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, is_causal):
-        out, lse = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal)
+    def forward(ctx, q, k, v, attn_mask, scale, is_causal, dropout_p, seed):
+        out, lse = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal, attn_mask,
+                                                    dropout_p, seed)
         ctx.mark_non_differentiable(lse)
-        ctx.scale, ctx.is_causal = scale, is_causal
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.is_causal, ctx.dropout_p, ctx.seed = scale, is_causal, dropout_p, seed
+        ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+        if any(ctx.needs_input_grad[:4]):
+            ctx.save_for_backward(q, k, v, out, lse, attn_mask)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.fastattn.attention_bwd(dout, q, k, v, out, lse, ctx.scale,
-                                                      ctx.is_causal)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        dq, dk, dv, dmask = torch.ops.fastattn.attention_bwd(
+            dout, q, k, v, out, lse, ctx.scale, ctx.is_causal, attn_mask, ctx.dropout_p, ctx.seed,
+            ctx.mask_grad)
+        return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None
 
 
-# ---- public function ----
+class _VarlenAttentionFn(torch.autograd.Function):
+    """out, lse = attention over packed sequences (T, H, D). Saves q, k, v, out, lse and the
+    cu_seqlens; lse carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                is_causal, dropout_p, seed):
+        out, lse = torch.ops.fastattn.varlen_attention_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+            dropout_p, seed)
+        ctx.mark_non_differentiable(lse)
+        ctx.args = (max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p, seed)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fastattn.varlen_attention_bwd(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+        return dq, dk, dv, *([None] * 8)
+
+
+# ---- validation ----
+
+
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor, packed: bool) -> None:
+    """Tensors of a kernel dtype, one device, one dtype; 3-D if packed, else at least 3-D."""
+    layout = ("3 dims (tokens, heads, head_dim)" if packed
+              else "at least 3 dims (..., heads, seq, head_dim)")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t)
+        if t.dim() != 3 if packed else t.dim() < 3:
+            raise ValueError(f"{name} must have {layout}, got shape {list(t.shape)}")
+    check_same_device(query=query, key=key, value=value)
+    check_same_dtype(query=query, key=key, value=value)
+
+
+def _check_heads(E: int, Ek: int, Ev: int, Hq: int, Hk: int, Hv: int, enable_gqa: bool) -> None:
+    """Head dims (query E, key Ek, value Ev) and head counts (Hq, Hk, Hv) the kernels support."""
+    if Ek != E:
+        raise ValueError(f"key head dim {Ek} must equal query head dim {E}")
+    for name, d in (("query/key", E), ("value", Ev)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} head dim {d} is not supported: must be in 1..{MAX_HEAD_DIM}")
+    if Hv != Hk:
+        raise ValueError(f"key and value must have the same number of heads, got key {Hk} and "
+                         f"value {Hv}")
+    if Hq != Hk and not enable_gqa:
+        raise ValueError(f"query has {Hq} heads and key/value {Hk}: different head counts need "
+                         "enable_gqa=True")
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(f"query heads {Hq} must be a multiple of key/value heads {Hk} (GQA)")
 
 
 def _check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        check_tensor(name, t)
-        if t.dim() < 3:
-            raise ValueError(f"{name} must have at least 3 dims (..., heads, seq, head_dim), "
-                             f"got shape {list(t.shape)}")
-    check_same_device(query=query, key=key, value=value)
-    check_same_dtype(query=query, key=key, value=value)
+    _check_qkv(query, key, value, packed=False)
     batch = query.shape[:-3]
     for name, t in (("key", key), ("value", value)):
         if t.shape[:-3] != batch:
             raise ValueError(f"{name} batch dims {list(t.shape[:-3])} must equal query's "
                              f"{list(batch)}")
-    E, Ev = query.shape[-1], value.shape[-1]
-    if key.shape[-1] != E:
-        raise ValueError(f"key head dim {key.shape[-1]} must equal query head dim {E}")
-    for name, d in (("query/key", E), ("value", Ev)):
-        if not 1 <= d <= MAX_HEAD_DIM:
-            raise ValueError(f"{name} head dim {d} is not supported: must be in 1..{MAX_HEAD_DIM}")
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"key and value must have the same sequence length, got key "
                          f"{key.shape[-2]} and value {value.shape[-2]}")
-    Hq, Hkv = query.shape[-3], key.shape[-3]
-    if value.shape[-3] != Hkv:
-        raise ValueError(f"key and value must have the same number of heads, got key {Hkv} and "
-                         f"value {value.shape[-3]}")
-    if Hq != Hkv and not enable_gqa:
-        raise ValueError(f"query has {Hq} heads and key/value {Hkv}: different head counts need "
-                         "enable_gqa=True")
-    if Hq % Hkv != 0:
-        raise ValueError(f"query heads {Hq} must be a multiple of key/value heads {Hkv} (GQA)")
+    _check_heads(query.shape[-1], key.shape[-1], value.shape[-1], query.shape[-3], key.shape[-3],
+                 value.shape[-3], enable_gqa)
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: 1 / sqrt(head_dim) for None, else a finite number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _attention_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> Optional[Tensor]:
+    """attn_mask checked against (..., Hq, L, S) and as a (B or 1, Hq or 1, L or 1, S or 1) tensor
+    with the batch dims merged: a view of the caller's mask (a copy only when some but not all of
+    several batch dims are broadcast). Differentiable: autograd sums its gradient back."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype not in (torch.bool, query.dtype):
+        got, want = (str(d).removeprefix("torch.") for d in (attn_mask.dtype, query.dtype))
+        raise TypeError(f"attn_mask has dtype {got}; it must be bool (True = takes part) or, as "
+                        f"an additive mask, the query's dtype {want}")
+    check_same_device(query=query, attn_mask=attn_mask)
+    batch = query.shape[:-3]
+    full = (*batch, query.shape[-3], query.shape[-2], key.shape[-2])
+    if attn_mask.dim() > len(full) or any(
+            m not in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full))):
+        raise ValueError(f"attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
+                         f"(..., Hq, L, S) = {list(full)}")
+    mask = attn_mask[(None,) * (len(full) - attn_mask.dim())]  # one dim per dim of `full`
+    if all(d == 1 for d in mask.shape[:-3]):
+        return mask.reshape(1, *mask.shape[-3:])  # (1, ..., 1, H', L', S') -> (1, H', L', S')
+    return mask.expand(*batch, *mask.shape[-3:]).reshape(math.prod(batch), *mask.shape[-3:])
+
+
+# ---- public functions ----
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
@@ -121,27 +244,139 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     keys j <= i (the top-left tril of the L x S matrix, as torch). enable_gqa: Hq a multiple of
     Hkv, query head h reads kv head h // (Hq // Hkv).
 
+    attn_mask: broadcastable to (..., Hq, L, S) as torch allows ((L, S), (B, 1, 1, S),
+    (B, 1, L, S), (1, Hq, L, S), (B, Hq, L, S), ...); bool (True = takes part) or the query's
+    floating dtype (added to the scores; -inf hides a pair). It is read tile by tile through its
+    strides, never expanded or copied, and applies together with is_causal. A boolean key padding
+    mask (B, 1, 1, S) skips fully padded key blocks. A query row that sees no key gets output 0
+    and zero gradients (never NaN), as torch's own function; finite "masking" values such as
+    torch.finfo(dtype).min are ordinary biases (such a row gets uniform attention, as in torch).
+    A float mask that requires grad gets its gradient (dS, summed over its broadcast dims; this
+    costs a (B, Hq, L, S) fp32 buffer during the backward).
+
+    dropout_p: in [0, 1]; dropout on the attention probabilities inside the kernel (kept values
+    scaled by 1 / (1 - dropout_p)), whenever dropout_p > 0, as torch's function (pass 0.0 in eval).
+    The mask is drawn from a seed taken from torch's default CPU generator, so torch.manual_seed
+    reproduces it; the backward redraws the same mask. (Not the same random numbers as torch's
+    dropout.) Each (batch, head, query, key) gets its own random number while L * S <= 2^32.
+
     Returns out (..., Hq, L, Ev) in the input dtype; with return_lse=True, (out, lse) where lse
-    (..., Hq, L) fp32 is the natural-log logsumexp of the scaled scores of each query row
+    (..., Hq, L) fp32 is the natural-log logsumexp of the (masked) scaled scores of each query row
     (-inf for a row that sees no key), without gradient.
     """
     _check_attention_inputs(query, key, value, enable_gqa)
-    if attn_mask is not None:
-        raise NotImplementedError("attn_mask is not supported yet (planned: issue 4)")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p} is not supported yet (planned: issue 4); "
-                                  "use dropout_p=0.0")
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    scale = _check_scale(scale, query.shape[-1])
+    mask = _attention_mask(attn_mask, query, key)
+    seed = _dropout_seed(dropout_p)
 
     batch = query.shape[:-3]
     # (..., H, N, D) -> (B, H, N, D): a view for 4-D inputs and for any collapsible batch dims.
     B = math.prod(batch)
     q, k, v = (t.reshape(B, *t.shape[-3:]) for t in (query, key, value))
-    out, lse = _AttentionFn.apply(q, k, v, float(scale), bool(is_causal))
+    out, lse = _AttentionFn.apply(q, k, v, mask, scale, bool(is_causal), float(dropout_p), seed)
     out = out.view(*batch, *out.shape[1:])  # (B, Hq, L, Ev) -> (..., Hq, L, Ev)
     if return_lse:
         return out, lse.view(*batch, *lse.shape[1:])
     return out
+
+
+# ---- variable-length (packed) batches ----
+
+
+def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_name: str, max_seqlen,
+                      query: Tensor) -> None:
+    """cu_seqlens: int32 (B + 1,) on query's device, from 0, non-decreasing, ending at `total`;
+    max_seqlen an int >= its longest sequence. Reads cu_seqlens (one device sync); skipped under
+    torch.compile, where out-of-range rows are simply never read."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must hold int32 offsets, got dtype "
+                        f"{str(cu_seqlens.dtype).removeprefix('torch.')}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+        raise ValueError(f"{name} must be 1-D (batch + 1,), got shape {list(cu_seqlens.shape)}")
+    check_same_device(query=query, **{name: cu_seqlens})
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return
+    offsets = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must be non-decreasing, got {offsets}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name} must end at the number of packed tokens {total}, got "
+                         f"{offsets[-1]}")
+    if max(lengths, default=0) > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is shorter than the longest sequence in {name} "
+                         f"({max(lengths)})")
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     dropout_p: float = 0.0, scale: Optional[float] = None,
+                     return_lse: bool = False):
+    """Attention over a packed batch of variable-length sequences (FlashAttention's varlen API).
+
+    q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev): the tokens of all sequences one after another,
+    fp32 / fp16 / bf16, one dtype, any strides, E, Ev <= 256, Hq a multiple of Hkv (GQA: query
+    head h reads kv head h // (Hq // Hkv)). cu_seqlens_q / cu_seqlens_k (B + 1,) int32: cumulative
+    lengths, 0 = cu[0] <= cu[1] <= ... <= cu[B] = Tq / Tk; sequence b is q[cu_q[b]:cu_q[b + 1]]
+    attending to k, v[cu_k[b]:cu_k[b + 1]] only. max_seqlen_q / _k: ints at least the longest
+    sequence (they size the launch grid). causal: query i of a sequence sees its keys j <= i
+    (top-left aligned, as is_causal). dropout_p, scale: as in scaled_dot_product_attention. A query
+    with no key (an empty key sequence) gets output 0.
+
+    Returns out (Tq, Hq, Ev) in the input dtype; with return_lse=True, (out, lse) with lse
+    (Hq, Tq) fp32, without gradient. Use unpad / pad to run a padded (B, N, ...) batch this way.
+    """
+    _check_qkv(q, k, v, packed=True)
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"key and value must hold the same number of tokens, got key "
+                         f"{k.shape[0]} and value {v.shape[0]}")
+    _check_heads(q.shape[2], k.shape[2], v.shape[2], q.shape[1], k.shape[1], v.shape[1], True)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, q)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of "
+                         f"sequences, got {cu_seqlens_q.numel() - 1} and "
+                         f"{cu_seqlens_k.numel() - 1}")
+    scale = _check_scale(scale, q.shape[-1])
+    seed = _dropout_seed(dropout_p)
+    out, lse = _VarlenAttentionFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, scale, bool(causal), float(dropout_p), seed)
+    return (out, lse) if return_lse else out
+
+
+def unpad(x: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Pack the real tokens of a padded batch, for varlen_attention.
+
+    x (B, N, ...); padding_mask (B, N) bool or integer, True / nonzero = a real token (Hugging
+    Face's attention_mask). Returns packed (T, ...) the real tokens in order (differentiable in x),
+    indices (T,) int64 their positions in the flattened (B * N) batch, cu_seqlens (B + 1,) int32 and
+    max_seqlen (int; reading it is one device sync).
+    """
+    if not isinstance(x, Tensor) or not isinstance(padding_mask, Tensor):
+        raise TypeError("unpad expects tensors x (B, N, ...) and padding_mask (B, N)")
+    if padding_mask.dtype.is_floating_point or padding_mask.dtype.is_complex:
+        raise TypeError(f"padding_mask must be bool or integer, got dtype "
+                        f"{str(padding_mask.dtype).removeprefix('torch.')}")
+    if x.dim() < 2 or padding_mask.shape != x.shape[:2]:
+        raise ValueError(f"padding_mask of shape {list(padding_mask.shape)} must be x's first two "
+                         f"dims (B, N) = {list(x.shape[:2])}")
+    check_same_device(x=x, padding_mask=padding_mask)
+    real = padding_mask.bool()  # (B, N)
+    seqlens = real.sum(dim=1, dtype=torch.int32)  # (B,)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    indices = real.flatten().nonzero().flatten()  # (T,)
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    return x.flatten(0, 1)[indices], indices, cu_seqlens, max_seqlen
+
+
+def pad(packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """Inverse of unpad: packed (T, ...) and indices (T,) -> (batch, seqlen, ...) with zeros at the
+    padding positions (differentiable in packed)."""
+    out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
+    return out.index_copy(0, indices, packed).view(batch, seqlen, *packed.shape[1:])

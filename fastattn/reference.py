@@ -90,61 +90,157 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, 
 # ---- attention: the math ----
 
 
+def _visible_pairs(L: int, S: int, is_causal: bool, attn_mask: Tensor | None, device) -> Tensor:
+    """Boolean, broadcastable to the (..., L, S) scores: the (query, key) pairs that take part."""
+    visible = torch.ones(L, S, dtype=torch.bool, device=device)
+    if is_causal:
+        visible = visible.tril()
+    if attn_mask is not None:
+        visible = visible & (attn_mask if attn_mask.dtype == torch.bool
+                             else attn_mask > float("-inf"))
+    return visible
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, attn_mask: Tensor | None) -> Tensor:
+    """q @ k^T * scale, plus attn_mask when it is an additive (float) one."""
+    s = q @ k.transpose(-2, -1) * scale
+    return s + attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else s
+
+
+def _kept_scale(dropout_p: float) -> float:
+    """Factor of the probabilities dropout keeps: 1 / (1 - p), and 0 when p == 1 (none kept)."""
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
-                                 scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """softmax(q @ k^T * scale) @ v and the row logsumexp of the scaled scores.
+                                 scale: float | None = None, attn_mask: Tensor | None = None,
+                                 dropout_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """dropout(softmax(q @ k^T * scale + mask)) @ v and the row logsumexp of the masked scores.
 
     q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev); query head h reads kv head
-    h // (Hq // Hkv). is_causal: query i sees keys j <= i (top-left aligned). A row that sees no
-    key gives out 0 and lse -inf. Returns out (B, Hq, L, Ev) and lse (B, Hq, L).
+    h // (Hq // Hkv). is_causal: query i sees keys j <= i (top-left aligned). attn_mask, applied
+    together with is_causal, broadcastable to (B, Hq, L, S): bool (True = takes part) or float
+    (added to the scores; -inf hides a pair). A row that sees no key gives out 0, lse -inf and zero
+    gradients. dropout_mask: None or a bool keep-mask broadcastable to (B, Hq, L, S); kept
+    probabilities are scaled by 1 / (1 - dropout_p). Returns out (B, Hq, L, Ev) and lse (B, Hq, L).
     """
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)  # (B, Hkv, S, E) -> (B, Hq, S, E)
     v = v.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = q @ k.transpose(-2, -1) * scale  # (B, Hq, L, S)
-    if is_causal:
-        L, S = s.shape[-2:]
-        visible = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (B, Hq, L)
-    # exp(s - lse) is softmax(s); rows with lse = -inf (nothing visible) get p = 0, not NaN.
-    p = torch.exp(s - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0.0))
+    s = _scores(q, k, scale, attn_mask)  # (B, Hq, L, S)
+    visible = _visible_pairs(*s.shape[-2:], is_causal, attn_mask, q.device).expand(s.shape)
+    s = s.masked_fill(~visible, float("-inf"))
+    seen = visible.any(dim=-1, keepdim=True)  # (B, Hq, L, 1): rows that see some key
+    s = s.masked_fill(~seen, 0.0)  # finite stand-ins: the softmax and its gradient stay finite
+    lse = torch.logsumexp(s, dim=-1).masked_fill(~seen[..., 0], float("-inf"))  # (B, Hq, L)
+    p = torch.softmax(s, dim=-1).masked_fill(~seen, 0.0)
+    if dropout_mask is not None:
+        p = p * dropout_mask * _kept_scale(dropout_p)
     return p @ v, lse
 
 
 # ---- attention: launcher-shaped fallbacks (see kernels/attention.py) ----
 
 
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                  is_causal: bool) -> tuple[Tensor, Tensor]:
+def _float_mask(attn_mask: Tensor | None) -> Tensor | None:
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask.float()
+
+
+def _attention_dropout(seed: int, q: Tensor, k: Tensor, dropout_p: float) -> Tensor | None:
+    """The (B, Hq, L, S) keep-mask of this path (see dropout_keep), None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    return dropout_keep(seed, (*q.shape[:3], k.shape[2]), dropout_p, q.device)
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
+                  attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                  seed: int = 0) -> tuple[Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.attention_fwd: out (B, Hq, L, Ev) in q's dtype
     (contiguous) and lse (B, Hq, L) fp32, computed in fp32."""
-    out, lse = scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal, scale)
+    out, lse = scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal, scale,
+                                            _float_mask(attn_mask),
+                                            _attention_dropout(seed, q, k, dropout_p), dropout_p)
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  scale: float, is_causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as fastattn.kernels.attention.attention_bwd, FlashAttention-2's formulas:
-    P = exp(s - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K,
-    dK = scale dS^T Q; dK, dV summed over the query heads that share a kv head."""
+                  scale: float, is_causal: bool, attn_mask: Tensor | None = None,
+                  dropout_p: float = 0.0, seed: int = 0,
+                  mask_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Same contract as fastattn.kernels.attention.attention_bwd, FlashAttention-2's formulas with
+    Z = dropout keep-mask / (1 - p) (1 without dropout): P = exp(s - lse), dV = (P Z)^T dO,
+    dS = P * (dO V^T Z - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q, d(mask) = dS; dK, dV
+    summed over the query heads that share a kv head, d(mask) over the mask's broadcast dims."""
     B, Hq, L, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
+    qf, kf, vf, dof, mask = q.float(), k.float(), v.float(), do.float(), _float_mask(attn_mask)
     kr, vr = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    s = qf @ kr.transpose(-2, -1) * scale  # (B, Hq, L, S)
-    p = torch.exp(s - lse[..., None])
-    if is_causal:
-        p = p.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), 0.0)
-    p = p.masked_fill(lse[..., None] == float("-inf"), 0.0)  # rows that see no key
+    s = _scores(qf, kr, scale, mask)  # (B, Hq, L, S)
+    hidden = ~_visible_pairs(L, S, is_causal, mask, q.device) | (lse == float("-inf"))[..., None]
+    p = torch.exp(s - lse[..., None]).masked_fill(hidden, 0.0)  # rows that see no key: P = 0
+    keep = _attention_dropout(seed, q, k, dropout_p)
+    z = keep * _kept_scale(dropout_p) if keep is not None else 1.0
     delta = (dof * out.float()).sum(dim=-1, keepdim=True)  # (B, Hq, L, 1)
-    ds = p * (dof @ vr.transpose(-2, -1) - delta)
+    ds = p * (dof @ vr.transpose(-2, -1) * z - delta)
     dq = ds @ kr * scale
     dk = (ds.transpose(-2, -1) @ qf * scale).view(B, Hkv, group, S, -1).sum(dim=2)
-    dv = (p.transpose(-2, -1) @ dof).view(B, Hkv, group, S, -1).sum(dim=2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dv = ((p * z).transpose(-2, -1) @ dof).view(B, Hkv, group, S, -1).sum(dim=2)
+    dmask = (ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad
+             else q.new_empty((0,)))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[slice, slice]]:
+    """(query rows, key rows) of each packed sequence."""
+    q, k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(slice(q[b], q[b + 1]), slice(k[b], k[b + 1])) for b in range(len(q) - 1)]
+
+
+def _one_sequence(x: Tensor, rows: slice) -> Tensor:
+    """Rows of one sequence of a packed (T, H, D) tensor as a (1, H, N, D) batch."""
+    return x[rows].transpose(0, 1)[None]
+
+
+def _sequence_seed(seed: int, b: int) -> int:
+    """Dropout seed of sequence b in this path (each sequence draws its own keep-mask)."""
+    return (seed * 1_000_003 + b) % 2**63
+
+
+def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                         cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                         is_causal: bool, dropout_p: float = 0.0,
+                         seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Same contract as fastattn.kernels.attention.varlen_attention_fwd: attention_fwd on each
+    sequence. out (Tq, Hq, Ev), lse (Hq, Tq)."""
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    for b, (rq, rk) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
+        o, l = attention_fwd(_one_sequence(q, rq), _one_sequence(k, rk), _one_sequence(v, rk),
+                             scale, is_causal, None, dropout_p, _sequence_seed(seed, b))
+        out[rq], lse[:, rq] = o[0].transpose(0, 1), l[0]
+    return out, lse
+
+
+def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                         max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float = 0.0,
+                         seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Same contract as fastattn.kernels.attention.varlen_attention_bwd: attention_bwd on each
+    sequence."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b, (rq, rk) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
+        grads = attention_bwd(_one_sequence(do, rq), _one_sequence(q, rq), _one_sequence(k, rk),
+                              _one_sequence(v, rk), _one_sequence(out, rq), lse[None, :, rq],
+                              scale, is_causal, None, dropout_p, _sequence_seed(seed, b))
+        for grad, g, rows in zip((dq, dk, dv), grads, (rq, rk, rk)):
+            grad[rows] = g[0].transpose(0, 1)
+    return dq, dk, dv
 
 
 # ---- embeddings: launcher-shaped fallbacks (see kernels/embedding.py) ----

@@ -1,40 +1,77 @@
-"""Fused scaled-dot-product attention: FlashAttention-2 forward and backward Triton kernels.
+"""Fused scaled-dot-product attention: FlashAttention-2 forward and backward Triton kernels, with
+attention masks, dropout and packed variable-length batches.
 
 Shapes (GQA: each kv head serves GROUP = Hq // Hkv consecutive query heads, torch's enable_gqa rule
 "query head h reads kv head h // GROUP"):
 
-    q   (B, Hq,  L, D)      k (B, Hkv, S, D)      v (B, Hkv, S, Dv)
-    out (B, Hq,  L, Dv)     lse (B, Hq, L) float32, natural-log logsumexp of the scaled scores
+    padded:  q   (B, Hq,  L, D)      k (B, Hkv, S, D)      v (B, Hkv, S, Dv)
+             out (B, Hq,  L, Dv)     lse (B, Hq, L) float32, natural-log logsumexp of the scores
+    varlen:  q   (Tq, Hq, D)         k (Tk, Hkv, D)        v (Tk, Hkv, Dv)
+             out (Tq, Hq, Dv)        lse (Hq, Tq) float32
+             (the tokens of all sequences packed; sequence b is rows cu_seqlens[b] ..
+             cu_seqlens[b + 1] - 1)
 
 Inputs may have any strides (e.g. Hugging Face's (B, N, H, D).transpose(1, 2) views): every kernel
 takes all four strides of every 4-D tensor, so nothing is copied. Head dims need not be powers of
 two: tiles are padded to BLOCK_D = next_power_of_2(D) in registers and the loads are masked.
 
+One kernel per pass; what a call needs is chosen by constexpr flags, so a call without a mask or
+dropout compiles to the plain kernel:
+    HAS_MASK, MASK_IS_BOOL   an attn_mask, boolean (True = takes part) or additive float
+    KEY_PADDING              the mask is a boolean per-batch key padding mask (B, 1, 1, S)
+    HAS_DROPOUT              dropout on the attention probabilities
+    IS_VARLEN                packed sequences: program (.., .., b) works on sequence b
+    MASK_GRAD                (dQ kernel) also write dS, the gradient of an additive mask
+
 Forward (grid (cdiv(L, BLOCK_M), Hq, B): one program per block of BLOCK_M query rows of one head):
-    For each key block, s = q @ k^T * scale is turned into probabilities with the online softmax:
-    the running row max m and row sum l are updated, and the fp32 accumulator is rescaled by
-    alpha = exp(m_old - m_new) before adding p @ v. At the end out = acc / l and lse = m + log(l).
+    For each key block, s = q @ k^T * scale (+ mask) is turned into probabilities with the online
+    softmax: the running row max m and row sum l are updated, and the fp32 accumulator is rescaled
+    by alpha = exp(m_old - m_new) before adding p @ v. At the end out = acc / l and lse = m + log(l).
     We work in base 2 throughout: scores are multiplied by scale * log2(e) so exp becomes exp2 (one
     hardware instruction), and the base-2 lse is converted to natural log only when stored
     (lse = lse2 * ln 2).
 
-Causal masking (torch's top-left alignment, also when L != S): query i sees keys j <= i. The key loop
-of a query block [m0, m0 + BLOCK_M) is split in two phases: key blocks that every row sees in full
-(no element mask, the fast path), then the diagonal block(s) and the ragged last block at S, where a
-per-element mask is applied. Key blocks entirely above the diagonal are never visited. Masked scores
-are set to a large negative *finite* value (no inf - inf = NaN), and their probabilities are forced to
-exactly 0, so a row that sees no key at all ends with l = 0: it gets out = 0 and lse = -inf.
+Masking. Causal masking (torch's top-left alignment, also when L != S): query i sees keys j <= i.
+The key loop of a query block [m0, m0 + BLOCK_M) is split in two phases: key blocks that every row
+sees in full (no element mask, the fast path), then the diagonal block(s) and the ragged last block
+at S, where a per-element mask is applied. Key blocks entirely above the diagonal are never visited.
+An attn_mask is read tile by tile through its four strides, 0 on broadcast dims, so a (L, S) or
+(B, 1, 1, S) mask is never expanded; it applies in both phases, together with the causal mask.
+A bool mask hides the pairs where it is False; a float mask is added to the scores, and its -inf
+entries hide their pairs. Hidden scores are set to a large negative *finite* value (no inf - inf =
+NaN) and their probabilities forced to exactly 0, so a row that sees no key at all ends with l = 0:
+it gets out = 0 and lse = -inf, and the backward (which reads lse = -inf as "P = 0") gives it zero
+gradients. Finite float-mask values are clamped at -3e29 so that torch.finfo(dtype).min "masks"
+stay finite: a row hidden only by them gets torch's uniform attention, not 0.
 
-Backward (FlashAttention-2): with P = softmax(s) recomputed from the saved lse,
-    dV = P^T @ dO,    dP = dO @ V^T,    dS = P * (dP - delta),   delta = rowsum(dO * O),
-    dQ = scale * dS @ K,    dK = scale * dS^T @ Q.
+Key-padding fast path: for a boolean (B, 1, 1, S) mask the launchers list, per batch, the key blocks
+that hold at least one visible key (and running counts of them per block); the forward and dQ loops
+walk that list, so fully padded key blocks are never loaded, and the dK/dV program of a fully padded
+key block skips its query loop (its dK, dV are 0).
+
+Dropout: the probabilities that multiply V are kept with probability 1 - p and scaled by
+1 / (1 - p) (the softmax normalisation l uses all of them, as torch's dropout(softmax(s)) @ v). The
+keep-mask comes from Philox (tl.rand, see numerics.dropout_keep) keyed by (seed, b * Hq + h) and
+counted by q_idx * S + k_idx as uint32: unique per (batch, head, query, key) while L * S <= 2^32
+(per sequence for varlen). The backward draws the same numbers for the same (query, key) pairs.
+
+Variable length (IS_VARLEN): the batch grid axis runs over sequences; a program reads its sequence's
+start and length from cu_seqlens and works on rows start .. start + length - 1 of the packed
+tensors, exactly as a padded program works on its batch entry (the packed tensors are passed with
+batch stride 0). Programs past the end of their sequence return at once.
+
+Backward (FlashAttention-2): with P = softmax(s) recomputed from the saved lse and Z the dropout
+keep-mask scaled by 1 / (1 - p) (1 without dropout),
+    dV = (P * Z)^T @ dO,    dP = (dO @ V^T) * Z,    dS = P * (dP - delta),   delta = rowsum(dO * O),
+    dQ = scale * dS @ K,    dK = scale * dS^T @ Q,  d(additive mask) = dS.
 Three kernels: a preprocess computing delta; a dK/dV kernel that owns one key block of one kv head
 and loops over the query blocks of all GROUP query heads that read it (so the GQA reduction over
 heads happens in registers, no atomics); a dQ kernel that owns one query block and loops over key
-blocks. Both recompute (P, dS) with the same helper, the dK/dV kernel in transposed (key-major)
-orientation so that P^T and dS^T come out directly as the left operands of its products. Both
-reuse the forward's causal loop split. No float atomics anywhere, so the backward is deterministic
-(bitwise reproducible run to run).
+blocks (and, for a float mask that needs a gradient, writes dS to a full (B, Hq, L, S) fp32 buffer
+that the launcher sums over the mask's broadcast dims). Both recompute (P, dS) with the same
+helper, the dK/dV kernel in transposed (key-major) orientation so that P^T and dS^T come out
+directly as the left operands of its products. Both reuse the forward's causal loop split. No float
+atomics anywhere, so the backward is deterministic (bitwise reproducible run to run).
 
 Numerics: statistics, accumulators and softmax are fp32. On the GPU the tl.dot operands stay in the
 input dtype (fp16/bf16 tensor cores) and P, dS are rounded to it before their products; fp32 inputs
@@ -53,14 +90,17 @@ import triton.language as tl
 
 from .configs import (attention_bwd_config, attention_fwd_config, device_guard, interpreting,
                       next_power_of_2)
-from .numerics import round_to
+from .numerics import dropout_keep, round_to
 
-__all__ = ["attention_fwd", "attention_bwd"]
+__all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
 # Score of a masked (query, key) pair, in log2 units: finite on purpose (-inf - -inf would be NaN).
 _MASKED_SCORE = tl.constexpr(-1.0e30)
+# Floor of a finite additive mask value: times log2(e) still above _MASKED_SCORE, so that pairs
+# "masked" with torch.finfo(dtype).min stay distinguishable from hidden ones (and never overflow).
+_MIN_BIAS = tl.constexpr(-3.0e29)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,6 +146,38 @@ def _load_dot_operand(base, rows, cols, n_rows, n_cols, stride_row, stride_col, 
     return _dot_operand(tile, base.dtype.element_ty, DOT_FP32)
 
 
+@triton.jit
+def _sequence(CuSeqlens, off_b, n, IS_VARLEN: tl.constexpr):
+    """(first row, length) of batch entry off_b: with IS_VARLEN its rows cu_seqlens[b] ..
+    cu_seqlens[b + 1] - 1 of the packed tensor (first row as int64), else (0, n)."""
+    if IS_VARLEN:
+        start = tl.load(CuSeqlens + off_b)
+        length = tl.load(CuSeqlens + off_b + 1) - start
+        start = start.to(tl.int64)
+    else:
+        start = 0
+        length = n
+    return start, length
+
+
+@triton.jit
+def _head_rows(base, off_b, off_h, start, stride_b, stride_h, stride_row):
+    """Pointer to row `start` (0, or a packed sequence's first row) of head off_h of batch entry
+    off_b: base + b * stride_b + h * stride_h + start * stride_row, in int64."""
+    return base + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h + start * stride_row
+
+
+@triton.jit
+def _load_lse2(lse_ptrs, valid, HAS_MASK: tl.constexpr):
+    """Base-2 logsumexp of some query rows (0 past the end). With a mask, a row that saw no key
+    (lse = -inf) reads +inf, so that its recomputed P = exp2(s - lse2) is exactly 0, not
+    exp2(+inf). (Without one every row the backward visits sees a key: key 0 at least.)"""
+    lse2 = tl.load(lse_ptrs, mask=valid, other=0.0) * _LOG2E
+    if HAS_MASK:
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    return lse2
+
+
 # The score-tile helpers below work in either orientation: the caller passes the dot operands and
 # the query / key indices already broadcast to the tile's shape, e.g. q_idx = offs_m[:, None] and
 # k_idx = offs_n[None, :] for a (BLOCK_M, BLOCK_N) tile of q @ k^T (forward, dQ), or
@@ -123,14 +195,44 @@ def _visible(q_idx, k_idx, S, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _scores(a, b, q_idx, k_idx, S, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
-    """a @ b * scale * log2(e), the fp32 score tile in log2 units (a @ b is q @ k^T or k @ q^T);
-    masked pairs get _MASKED_SCORE when MASKED (only diagonal / ragged blocks pay for the mask)."""
+def _scores(a, b, q_idx, k_idx, L, S, qk_scale,
+            mask_base, stride_ml, stride_ms,  # attn_mask of this (batch, query head)
+            MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+            MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(s, visible): s = a @ b * scale * log2(e) (+ the float mask * log2(e)), the fp32 score tile in
+    log2 units (a @ b is q @ k^T or k @ q^T), and the mask of the pairs that take part. Hidden pairs
+    get s = _MASKED_SCORE: those of the attn_mask (read here, tile by tile, when HAS_MASK) and, when
+    MASKED, those of the causal / ragged-end element mask (only diagonal and last blocks pay for
+    that one). Without either, visible is the constant True."""
     s = tl.dot(a, b, input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        s = tl.where(_visible(q_idx, k_idx, S, IS_CAUSAL), s, _MASKED_SCORE)
-    return s
+    visible = True
+    if HAS_MASK:
+        if KEY_PADDING:  # one row of keys for every query: load a vector, broadcast below
+            offsets = k_idx.to(tl.int64) * stride_ms
+            in_range = k_idx < S
+        else:
+            offsets = q_idx.to(tl.int64) * stride_ml + k_idx.to(tl.int64) * stride_ms
+            in_range = (q_idx < L) & (k_idx < S)
+        if MASK_IS_BOOL:
+            visible = tl.load(mask_base + offsets, mask=in_range, other=0) != 0
+        else:
+            bias = tl.load(mask_base + offsets, mask=in_range, other=float("-inf")).to(tl.float32)
+            visible = bias != float("-inf")
+            s += tl.maximum(bias, _MIN_BIAS) * _LOG2E
+        if MASKED:
+            visible = visible & _visible(q_idx, k_idx, S, IS_CAUSAL)
+        s = tl.where(visible, s, _MASKED_SCORE)
+    elif MASKED:
+        visible = _visible(q_idx, k_idx, S, IS_CAUSAL)
+        s = tl.where(visible, s, _MASKED_SCORE)
+    return s, visible
+
+
+@triton.jit
+def _dropout_keep(seed_bh, q_idx, k_idx, S, dropout_p):
+    """Dropout keep-mask of a tile: Philox keyed by seed_bh (seed + (b * Hq + h) << 32), element
+    q_idx * S + k_idx counted as uint32, the same in either orientation."""
+    return dropout_keep(seed_bh, q_idx.to(tl.uint32) * S + k_idx.to(tl.uint32), dropout_p)
 
 
 @triton.jit
@@ -149,6 +251,30 @@ def _key_block_bounds(m0, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLO
         n_end = S
         n_full = (S // BLOCK_N) * BLOCK_N
     return n_full, n_end
+
+
+@triton.jit
+def _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Loop bounds over the key blocks starting in [n_lo, n_hi) (n_lo a multiple of BLOCK_N): the
+    keys themselves (step BLOCK_N), or with KEY_PADDING positions in the batch's list of visible
+    blocks (step 1; block_counts[j] = number of visible blocks before block j)."""
+    if KEY_PADDING:
+        i_lo = tl.load(block_counts + n_lo // BLOCK_N)
+        i_hi = tl.load(block_counts + tl.cdiv(n_hi, BLOCK_N))
+    else:
+        i_lo = n_lo
+        i_hi = n_hi
+    return i_lo, i_hi
+
+
+@triton.jit
+def _key_block_start(block_ids, i, KEY_PADDING: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key of the block at loop index i of _key_block_range (block_ids: the batch's visible
+    blocks)."""
+    if KEY_PADDING:
+        return tl.load(block_ids + i) * BLOCK_N
+    else:
+        return i
 
 
 @triton.jit
@@ -178,32 +304,42 @@ def _query_block_bounds(n0, L, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
 def _attn_fwd_inner(
     acc, l_i, m_i,  # running state: (BLOCK_M, BLOCK_DV) fp32, (BLOCK_M,) fp32, (BLOCK_M,) fp32
     q,  # (BLOCK_M, BLOCK_D) dot operand
-    k_base, v_base,  # K, V of this (batch, kv head)
-    offs_m, n_lo, n_hi, S, D, Dv,
-    stride_ks, stride_kd, stride_vs, stride_vd,
-    qk_scale,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    k_base, v_base, mask_base,  # K, V of this (batch, kv head); attn_mask of this (batch, head)
+    block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
+    offs_m, n_lo, n_hi, L, S, D, Dv,
+    stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
+    qk_scale, dropout_p, seed_bh,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Online-softmax accumulation over the key blocks starting in [n_lo, n_hi)."""
     DTYPE = k_base.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
+    STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
+    for i in range(i_lo, i_hi, STEP):
+        offs_n = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N) + tl.arange(0, BLOCK_N)
         kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
         v = _load_dot_operand(v_base, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
-        s = _scores(q, kT, offs_m[:, None], offs_n[None, :], S, qk_scale,
-                    MASKED, IS_CAUSAL, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        s, visible = _scores(q, kT, offs_m[:, None], offs_n[None, :], L, S, qk_scale,
+                             mask_base, stride_ml, stride_ms,
+                             MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                             DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
-        if MASKED:
+        if MASKED or HAS_MASK:
             # A row with no visible key so far has m_new = _MASKED_SCORE and would get p = 1 on its
-            # masked entries: force them to 0 so such a row keeps l = 0.
-            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], S, IS_CAUSAL), p, 0.0)
+            # hidden entries: force them to 0 so such a row keeps l = 0.
+            p = tl.where(visible, p, 0.0)
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old row max
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:  # l keeps every probability; only those that multiply V are dropped
+            p = tl.where(_dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], S, dropout_p),
+                         p, 0.0)
         pv = tl.dot(_dot_operand(p, DTYPE, DOT_FP32), v, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
@@ -213,23 +349,34 @@ def _attn_fwd_inner(
 @triton.jit
 def _attn_fwd_kernel(
     # pointers
-    Q,  # (B, Hq, L, D)
-    K,  # (B, Hkv, S, D)
-    V,  # (B, Hkv, S, Dv)
-    Out,  # (B, Hq, L, Dv)
-    Lse,  # (B, Hq, L) float32, contiguous
+    Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
+    K,  # (B, Hkv, S, D), or (Tk, Hkv, D)
+    V,  # (B, Hkv, S, Dv), or (Tk, Hkv, Dv)
+    Out,  # (B, Hq, L, Dv), or (Tq, Hq, Dv)
+    Lse,  # (B, Hq, L), or (Hq, Tq): float32, unit stride along the query rows
+    Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
+    KeyBlocks,  # (B, cdiv(S, BLOCK_N)) int32: key blocks with a visible key first (KEY_PADDING)
+    KeyBlockCounts,  # (B, cdiv(S, BLOCK_N) + 1) int32: visible blocks before each (KEY_PADDING)
+    CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
     # sizes
-    Hq, L, S, D, Dv,
+    Hq, L, S, D, Dv,  # L, S: the (largest) sequence lengths
     GROUP,  # Hq // Hkv
-    # strides
+    N_KEY_BLOCKS,  # cdiv(S, BLOCK_N) (KEY_PADDING)
+    # strides (batch strides 0 when IS_VARLEN)
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
+    stride_lseb, stride_lseh,
+    stride_mb, stride_mh, stride_ml, stride_ms,
     # runtime scalars
     scale,  # softmax scale applied to q @ k^T
+    dropout_p, dropout_scale,  # drop probability; 1 / (1 - p) (0 when p == 1)
+    seed,  # dropout seed
     # constexpr flags
     IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr,  # cast dot operands to fp32 (interpreter only)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (no effect on fp16/bf16)
     # block sizes
@@ -243,14 +390,23 @@ def _attn_fwd_kernel(
         # Later query blocks see more keys: launch the heaviest blocks first.
         pid_m = tl.num_programs(0) - 1 - pid_m
     off_hkv = off_h // GROUP
-
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
-    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    lse_base = Lse + (off_b * Hq + off_h).to(tl.int64) * L
-
+    q_start, L = _sequence(CuSeqlensQ, off_b, L, IS_VARLEN)
+    k_start, S = _sequence(CuSeqlensK, off_b, S, IS_VARLEN)
     m0 = pid_m * BLOCK_M
+    if IS_VARLEN:
+        if m0 >= L:  # past the end of this (shorter) sequence
+            return
+
+    q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
+    k_base = _head_rows(K, off_b, off_hkv, k_start, stride_kb, stride_kh, stride_ks)
+    v_base = _head_rows(V, off_b, off_hkv, k_start, stride_vb, stride_vh, stride_vs)
+    o_base = _head_rows(Out, off_b, off_h, q_start, stride_ob, stride_oh, stride_ol)
+    lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+    mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
+    block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
+    block_counts = KeyBlockCounts + off_b * (N_KEY_BLOCKS + 1)
+    seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
+
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -263,20 +419,28 @@ def _attn_fwd_kernel(
 
     n_full, n_end = _key_block_bounds(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, offs_m, 0, n_full, S, D, Dv,
-        stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        False, IS_CAUSAL, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, block_ids, block_counts,
+        offs_m, 0, n_full, L, S, D, Dv,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
+        qk_scale, dropout_p, seed_bh,
+        False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, DOT_FP32, DOT_PRECISION,
+        BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, offs_m, n_full, n_end, S, D, Dv,
-        stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        True, IS_CAUSAL, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, block_ids, block_counts,
+        offs_m, n_full, n_end, L, S, D, Dv,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
+        qk_scale, dropout_p, seed_bh,
+        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, DOT_FP32, DOT_PRECISION,
+        BLOCK_N, BLOCK_D, BLOCK_DV,
     )
 
     # Rows that saw no key (l = 0) get out = 0 and lse = -inf instead of 0/0.
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_scale  # kept probabilities count 1 / (1 - p) times
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     _store_tile(o_base, out, offs_m, offs_dv, L, Dv, stride_ol, stride_od)
     tl.store(lse_base + offs_m, lse, mask=offs_m < L)
@@ -290,14 +454,18 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_preprocess_kernel(
     # pointers
-    Out,  # (B, Hq, L, Dv)
-    dO,  # (B, Hq, L, Dv)
-    Delta,  # (B, Hq, L) float32, contiguous
+    Out,  # (B, Hq, L, Dv), or (Tq, Hq, Dv) when IS_VARLEN
+    dO,  # same shape as Out
+    Delta,  # laid out as Lse: (B, Hq, L), or (Hq, Tq), float32
+    CuSeqlensQ,  # (B + 1,) int32 (IS_VARLEN)
     # sizes
-    Hq, L, Dv,
+    L, Dv,
     # strides
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_deltab, stride_deltah,
+    # constexpr flags
+    IS_VARLEN: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -305,14 +473,16 @@ def _attn_bwd_preprocess_kernel(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
+    q_start, L = _sequence(CuSeqlensQ, off_b, L, IS_VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    do_base = dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+    o_base = _head_rows(Out, off_b, off_h, q_start, stride_ob, stride_oh, stride_ol)
+    do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
     o = _load_tile(o_base, offs_m, offs_dv, L, Dv, stride_ol, stride_od).to(tl.float32)
     do = _load_tile(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    tl.store(Delta + (off_b * Hq + off_h).to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
+    delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
+    tl.store(delta_base + offs_m, delta, mask=offs_m < L)
 
 
 @triton.jit
@@ -320,35 +490,51 @@ def _attn_bwd_tile(
     a_s, b_s,  # s = a_s @ b_s: q @ k^T, or k @ q^T for the transposed tile
     a_dp, b_dp,  # dP = a_dp @ b_dp: dO @ V^T, or V @ dO^T
     lse2, delta,  # fp32 per query row, broadcast like q_idx: base-2 logsumexp and rowsum(dO * O)
-    q_idx, k_idx, S, qk_scale,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_idx, k_idx, L, S, qk_scale,
+    mask_base, stride_ml, stride_ms,
+    dropout_p, dropout_scale, seed_bh,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Recompute the probabilities P and the score gradient dS of one tile (or of its transpose).
+    """Recompute the probabilities of one tile (or of its transpose) and the score gradient, as
+    (P * Z, dS): the probabilities that multiplied V (Z = dropout keep-mask / (1 - p), 1 without
+    dropout) and dS.
 
     P = exp2(s - lse2) is the forward's softmax (s in log2 units, so no max/sum pass is needed);
-    masked pairs have s = _MASKED_SCORE and hence P = 0 (lse2 is finite: every row sees a key).
-    dS = P * (dP - delta) with dP = dO @ V^T is the gradient w.r.t. the *unscaled* scores up to the
-    factor `scale`, which the callers apply once to their accumulators.
+    hidden pairs have s = _MASKED_SCORE and hence P = 0, and so has every pair of a row that saw no
+    key (lse2 = +inf, see _load_lse2). dS = P * (dP * Z - delta) with dP = dO @ V^T is the gradient
+    w.r.t. the scores s * scale + mask: that of an additive mask, and up to the factor `scale`
+    (which the callers apply once to their accumulators) that of q @ k^T.
     """
-    s = _scores(a_s, b_s, q_idx, k_idx, S, qk_scale, MASKED, IS_CAUSAL, DOT_PRECISION)
+    s, _ = _scores(a_s, b_s, q_idx, k_idx, L, S, qk_scale, mask_base, stride_ml, stride_ms,
+                   MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, DOT_PRECISION)
     p = tl.exp2(s - lse2)
     dp = tl.dot(a_dp, b_dp, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        z = tl.where(_dropout_keep(seed_bh, q_idx, k_idx, S, dropout_p), dropout_scale, 0.0)
+        dp = dp * z
+        pz = p * z
+    else:
+        pz = p
     ds = p * (dp - delta)
-    return p, ds
+    return pz, ds
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv,  # accumulators: (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) fp32
     k, v,  # dot operands of this program's key block
-    q_base, do_base, lse_base, delta_base,  # Q, dO, Lse, Delta of one (batch, query head)
+    q_base, do_base, lse_base, delta_base, mask_base,  # of one (batch, query head)
     offs_n, m_lo, m_hi, L, S, D, Dv,
-    stride_ql, stride_qd, stride_dol, stride_dod,
-    qk_scale,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
+    qk_scale, dropout_p, dropout_scale, seed_bh,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dV += P^T @ dO and dK += dS^T @ Q over the query blocks starting in [m_lo, m_hi).
+    """dV += (P * Z)^T @ dO and dK += dS^T @ Q over the query blocks starting in [m_lo, m_hi).
 
     The tiles are computed transposed, (BLOCK_N, BLOCK_M): sT = k @ q^T, so that P^T and dS^T are
     produced directly in the layout of the left operand of the two products.
@@ -361,11 +547,13 @@ def _attn_bwd_dkdv_inner(
         qT = _load_dot_operand(q_base, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
         do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
         # Rows past L read lse = delta = 0; with q = dO = 0 they then add exactly 0 below.
-        lse2 = tl.load(lse_base + offs_m, mask=offs_m < L, other=0.0) * _LOG2E
+        lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_MASK)
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
         pT, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
-                                 offs_m[None, :], offs_n[:, None], S, qk_scale,
-                                 MASKED, IS_CAUSAL, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+                                 offs_m[None, :], offs_n[:, None], L, S, qk_scale,
+                                 mask_base, stride_ml, stride_ms, dropout_p, dropout_scale, seed_bh,
+                                 MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                                 HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         dv += tl.dot(_dot_operand(pT, DTYPE, DOT_FP32), do, input_precision=DOT_PRECISION)
         dk += tl.dot(_dot_operand(dsT, DTYPE, DOT_FP32), tl.trans(qT), input_precision=DOT_PRECISION)
     return dk, dv
@@ -374,28 +562,35 @@ def _attn_bwd_dkdv_inner(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
-    Q,  # (B, Hq, L, D)
-    K,  # (B, Hkv, S, D)
-    V,  # (B, Hkv, S, Dv)
-    dO,  # (B, Hq, L, Dv)
-    Lse,  # (B, Hq, L) float32, contiguous, natural log
-    Delta,  # (B, Hq, L) float32, contiguous
-    dK,  # (B, Hkv, S, D)
-    dV,  # (B, Hkv, S, Dv)
+    Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
+    K,  # (B, Hkv, S, D), or (Tk, Hkv, D)
+    V,  # (B, Hkv, S, Dv), or (Tk, Hkv, Dv)
+    dO,  # shaped as Out
+    Lse,  # (B, Hq, L), or (Hq, Tq): float32, natural log, unit stride along the query rows
+    Delta,  # laid out as Lse
+    dK,  # shaped as K
+    dV,  # shaped as V
+    Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
+    CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
     # sizes
     Hq, L, S, D, Dv,
     GROUP,  # Hq // Hkv
-    # strides
+    # strides (batch strides 0 when IS_VARLEN)
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_lseb, stride_lseh,
+    stride_mb, stride_mh, stride_ml, stride_ms,
     # runtime scalars
-    scale,
+    scale, dropout_p, dropout_scale, seed,
     # constexpr flags
-    IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -404,41 +599,60 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     off_hkv = tl.program_id(1)
     off_b = tl.program_id(2)
+    q_start, L = _sequence(CuSeqlensQ, off_b, L, IS_VARLEN)
+    k_start, S = _sequence(CuSeqlensK, off_b, S, IS_VARLEN)
     n0 = pid_n * BLOCK_N
+    if IS_VARLEN:
+        if n0 >= S:  # past the end of this (shorter) sequence
+            return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qk_scale = scale * _LOG2E
 
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    k_base = _head_rows(K, off_b, off_hkv, k_start, stride_kb, stride_kh, stride_ks)
+    v_base = _head_rows(V, off_b, off_hkv, k_start, stride_vb, stride_vh, stride_vs)
     k = _load_dot_operand(k_base, offs_n, offs_d, S, D, stride_ks, stride_kd, DOT_FP32)
     v = _load_dot_operand(v_base, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     m_start, m_full = _query_block_bounds(n0, L, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    m_end = L
+    if KEY_PADDING:
+        # A key block whose keys are all padding is seen by no query: skip its loops (dK = dV = 0).
+        key_row = Mask + off_b.to(tl.int64) * stride_mb  # the batch's one row of keys
+        keys = tl.load(key_row + offs_n.to(tl.int64) * stride_ms, mask=offs_n < S, other=0)
+        m_end = tl.where(tl.max(keys.to(tl.int32), 0) > 0, L, 0)
+        m_full = tl.minimum(m_full, m_end)
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g  # query heads off_hkv * GROUP ... + GROUP - 1 read this kv head
-        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-        do_base = dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        row_base = (off_b * Hq + off_h).to(tl.int64) * L
+        q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
+        do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
+        lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+        delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+        mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
+        seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
             offs_n, m_start, m_full, L, S, D, Dv,
-            stride_ql, stride_qd, stride_dol, stride_dod, qk_scale,
-            True, IS_CAUSAL, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+            stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
+            qk_scale, dropout_p, dropout_scale, seed_bh,
+            True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
+            DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
         )
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
-            offs_n, m_full, L, L, S, D, Dv,
-            stride_ql, stride_qd, stride_dol, stride_dod, qk_scale,
-            False, IS_CAUSAL, DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+            offs_n, m_full, m_end, L, S, D, Dv,
+            stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
+            qk_scale, dropout_p, dropout_scale, seed_bh,
+            False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
+            DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
         )
 
     dk *= scale  # d(scores)/dK carries the softmax scale once
-    dk_base = dK + off_b.to(tl.int64) * stride_dkb + off_hkv.to(tl.int64) * stride_dkh
-    dv_base = dV + off_b.to(tl.int64) * stride_dvb + off_hkv.to(tl.int64) * stride_dvh
+    dk_base = _head_rows(dK, off_b, off_hkv, k_start, stride_dkb, stride_dkh, stride_dks)
+    dv_base = _head_rows(dV, off_b, off_hkv, k_start, stride_dvb, stride_dvh, stride_dvs)
     _store_tile(dk_base, dk, offs_n, offs_d, S, D, stride_dks, stride_dkd)
     _store_tile(dv_base, dv, offs_n, offs_dv, S, Dv, stride_dvs, stride_dvd)
 
@@ -447,24 +661,34 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_inner(
     dq,  # accumulator: (BLOCK_M, BLOCK_D) fp32
     q, do, lse2, delta,  # this program's query block: dot operands and (BLOCK_M,) fp32 row statistics
-    k_base, v_base,  # K, V of this (batch, kv head)
-    offs_m, n_lo, n_hi, S, D, Dv,
-    stride_ks, stride_kd, stride_vs, stride_vd,
-    qk_scale,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    k_base, v_base, mask_base,  # K, V of this (batch, kv head); attn_mask of this (batch, head)
+    block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
+    dmask_base,  # dMask of this (batch, head) (MASK_GRAD)
+    offs_m, n_lo, n_hi, L, S, D, Dv,
+    stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
+    qk_scale, dropout_p, dropout_scale, seed_bh,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dQ += dS @ K over the key blocks starting in [n_lo, n_hi)."""
+    """dQ += dS @ K over the key blocks starting in [n_lo, n_hi); with MASK_GRAD also store dS."""
     DTYPE = k_base.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
+    STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
+    for i in range(i_lo, i_hi, STEP):
+        offs_n = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N) + tl.arange(0, BLOCK_N)
         kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
         vT = _load_dot_operand(v_base, offs_dv, offs_n, Dv, S, stride_vd, stride_vs, DOT_FP32)
         p, ds = _attn_bwd_tile(q, kT, do, vT, lse2[:, None], delta[:, None],
-                               offs_m[:, None], offs_n[None, :], S, qk_scale,
-                               MASKED, IS_CAUSAL, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+                               offs_m[:, None], offs_n[None, :], L, S, qk_scale,
+                               mask_base, stride_ml, stride_ms, dropout_p, dropout_scale, seed_bh,
+                               MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                               HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if MASK_GRAD:
+            _store_tile(dmask_base, ds, offs_m, offs_n, L, S, stride_dml, stride_dms)
         dq += tl.dot(_dot_operand(ds, DTYPE, DOT_FP32), tl.trans(kT), input_precision=DOT_PRECISION)
     return dq
 
@@ -472,26 +696,37 @@ def _attn_bwd_dq_inner(
 @triton.jit
 def _attn_bwd_dq_kernel(
     # pointers
-    Q,  # (B, Hq, L, D)
-    K,  # (B, Hkv, S, D)
-    V,  # (B, Hkv, S, Dv)
-    dO,  # (B, Hq, L, Dv)
-    Lse,  # (B, Hq, L) float32, contiguous, natural log
-    Delta,  # (B, Hq, L) float32, contiguous
-    dQ,  # (B, Hq, L, D)
+    Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
+    K,  # (B, Hkv, S, D), or (Tk, Hkv, D)
+    V,  # (B, Hkv, S, Dv), or (Tk, Hkv, Dv)
+    dO,  # shaped as Out
+    Lse,  # (B, Hq, L), or (Hq, Tq): float32, natural log, unit stride along the query rows
+    Delta,  # laid out as Lse
+    dQ,  # shaped as Q
+    Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
+    dMask,  # (B, Hq, L, S) float32, zero-initialised: dS (MASK_GRAD)
+    KeyBlocks, KeyBlockCounts,  # visible key blocks per batch, as in the forward (KEY_PADDING)
+    CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
     # sizes
     Hq, L, S, D, Dv,
     GROUP,  # Hq // Hkv
-    # strides
+    N_KEY_BLOCKS,  # cdiv(S, BLOCK_N) (KEY_PADDING)
+    # strides (batch strides 0 when IS_VARLEN)
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    stride_lseb, stride_lseh,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_dmb, stride_dmh, stride_dml, stride_dms,
     # runtime scalars
-    scale,
+    scale, dropout_p, dropout_scale, seed,
     # constexpr flags
-    IS_CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -502,38 +737,55 @@ def _attn_bwd_dq_kernel(
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first, as in the forward
     off_hkv = off_h // GROUP
+    q_start, L = _sequence(CuSeqlensQ, off_b, L, IS_VARLEN)
+    k_start, S = _sequence(CuSeqlensK, off_b, S, IS_VARLEN)
     m0 = pid_m * BLOCK_M
+    if IS_VARLEN:
+        if m0 >= L:  # past the end of this (shorter) sequence
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qk_scale = scale * _LOG2E
 
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    do_base = dO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
-    row_base = (off_b * Hq + off_h).to(tl.int64) * L
+    q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
+    do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
+    k_base = _head_rows(K, off_b, off_hkv, k_start, stride_kb, stride_kh, stride_ks)
+    v_base = _head_rows(V, off_b, off_hkv, k_start, stride_vb, stride_vh, stride_vs)
+    lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+    delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+    mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
+    dmask_base = _head_rows(dMask, off_b, off_h, 0, stride_dmb, stride_dmh, 0)
+    block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
+    block_counts = KeyBlockCounts + off_b * (N_KEY_BLOCKS + 1)
+    seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
     do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
-    lse2 = tl.load(Lse + row_base + offs_m, mask=offs_m < L, other=0.0) * _LOG2E
-    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < L, other=0.0)
+    lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_MASK)
+    delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_full, n_end = _key_block_bounds(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, offs_m, 0, n_full, S, D, Dv,
-        stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        False, IS_CAUSAL, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts, dmask_base,
+        offs_m, 0, n_full, L, S, D, Dv,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
+        qk_scale, dropout_p, dropout_scale, seed_bh,
+        False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, MASK_GRAD,
+        DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, offs_m, n_full, n_end, S, D, Dv,
-        stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-        True, IS_CAUSAL, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts, dmask_base,
+        offs_m, n_full, n_end, L, S, D, Dv,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
+        qk_scale, dropout_p, dropout_scale, seed_bh,
+        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, MASK_GRAD,
+        DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
 
     dq *= scale
-    dq_base = dQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+    dq_base = _head_rows(dQ, off_b, off_h, q_start, stride_dqb, stride_dqh, stride_dql)
     _store_tile(dq_base, dq, offs_m, offs_d, L, D, stride_dql, stride_dqd)
 
 
@@ -552,85 +804,232 @@ def _block_dims(D: int, Dv: int) -> dict:
     return dict(BLOCK_D=max(16, next_power_of_2(D)), BLOCK_DV=max(16, next_power_of_2(Dv)))
 
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, head, row, col) strides of a (B, H, N, D) tensor, or of a packed (T, H, D) one read
+    as one long sequence per batch entry (batch stride 0; the kernels add the sequence's start)."""
+    return (0, t.stride(1), t.stride(0), t.stride(2)) if varlen else t.stride()
+
+
+def _row_stat_strides(stat: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of lse / delta: (B, Hq, L), or (Hq, Tq) when varlen."""
+    return (0, stat.stride(0)) if varlen else (stat.stride(0), stat.stride(1))
+
+
+def _dropout_scale(dropout_p: float) -> float:
+    """What kept probabilities are multiplied by: 1 / (1 - p); 0 when p == 1 (all dropped)."""
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
+def _has_extras(attn_mask: torch.Tensor | None, dropout_p: float) -> bool:
+    """Whether a call takes the launch settings for calls with a mask or dropout (configs.py)."""
+    return attn_mask is not None or dropout_p > 0.0
+
+
+def _mask_args(attn_mask: torch.Tensor | None, placeholder: torch.Tensor, B: int, Hq: int, L: int,
+               S: int) -> tuple[torch.Tensor, tuple, dict]:
+    """attn_mask (at most 4-D, broadcastable to (B, Hq, L, S)) as the kernels read it: (tensor, its
+    (B, Hq, L, S) strides, constexpr flags).
+
+    The mask is expanded to (B, Hq, L, S) as a view (stride 0 on its broadcast dims: nothing is
+    copied), booleans reinterpreted as uint8. A boolean mask with one row of keys per batch entry
+    ((B, 1, 1, S) or (1, 1, 1, S)) takes the key-padding fast path.
+    """
+    if attn_mask is None:
+        flags = dict(HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False)
+        return placeholder, (0, 0, 0, 0), flags
+    attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # (L, S) -> (1, 1, L, S), ...
+    is_bool = attn_mask.dtype == torch.bool
+    view = attn_mask.expand(B, Hq, L, S)
+    if is_bool:
+        view = view.view(torch.uint8)
+    key_padding = is_bool and attn_mask.shape[1] == 1 and attn_mask.shape[2] == 1
+    return view, view.stride(), dict(HAS_MASK=True, MASK_IS_BOOL=is_bool, KEY_PADDING=key_padding)
+
+
+def _visible_key_blocks(mask: torch.Tensor, flags: dict, S: int, block_n: int,
+                        placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Key-padding fast path: (KeyBlocks, KeyBlockCounts, N_KEY_BLOCKS) for key blocks of block_n.
+
+    KeyBlocks (B, nb) int32 lists per batch entry the key blocks holding at least one visible key,
+    in order, first (the rest follows); KeyBlockCounts (B, nb + 1) int32 counts them before each
+    block, so that the visible blocks among blocks [j0, j1) are KeyBlocks[b, counts[j0]:counts[j1]].
+    Built with a few small torch ops on the device (no host sync). Placeholders without the path.
+    """
+    if not flags["KEY_PADDING"]:
+        return placeholder, placeholder, 0
+    B = mask.shape[0]
+    n_blocks = triton.cdiv(S, block_n)
+    keys = mask.new_zeros((B, n_blocks * block_n))
+    keys[:, :S] = mask[:, 0, 0, :]  # (B, S) uint8
+    visible = keys.view(B, n_blocks, block_n).any(dim=2)  # (B, nb)
+    counts = torch.zeros((B, n_blocks + 1), dtype=torch.int32, device=mask.device)
+    counts[:, 1:] = visible.cumsum(dim=1)
+    ids = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True).to(torch.int32)
+    return ids, counts, n_blocks
+
+
+def _launch_fwd(q, k, v, out, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed,
+                cu_seqlens) -> None:
+    """Launch the forward kernel, padded (cu_seqlens None) or varlen (cu_seqlens (cu_q, cu_k))."""
+    varlen = cu_seqlens is not None
+    Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+    cfg = attention_fwd_config(max(D, Dv), q.dtype, q.device, _has_extras(attn_mask, dropout_p))
+    mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)
+    blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, cfg["BLOCK_N"], lse)
+    cu_q, cu_k = cu_seqlens if varlen else (lse, lse)
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)
+    with device_guard(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, mask, blocks, counts, cu_q, cu_k,
+            Hq, L, S, D, Dv, Hq // Hkv, n_blocks,
+            *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
+            *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
+            scale, dropout_p, _dropout_scale(dropout_p), seed,
+            IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
+            **_dot_flags(q.dtype), **_block_dims(D, Dv), **cfg,
+        )
+
+
+def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, dmask, B, L, S, scale, is_causal, attn_mask,
+                dropout_p, seed, cu_seqlens) -> None:
+    """Launch the three backward kernels, padded or varlen as _launch_fwd; dmask: a zeroed
+    (B, Hq, L, S) fp32 buffer that receives dS, or None."""
+    varlen = cu_seqlens is not None
+    Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+    delta = torch.empty_like(lse)
+    cfg = attention_bwd_config(max(D, Dv), q.dtype, q.device, _has_extras(attn_mask, dropout_p))
+    mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)
+    cu_q, cu_k = cu_seqlens if varlen else (lse, lse)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
+                 **_dot_flags(q.dtype), **_block_dims(D, Dv))
+    qkv_strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
+                   *_strides4(do, varlen))
+    sizes = (Hq, L, S, D, Dv, Hq // Hkv)
+    scalars = (scale, dropout_p, _dropout_scale(dropout_p), seed)
+    stat_strides = _row_stat_strides(lse, varlen)
+
+    with device_guard(q):
+        pre = cfg["preprocess"]
+        _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre["BLOCK_M"]), Hq, B)](
+            out, do, delta, cu_q,
+            L, Dv,
+            *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
+            IS_VARLEN=varlen, BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
+        )
+        dkdv = cfg["dkdv"]
+        if S > 0:
+            _attn_bwd_dkdv_kernel[(triton.cdiv(S, dkdv["BLOCK_N"]), Hkv, B)](
+                q, k, v, do, lse, delta, dk, dv, mask, cu_q, cu_k,
+                *sizes,
+                *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
+                *mask_strides,
+                *scalars,
+                **flags, **dkdv,
+            )
+        dq_cfg = cfg["dq"]
+        blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, dq_cfg["BLOCK_N"], lse)
+        mask_grad = dmask is not None
+        _attn_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
+            q, k, v, do, lse, delta, dq, mask, dmask if mask_grad else lse, blocks, counts,
+            cu_q, cu_k,
+            *sizes, n_blocks,
+            *qkv_strides, *_strides4(dq, varlen), *stat_strides, *mask_strides,
+            *(dmask.stride() if mask_grad else (0, 0, 0, 0)),
+            *scalars,
+            MASK_GRAD=mask_grad, **flags, **dq_cfg,
+        )
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool,
+                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward.
 
-    q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): same dtype (fp32/fp16/bf16) and device, any
-    strides, Hq % Hkv == 0, D and Dv <= 256. Causal masking is top-left aligned (query i sees keys
-    j <= i). Returns out (B, Hq, L, Dv) contiguous in q.dtype and lse (B, Hq, L) float32, the
-    natural-log logsumexp of scale * q @ k^T per row (-inf for a row that sees no key, whose out is 0).
+    q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): same dtype (fp32/fp16/bf16) and device,
+    any strides, Hq % Hkv == 0, D and Dv <= 256. Causal masking is top-left aligned (query i sees
+    keys j <= i). attn_mask: None, or at most 4-D and broadcastable to (B, Hq, L, S); bool (True =
+    takes part) or float (added to the scores; -inf hides a pair); applied together with
+    is_causal. dropout_p in [0, 1]: dropout on the probabilities, drawn from `seed`. Returns out
+    (B, Hq, L, Dv) contiguous in q.dtype and lse (B, Hq, L) float32, the natural-log logsumexp of
+    the (masked) scores per row (-inf for a row that sees no key, whose out is 0).
     """
     B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    Dv = v.shape[3]
+    S, Dv = k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, L, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if lse.numel() == 0:  # L == 0 (or B * Hq == 0): nothing to compute
         return out, lse
     if S == 0:  # no keys: softmax over an empty set
         return out.zero_(), lse.fill_(float("-inf"))
-
-    cfg = attention_fwd_config(max(D, Dv), q.dtype, q.device)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)
-    with device_guard(q):
-        _attn_fwd_kernel[grid](
-            q, k, v, out, lse,
-            Hq, L, S, D, Dv, Hq // Hkv,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            scale,
-            IS_CAUSAL=is_causal, **_dot_flags(q.dtype), **_block_dims(D, Dv), **cfg,
-        )
+    _launch_fwd(q, k, v, out, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed, None)
     return out, lse
 
 
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, scale: float, is_causal: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, scale: float, is_causal: bool,
+                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
+                  mask_grad: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention backward (FlashAttention-2, deterministic: no atomics).
 
-    do (B, Hq, L, Dv) any strides; q, k, v, scale, is_causal as given to attention_fwd; out, lse as
-    it returned them. Returns dq (B, Hq, L, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv), contiguous,
-    in q.dtype.
+    do (B, Hq, L, Dv) any strides; q, k, v, scale, is_causal, attn_mask, dropout_p, seed as given to
+    attention_fwd; out, lse as it returned them. Returns dq (B, Hq, L, D), dk (B, Hkv, S, D),
+    dv (B, Hkv, S, Dv), contiguous, in q.dtype, and dmask: with mask_grad (a float attn_mask) the
+    gradient of the additive mask, shaped and typed as attn_mask (dS summed over its broadcast dims;
+    this needs a (B, Hq, L, S) fp32 buffer), else an empty tensor.
     """
     B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    Dv = v.shape[3]
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, Hkv, S, Dv), dtype=q.dtype, device=q.device)
-    if L == 0 or S == 0 or B * Hq == 0:  # nothing attends: every gradient is 0 (or empty)
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    dmask = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if mask_grad else None
+    if L > 0 and S > 0 and B * Hq > 0:
+        _launch_bwd(do, q, k, v, out, lse.contiguous(), dq, dk, dv, dmask, B, L, S, scale,
+                    is_causal, attn_mask, dropout_p, seed, None)
+    else:  # nothing attends: every gradient is 0 (or empty)
+        for grad in (dq, dk, dv):
+            grad.zero_()
+    if not mask_grad:
+        return dq, dk, dv, q.new_empty((0,))
+    # dS of the full (B, Hq, L, S) problem, summed over the dims the mask broadcasts along.
+    return dq, dk, dv, dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
 
-    lse = lse.contiguous()  # our own (B, Hq, L) float32 output: a no-op in practice
-    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
-    cfg = attention_bwd_config(max(D, Dv), q.dtype, q.device)
-    flags = dict(IS_CAUSAL=is_causal, **_dot_flags(q.dtype), **_block_dims(D, Dv))
-    qkv_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    sizes = (Hq, L, S, D, Dv, Hq // Hkv)
 
-    with device_guard(q):
-        pre = cfg["preprocess"]
-        _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre["BLOCK_M"]), Hq, B)](
-            out, do, delta,
-            Hq, L, Dv,
-            *out.stride(), *do.stride(),
-            BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
-        )
-        dkdv = cfg["dkdv"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(S, dkdv["BLOCK_N"]), Hkv, B)](
-            q, k, v, do, lse, delta, dk, dv,
-            *sizes,
-            *qkv_strides, *dk.stride(), *dv.stride(),
-            scale,
-            **flags, **dkdv,
-        )
-        dq_cfg = cfg["dq"]
-        _attn_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
-            q, k, v, do, lse, delta, dq,
-            *sizes,
-            *qkv_strides, *dq.stride(),
-            scale,
-            **flags, **dq_cfg,
-        )
+def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                         max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float = 0.0,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention forward on packed variable-length sequences.
+
+    q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv) any strides; cu_seqlens_q / _k (B + 1,) int32,
+    starting at 0, non-decreasing, ending at Tq / Tk: sequence b is rows cu[b] .. cu[b + 1] - 1;
+    max_seqlen_*: at least the longest sequence. Each sequence attends to its own keys only, as
+    attention_fwd would on it alone (causal: top-left aligned per sequence). Returns out
+    (Tq, Hq, Dv) contiguous in q.dtype and lse (Hq, Tq) float32.
+    """
+    Tq, Hq, _ = q.shape
+    out = torch.empty((Tq, Hq, v.shape[2]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, Tq), dtype=torch.float32, device=q.device)
+    if lse.numel() > 0:  # then B >= 1 and max_seqlen_q >= 1
+        _launch_fwd(q, k, v, out, lse, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, scale,
+                    is_causal, None, dropout_p, seed, (cu_seqlens_q, cu_seqlens_k))
+    return out, lse
+
+
+def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                         scale: float, is_causal: bool, dropout_p: float = 0.0, seed: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of varlen_attention_fwd (same arguments; do (Tq, Hq, Dv) any strides). Returns
+    dq (Tq, Hq, D), dk (Tk, Hkv, D), dv (Tk, Hkv, Dv), contiguous, in q.dtype."""
+    dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    if lse.numel() > 0:
+        _launch_bwd(do, q, k, v, out, lse.contiguous(), dq, dk, dv, None,
+                    cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, scale, is_causal, None,
+                    dropout_p, seed, (cu_seqlens_q, cu_seqlens_k))
+    else:  # no queries: no key gets a gradient
+        dk.zero_()
+        dv.zero_()
     return dq, dk, dv

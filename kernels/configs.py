@@ -139,6 +139,15 @@ _ATTN_BWD_DQ_HOPPER = ((64, 128, 32, 4, 3), (128, 128, 32, 8, 2), (256, 64, 32, 
 _ATTN_BWD_DQ_AMPERE = ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 _ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1))
 
+# With an attn_mask or dropout ("extras": a mask tile or Philox counters live beside every score
+# tile) some of the rows above spill registers under ptxas (sm_90 / sm_80, compiled without a GPU);
+# such calls use these tables instead (more warps, or a narrower streamed block, where it spilled).
+# The other tables (Hopper dK/dV, Ampere dQ, fp32) serve them unchanged.
+_ATTN_FWD_HOPPER_EXTRAS = ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (256, 64, 32, 8, 2))
+_ATTN_FWD_AMPERE_EXTRAS = ((64, 64, 64, 8, 2), (128, 64, 64, 8, 2), (256, 32, 32, 4, 1))
+_ATTN_BWD_DKDV_AMPERE_EXTRAS = ((64, 32, 32, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
+_ATTN_BWD_DQ_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 32, 8, 2), (256, 64, 16, 8, 2))
+
 # Under the interpreter: one fixed setting per pass (warps and stages are ignored there). The tiles
 # are as lopsided as the GPU's (the fixed block twice the streamed one), so CPU tests exercise the
 # loop bounds with BLOCK_M != BLOCK_N; 64/32 also keeps the number of Python-level programs low.
@@ -162,30 +171,37 @@ def _attention_pick(tables: tuple, head_dim: int, dtype: torch.dtype, device: to
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def attention_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+def attention_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                         extras: bool = False) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages of the attention forward kernel.
 
-    head_dim: max(D, Dv), the wider of the query/key and value head dims.
+    head_dim: max(D, Dv), the wider of the query/key and value head dims. extras: the call has an
+    attn_mask or dropout.
     """
     if interpreting() or device.type != "cuda":
         return dict(_ATTN_INTERPRET_FWD)
-    return _attention_pick((_ATTN_FWD_HOPPER, _ATTN_FWD_AMPERE, _ATTN_FWD_FP32), head_dim, dtype, device)
+    tables = ((_ATTN_FWD_HOPPER_EXTRAS, _ATTN_FWD_AMPERE_EXTRAS, _ATTN_FWD_FP32) if extras
+              else (_ATTN_FWD_HOPPER, _ATTN_FWD_AMPERE, _ATTN_FWD_FP32))
+    return _attention_pick(tables, head_dim, dtype, device)
 
 
-def attention_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+def attention_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                         extras: bool = False) -> dict:
     """Launch settings of the three attention backward kernels, as {"preprocess": {BLOCK_M,
     num_warps}, "dkdv": {...}, "dq": {...}}, the last two with BLOCK_M, BLOCK_N, num_warps,
-    num_stages. head_dim: max(D, Dv)."""
+    num_stages. head_dim: max(D, Dv); extras: the call has an attn_mask or dropout."""
     if interpreting() or device.type != "cuda":
         return {name: dict(cfg) for name, cfg in _ATTN_INTERPRET_BWD.items()}
     # delta = rowsum(dO * O) is memory bound: about 8K elements of each per program.
     block_m = max(16, min(128, 8192 // next_power_of_2(head_dim)))
+    dkdv = (_ATTN_BWD_DKDV_HOPPER, _ATTN_BWD_DKDV_AMPERE_EXTRAS if extras else _ATTN_BWD_DKDV_AMPERE,
+            _ATTN_BWD_DKDV_FP32)
+    dq = (_ATTN_BWD_DQ_HOPPER_EXTRAS if extras else _ATTN_BWD_DQ_HOPPER, _ATTN_BWD_DQ_AMPERE,
+          _ATTN_BWD_DQ_FP32)
     return dict(
         preprocess=dict(BLOCK_M=block_m, num_warps=4),
-        dkdv=_attention_pick((_ATTN_BWD_DKDV_HOPPER, _ATTN_BWD_DKDV_AMPERE, _ATTN_BWD_DKDV_FP32),
-                             head_dim, dtype, device),
-        dq=_attention_pick((_ATTN_BWD_DQ_HOPPER, _ATTN_BWD_DQ_AMPERE, _ATTN_BWD_DQ_FP32),
-                           head_dim, dtype, device),
+        dkdv=_attention_pick(dkdv, head_dim, dtype, device),
+        dq=_attention_pick(dq, head_dim, dtype, device),
     )
 
 

@@ -1,5 +1,7 @@
 """fastattn.scaled_dot_product_attention against float64 references, with torch's own error in the
-same dtype as the yardstick (DESIGN.md). Runs on CUDA, or under Triton's interpreter on the CPU."""
+same dtype as the yardstick (DESIGN.md): plain, with attn_mask (every broadcast shape, bool and
+float, with its gradient), and with dropout (checked against the mask it realised). Runs on CUDA,
+or under Triton's interpreter on the CPU."""
 
 from __future__ import annotations
 
@@ -32,27 +34,59 @@ def _qkv(B, Hq, Hkv, L, S, D, dtype, device, *, Dv=None, seed=0):
     return q, k, v, do.to(dtype).to(device)
 
 
-def _check_against_reference(q, k, v, do, *, is_causal, gqa, dtype, name):
-    """out, lse, dq, dk, dv of fastattn vs float64, with torch's error in `dtype` as yardstick."""
+def torch_sdpa(q, k, v, attn_mask, is_causal, gqa, **kwargs):
+    """torch's own op; with a mask, the causal tril is folded into it (torch refuses both at once
+    on some backends, fastattn applies both)."""
+    if attn_mask is not None and is_causal:
+        L, S = q.shape[-2], k.shape[-2]
+        tril = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        attn_mask = (attn_mask & tril if attn_mask.dtype == torch.bool
+                     else attn_mask.masked_fill(~tril, float("-inf")))
+        is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=gqa, **kwargs)
+
+
+def _check_against_reference(q, k, v, do, *, is_causal, gqa, dtype, name, attn_mask=None):
+    """out, lse, dq, dk, dv (and the gradient of a float attn_mask that requires grad) of fastattn
+    vs float64, with torch's error in `dtype` as yardstick."""
+    mask_grad = attn_mask is not None and attn_mask.requires_grad
+    leaves = [q, k, v] + ([attn_mask] if mask_grad else [])
     with fastattn.record_backends() as ran:
-        out, lse = fastattn.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
-                                                         enable_gqa=gqa, return_lse=True)
-        ours = [out, *torch.autograd.grad(out, [q, k, v], do)]
+        out, lse = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                         is_causal=is_causal, enable_gqa=gqa,
+                                                         return_lse=True)
+        ours = [out, *torch.autograd.grad(out, leaves, do)]
     assert_kernels_ran(ran, ["attention_fwd", "attention_bwd"], str(q.device))
 
-    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]  # torch's own op, same dtype
-    t_out = F.scaled_dot_product_attention(*cpu, is_causal=is_causal, enable_gqa=gqa)
-    theirs = [t_out, *torch.autograd.grad(t_out, cpu, do.cpu())]
-    t_lse = reference.scaled_dot_product_attention(*(t.detach() for t in cpu), is_causal)[1]
+    def copies(dtype=None):
+        """Detached CPU copies of q, k, v (and the mask) as leaves, floating ones in `dtype`."""
+        out = []
+        for t in (q, k, v, *([] if attn_mask is None else [attn_mask])):
+            t = t.detach().cpu()
+            out.append(t.to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t)
+        return out
 
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    r_out, r_lse = reference.scaled_dot_product_attention(q64, k64, v64, is_causal)
-    ref = [r_out, *torch.autograd.grad(r_out, [q64, k64, v64], do.cpu().double())]
+    cpu = copies()  # torch's own op, same dtype
+    mask = cpu[3] if attn_mask is not None else None
+    t_out = torch_sdpa(*cpu[:3], mask, is_causal, gqa)
+    theirs = [t_out, *torch.autograd.grad(t_out, cpu[:len(leaves)], do.cpu())]
+    t_lse = reference.scaled_dot_product_attention(
+        *(t.detach() for t in cpu[:3]), is_causal, None, None if mask is None else mask.detach())[1]
 
-    for label, a, t, r in zip(["out", "dq", "dk", "dv"], ours, theirs, ref):
-        assert_within_torch_error(f"{name} {label}", a, t.to(a.device), r, dtype)
+    r = copies(torch.float64)
+    r_out, r_lse = reference.scaled_dot_product_attention(*r[:3], is_causal, None,
+                                                          r[3] if attn_mask is not None else None)
+    ref = [r_out, *torch.autograd.grad(r_out, r[:len(leaves)], do.cpu().double())]
+
+    for label, a, t, want in zip(["out", "dq", "dk", "dv", "dmask"], ours, theirs, ref):
+        assert_within_torch_error(f"{name} {label}", a, t.to(a.device), want, dtype)
     assert lse.dtype == torch.float32
-    assert_within_torch_error(f"{name} lse", lse, t_lse.float().to(lse.device), r_lse, dtype)
+    seen = r_lse > float("-inf")  # rows that see no key: lse exactly -inf
+    assert torch.equal(lse.cpu() > float("-inf"), seen), f"{name} lse: -inf rows differ"
+    assert_within_torch_error(f"{name} lse", lse[seen.to(lse.device)],
+                              t_lse.float()[seen].to(lse.device), r_lse[seen], dtype)
+    return ours
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -168,13 +202,203 @@ def test_reference_fallback_on_cpu_without_interpreter(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_custom_ops_pass_opcheck(device):
+def test_reference_fallback_with_mask_and_dropout(monkeypatch):
+    """The CPU fallback (no interpreter) applies masks with is_causal, gives the mask gradient,
+    and draws a dropout mask that its backward reproduces."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, do = _qkv(2, 4, 2, 13, 21, 16, torch.float32, "cpu", seed=17)
+    mask = _random_mask((2, 1, 13, 21), "float", torch.float32, "cpu")
+    with fastattn.record_backends() as ran:
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True,
+                                                    enable_gqa=True)
+        grads = torch.autograd.grad(out, [q, k, v, mask], do)
+    assert ran == [("attention_fwd", "reference"), ("attention_bwd", "reference")]
+    expected = torch_sdpa(q, k, v, mask, True, True)
+    for a, b in zip([out, *grads], [expected, *torch.autograd.grad(expected, [q, k, v, mask], do)]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    v = _identity_values(2, 2, 21, torch.float32, "cpu")
+    do = torch.randn(2, 4, 13, 21)
+    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.4, enable_gqa=True)
+    grads = torch.autograd.grad(out, [q, k, v], do)
+    o = reference.scaled_dot_product_attention(q, k, v, False, None, None, out != 0, 0.4)[0]
+    for a, b in zip([out, *grads], [o, *torch.autograd.grad(o, [q, k, v], do)]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_custom_ops_pass_opcheck(mask_kind, device):
+    """Schemas, fake (meta) implementations and dispatch of the padded ops, with and without a
+    mask (a float one with its gradient) and dropout."""
     q, k, v, do = _qkv(1, 2, 1, 5, 7, 16, torch.float32, device)
     q, k, v = (t.detach() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, (q, k, v, 0.25, True))
-    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, 0.25, True)
+    mask = None if mask_kind is None else _random_mask((1, 1, 5, 7), mask_kind, torch.float32,
+                                                       device, requires_grad=False)
+    extra = (mask, 0.0 if mask is None else 0.2, 7)
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, (q, k, v, 0.25, True, *extra))
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, 0.25, True, *extra)
     torch.library.opcheck(torch.ops.fastattn.attention_bwd.default,
-                          (do, q, k, v, out, lse, 0.25, True))
+                          (do, q, k, v, out, lse, 0.25, True, *extra, mask_kind == "float"))
+
+
+# ---- attn_mask ----
+
+# Every mask shape torch broadcasts to (B, Hq, L, S) = (2, 4, 37, 45), including one key-padding
+# shape, (B, 1, 1, S), that takes the kernels' fast path when boolean.
+MASK_SHAPES = [(37, 45), (2, 1, 1, 45), (2, 1, 37, 45), (1, 4, 37, 45), (2, 4, 37, 45)]
+
+
+def _random_mask(shape, kind, dtype, device, *, seed=0, requires_grad=True):
+    """About 30% of the pairs hidden; key 0 always visible, so that every row (causal or not)
+    sees a key. bool: True = takes part; float: N(0, 1) biases with -inf on hidden pairs."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.rand(shape, generator=g) < 0.3
+    hidden[..., 0] = False
+    if kind == "bool":
+        return (~hidden).to(device)
+    bias = torch.randn(shape, generator=g).masked_fill(hidden, float("-inf"))
+    return bias.to(dtype).to(device).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attn_mask_matches_reference(mask_shape, dtype, kind, is_causal, device, poisoned_empty):
+    """Bool and float masks of every broadcast shape, with GQA, alone and with is_causal (both
+    apply); a float mask that requires grad gets its gradient, summed over its broadcast dims."""
+    q, k, v, do = _qkv(2, 4, 2, 37, 45, 32, dtype, device, seed=len(mask_shape) + 10 * is_causal)
+    mask = _random_mask(mask_shape, kind, dtype, device, seed=sum(mask_shape))
+    _check_against_reference(q, k, v, do, is_causal=is_causal, gqa=True, dtype=dtype,
+                             name=f"mask {mask_shape} {kind} causal={is_causal}", attn_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attn_mask_bfloat16(kind, device, poisoned_empty):
+    """bf16 masks are read as bf16 and widened to fp32 before use (the interpreter's bf16
+    arithmetic is wrong otherwise)."""
+    q, k, v, do = _qkv(2, 4, 2, 37, 45, 32, torch.bfloat16, device, seed=18)
+    mask = _random_mask((2, 1, 37, 45), kind, torch.bfloat16, device, seed=19)
+    _check_against_reference(q, k, v, do, is_causal=True, gqa=True, dtype=torch.bfloat16,
+                             name=f"bf16 {kind} mask", attn_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_bert_key_padding(dtype, device, poisoned_empty):
+    """A padded BERT batch: (B, 1, 1, N) boolean key mask from the sequence lengths (whole key
+    blocks of padding are skipped by the kernels); padding query rows still attend real keys."""
+    B, H, N, D = 3, 2, 100, 64
+    lengths = torch.tensor([100, 33, 1])
+    key_mask = (torch.arange(N) < lengths[:, None])[:, None, None, :].to(device)  # (B, 1, 1, N)
+    q, k, v, do = _qkv(B, H, H, N, N, D, dtype, device, seed=11)
+    _check_against_reference(q, k, v, do, is_causal=False, gqa=False, dtype=dtype,
+                             name="BERT padding", attn_mask=key_mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_rows_give_zero(kind, device, poisoned_empty):
+    """Rows that see no key get output 0, lse -inf and zero gradients, never NaN (also for rows
+    emptied by the mask and is_causal together)."""
+    B, Hq, Hkv, L, S, D = 2, 4, 2, 40, 50, 16
+    mask = _random_mask((B, 1, L, S), kind, torch.float32, device, seed=12)
+    empty_rows = [(0, 0), (0, 7), (0, 39), (1, 5)]
+    for b, i in empty_rows:
+        mask.data[b, 0, i] = False if kind == "bool" else float("-inf")
+    # Causal row 2 sees keys 0..2 at most: hiding just those empties it.
+    mask.data[1, 0, 2, :3] = False if kind == "bool" else float("-inf")
+    empty_rows.append((1, 2))
+    q, k, v, do = _qkv(B, Hq, Hkv, L, S, D, torch.float32, device, seed=13)
+    out, dq, *_ = _check_against_reference(q, k, v, do, is_causal=True, gqa=True,
+                                           dtype=torch.float32, name=f"empty rows {kind}",
+                                           attn_mask=mask)
+    for b, i in empty_rows:
+        assert not out[b, :, i].any() and not dq[b, :, i].any(), f"row {i} of batch {b} is not 0"
+
+
+def test_mask_is_read_in_place(device, monkeypatch):
+    """A broadcast mask reaches the kernel as a view of the caller's tensor: never expanded or
+    copied to (B, Hq, L, S)."""
+    q, k, v, do = _qkv(2, 4, 2, 19, 23, 16, torch.float32, device, seed=14)
+    mask = _random_mask((19, 23), "float", torch.float32, device, requires_grad=False)
+    kernels = fastattn._dispatch.kernels("attention")
+    seen = []
+    original = kernels.attention_fwd
+
+    def spy(q_, k_, v_, scale, is_causal, attn_mask, *args):
+        seen.append((attn_mask.data_ptr(), attn_mask.shape))
+        return original(q_, k_, v_, scale, is_causal, attn_mask, *args)
+
+    monkeypatch.setattr(kernels, "attention_fwd", spy)
+    fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert seen == [(mask.data_ptr(), (1, 1, 19, 23))]
+
+
+# ---- dropout ----
+
+
+def _identity_values(B, Hkv, S, dtype, device):
+    """v = I (S x S) per (batch, kv head): attention's output is then the dropped, rescaled
+    probability matrix itself, which shows the mask the kernel drew."""
+    return torch.eye(S, dtype=dtype).expand(B, Hkv, S, S).contiguous().to(device).requires_grad_()
+
+
+def test_dropout_is_reproducible_with_the_right_rate(device):
+    """torch.manual_seed reproduces the mask, the next draw differs; a fraction p of the
+    probabilities is dropped, the rest scaled by 1 / (1 - p); p = 0 is the plain kernel, p = 1
+    drops everything."""
+    B, Hq, Hkv, L, S, p = 2, 4, 2, 64, 48, 0.25
+    q, k, _, _ = _qkv(B, Hq, Hkv, L, S, 32, torch.float32, device, seed=15)
+    v = _identity_values(B, Hkv, S, torch.float32, device)
+
+    def attend(dropout_p):
+        with torch.no_grad():
+            return fastattn.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                         enable_gqa=True)
+
+    torch.manual_seed(0)
+    with fastattn.record_backends() as ran:
+        first = attend(p)
+    assert_kernels_ran(ran, ["attention_fwd"], device)
+    torch.manual_seed(0)
+    assert torch.equal(attend(p), first)
+    assert not torch.equal(attend(p), first)
+
+    probs = reference.scaled_dot_product_attention(q.detach().double(), k.detach().double(),
+                                                   v.detach().double())[0]  # (B, Hq, L, S)
+    kept = first != 0
+    n = kept.numel()
+    dropped = 1 - kept.sum().item() / n
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5, f"dropped {dropped:.4f}, expected {p}"
+    torch.testing.assert_close(first[kept].double(), probs[kept] / (1 - p), rtol=1e-5, atol=1e-7)
+    assert torch.equal(attend(0.0), fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    assert not attend(1.0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dropout_gradients_are_those_of_the_realised_mask(dtype, device, poisoned_empty):
+    """With v = I the output shows the kept pairs; out and every gradient then match the float64
+    math with exactly that keep-mask (the backward redraws the forward's mask), together with a
+    key padding mask, is_causal and GQA."""
+    B, Hq, Hkv, L, S, p = 2, 4, 2, 37, 48, 0.3
+    q, k, _, do = _qkv(B, Hq, Hkv, L, S, 32, dtype, device, Dv=S, seed=16)
+    v = _identity_values(B, Hkv, S, dtype, device)
+    key_mask = (torch.arange(S) < torch.tensor([48, 30])[:, None])[:, None, None, :].to(device)
+    torch.manual_seed(1)
+    with fastattn.record_backends() as ran:
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p,
+                                                    is_causal=True, enable_gqa=True)
+        ours = [out, *torch.autograd.grad(out, [q, k, v], do)]
+    assert_kernels_ran(ran, ["attention_fwd", "attention_bwd"], device)
+    keep = (out != 0).cpu()  # hidden pairs read as dropped: their probability is 0 either way
+
+    def realised(dt):
+        leaves = [t.detach().cpu().to(dt).requires_grad_() for t in (q, k, v)]
+        o = reference.scaled_dot_product_attention(*leaves, True, None, key_mask.cpu(), keep, p)[0]
+        return [o, *torch.autograd.grad(o, leaves, do.cpu().to(dt))]
+
+    for label, a, t, r in zip(["out", "dq", "dk", "dv"], ours, realised(dtype),
+                              realised(torch.float64)):
+        assert_within_torch_error(f"dropout {label}", a, t.to(a.device), r, dtype)
 
 
 # ---- bad input: a clear error naming the argument, never a crash in Triton ----
@@ -182,6 +406,10 @@ def test_custom_ops_pass_opcheck(device):
 
 def _t(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape).to(dtype).to(device)
+
+
+def _qkv_t(device):
+    return tuple(_t(1, 2, 4, 16, device=device) for _ in range(3))
 
 
 @pytest.mark.parametrize("make,error,match", [
@@ -207,11 +435,18 @@ def _t(*shape, dtype=torch.float32, device="cpu"):
      ValueError, "at least 3 dims"),
     (lambda d: (_t(2, 2, 4, 16, device=d), _t(1, 2, 4, 16, device=d), _t(1, 2, 4, 16, device=d)),
      ValueError, "batch dims"),
-    (lambda d: (_t(1, 2, 4, 16, device=d), _t(1, 2, 4, 16, device=d), _t(1, 2, 4, 16, device=d),
-                {"attn_mask": torch.ones(4, 4, dtype=torch.bool)}), NotImplementedError,
-     "attn_mask"),
-    (lambda d: (_t(1, 2, 4, 16, device=d), _t(1, 2, 4, 16, device=d), _t(1, 2, 4, 16, device=d),
-                {"dropout_p": 0.1}), NotImplementedError, "dropout_p"),
+    (lambda d: (*_qkv_t(d), {"attn_mask": torch.ones(3, 4, dtype=torch.bool, device=d)}),
+     ValueError, r"attn_mask of shape \[3, 4\] does not broadcast"),
+    (lambda d: (*_qkv_t(d), {"attn_mask": torch.ones(2, 1, 2, 4, 4, dtype=torch.bool, device=d)}),
+     ValueError, "does not broadcast"),
+    (lambda d: (*_qkv_t(d), {"attn_mask": torch.ones(4, 4, dtype=torch.int64, device=d)}),
+     TypeError, "attn_mask has dtype int64; it must be bool"),
+    (lambda d: (*_qkv_t(d), {"attn_mask": torch.zeros(4, 4, dtype=torch.float16, device=d)}),
+     TypeError, "attn_mask has dtype float16"),
+    (lambda d: (*_qkv_t(d), {"attn_mask": torch.ones(4, 4, dtype=torch.bool, device="meta")}),
+     ValueError, "one device"),
+    (lambda d: (*_qkv_t(d), {"dropout_p": 1.5}), ValueError, r"dropout_p must be in \[0, 1\]"),
+    (lambda d: (*_qkv_t(d), {"dropout_p": -0.1}), ValueError, r"dropout_p must be in \[0, 1\]"),
 ])
 def test_bad_input_raises_clear_error(make, error, match, device):
     args = make(device)

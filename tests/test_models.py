@@ -14,18 +14,6 @@ from fastattn.models import GPT, BertConfig, BertModel, GPTConfig
 transformers = pytest.importorskip("transformers")
 
 
-def _has_attn_mask() -> bool:
-    q = torch.zeros(1, 1, 2, 16)
-    try:
-        fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 2, dtype=torch.bool))
-    except NotImplementedError:
-        return False
-    return True
-
-
-# TEMPORARY while issue 4 (attn_mask) is being built: remove once it lands.
-needs_mask = pytest.mark.skipif(not _has_attn_mask(), reason="attn_mask support not built yet")
-
 
 def _hf_gpt2(device):
     torch.manual_seed(0)
@@ -84,7 +72,6 @@ def test_gpt_from_hf_matches_hf(from_state_dict, device):
         torch.testing.assert_close(p.grad, ref, atol=2e-5, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
-@needs_mask
 def test_bert_from_hf_matches_hf_on_a_padded_batch(device):
     hf = _hf_bert(device).eval()
     ours = BertModel.from_hf(hf).to(device).eval()

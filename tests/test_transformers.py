@@ -15,18 +15,6 @@ import fastattn
 
 transformers = pytest.importorskip("transformers")
 
-
-def _has_attn_mask() -> bool:
-    q = torch.zeros(1, 1, 2, 16)
-    try:
-        fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 2, dtype=torch.bool))
-    except NotImplementedError:
-        return False
-    return True
-
-
-# TEMPORARY while issue 4 (attn_mask) is being built: remove once it lands.
-needs_mask = pytest.mark.skipif(not _has_attn_mask(), reason="attn_mask support not built yet")
 from fastattn.integrations import transformers as fa_hf  # noqa: E402
 
 fa_hf.register()
@@ -95,14 +83,12 @@ def test_gpt2_matches_eager(device):
     _compare(eager, ours, lambda m: m(ids).logits, device)
 
 
-@needs_mask
 def test_gpt2_with_padding_matches_eager(device):
     eager, ours = _pair(transformers.GPT2LMHeadModel, _gpt2_config(), device)
     ids, mask = _padded_batch(device)
     _compare(eager, ours, lambda m: m(ids, attention_mask=mask).logits * mask[..., None], device)
 
 
-@needs_mask
 def test_bert_padded_batch_matches_eager(device):
     eager, ours = _pair(transformers.BertModel, _bert_config(), device)
     ids, mask = _padded_batch(device)
@@ -111,7 +97,6 @@ def test_bert_padded_batch_matches_eager(device):
              lambda m: m(ids, attention_mask=mask).last_hidden_state * mask[..., None], device)
 
 
-@needs_mask
 def test_bert_key_padding_mask_is_passed_in_its_compact_form(device, monkeypatch):
     _, ours = _pair(transformers.BertModel, _bert_config(), device)
     ids, mask = _padded_batch(device)
@@ -133,14 +118,12 @@ def test_llama_gqa_matches_eager(device):
     _compare(eager, ours, lambda m: m(ids).logits, device)
 
 
-@needs_mask
 def test_llama_gqa_with_padding_matches_eager(device):
     eager, ours = _pair(transformers.LlamaForCausalLM, _llama_config(), device)
     ids, mask = _padded_batch(device)
     _compare(eager, ours, lambda m: m(ids, attention_mask=mask).logits * mask[..., None], device)
 
 
-@needs_mask
 @pytest.mark.parametrize("model_cls,config", [
     (lambda c: transformers.GPT2LMHeadModel(c), _gpt2_config),
     (lambda c: transformers.BertModel(c), _bert_config),
