@@ -87,3 +87,18 @@ def test_cuda_graph_captures_a_training_step():
     step()
     for got, want in zip(replayed, [t.grad for t in [x, r, *block.parameters()]]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bert_layer_with_padding_mask_compiles_to_one_graph(device):
+    torch.manual_seed(0)
+    layer = BertLayer(BertConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                 hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)).to(device)
+
+    def make_inputs(n):
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(2, n, 32, generator=g).to(device).requires_grad_()
+        keep = (torch.arange(n)[None, :] < torch.tensor([n, n - 3])[:, None]).to(device)
+        return (x, keep[:, None, None, :]), torch.randn(2, n, 32, generator=g).to(device)
+
+    _check_compiled_matches_eager(layer, make_inputs, [9, 14], "aot_eager", device)
