@@ -3,7 +3,9 @@ the ptxas that ships with Triton), and print one JSON line per kernel variant:
 {"kernel", "variant", "ok", "error", "registers", "spill_bytes"}.
 
 Run by tests/test_gpu_compile.py in a subprocess (kernels must be defined with TRITON_INTERPRET
-unset). This catches what the interpreter cannot: code that does not compile for the GPU.
+unset). This catches what the interpreter cannot: code that does not compile for the GPU. The
+register and spill counts are pessimistic: a real launch also specialises unit and 16-divisible
+strides, which this signature leaves generic.
     python tests/sm90_compile.py [arch=90]
 """
 
@@ -20,6 +22,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastattn.kernels import attention as AT  # noqa: E402
+from fastattn.kernels import configs  # noqa: E402
 from fastattn.kernels import embedding as EM  # noqa: E402
 from fastattn.kernels import layer_norm as LN  # noqa: E402
 
@@ -27,7 +31,7 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 # The newest ptxas Triton ships (it emits PTX versions the older one may not read).
 PTXAS = next((os.path.join(_BIN, n) for n in ("ptxas-blackwell", "ptxas")
               if os.path.exists(os.path.join(_BIN, n))), "ptxas")
-FLOATS = {"eps", "dropout_p", "scale"}
+FLOATS = {"eps", "dropout_p", "dropout_scale", "scale"}
 
 
 def compile_variant(fn, pointers: dict, constexprs: dict, num_warps: int, arch: int) -> dict:
@@ -88,9 +92,49 @@ def variants():
            dict(HAS_PADDING=True, SCALE_BY_FREQ=True, BLOCK_T=16, BLOCK_D=512), 4)
 
 
+def attention_variants(arch: int):
+    """The four attention kernels, bf16 head dim 128, with the tiles configs.py picks for `arch`,
+    for each feature combination the launchers can ask for."""
+    import torch
+
+    configs.interpreting = lambda: False  # ask for the GPU's settings
+    configs.arch_major = lambda device: arch // 10
+    ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "dO", "dK", "dV", "dQ")}
+    ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "dMask")})
+    ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "CuSeqlensQ", "CuSeqlensK")})
+    features = {
+        "causal": dict(IS_CAUSAL=True),
+        "key padding + dropout": dict(HAS_MASK=True, MASK_IS_BOOL=True, KEY_PADDING=True,
+                                      HAS_DROPOUT=True),
+        "float mask + grad + causal": dict(HAS_MASK=True, MASK_GRAD=True, IS_CAUSAL=True),
+        "varlen + causal": dict(IS_VARLEN=True, IS_CAUSAL=True),
+    }
+    for name, flags in features.items():
+        extras = bool(flags.get("HAS_MASK") or flags.get("HAS_DROPOUT"))
+        fwd = configs.attention_fwd_config(128, torch.bfloat16, torch.device("cuda"), extras)
+        bwd = configs.attention_bwd_config(128, torch.bfloat16, torch.device("cuda"), extras)
+        base = dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False,
+                    HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
+                    BLOCK_D=128, BLOCK_DV=128)
+        base.update({k: v for k, v in flags.items() if k != "MASK_GRAD"})
+        mask_ptr = {"Mask": "*u8" if base["MASK_IS_BOOL"] else "*bf16"}
+        for fn, cfg, extra in ((AT._attn_fwd_kernel, fwd, {}),
+                               (AT._attn_bwd_dkdv_kernel, bwd["dkdv"], {}),
+                               (AT._attn_bwd_dq_kernel, bwd["dq"],
+                                dict(MASK_GRAD=flags.get("MASK_GRAD", False)))):
+            consts = {k: v for k, v in dict(base, **extra, BLOCK_M=cfg["BLOCK_M"],
+                                            BLOCK_N=cfg["BLOCK_N"]).items() if k in fn.arg_names}
+            yield fn, name, {**ptrs, **mask_ptr}, consts, cfg["num_warps"]
+        pre = bwd["preprocess"]
+        consts = {k: v for k, v in dict(IS_VARLEN=base["IS_VARLEN"], BLOCK_M=pre["BLOCK_M"],
+                                        BLOCK_DV=128).items()
+                  if k in AT._attn_bwd_preprocess_kernel.arg_names}
+        yield AT._attn_bwd_preprocess_kernel, name, ptrs, consts, pre["num_warps"]
+
+
 if __name__ == "__main__":
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    for fn, name, pointers, constexprs, warps in variants():
+    for fn, name, pointers, constexprs, warps in [*variants(), *attention_variants(arch)]:
         try:
             result = compile_variant(fn, pointers, constexprs, warps, arch)
         except Exception as e:  # a front-end error: the kernel does not compile
