@@ -77,24 +77,24 @@ def _compare(eager, ours, run, device, atol=2e-5):
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_gpt2_matches_eager(device):
-    eager, ours = _pair(transformers.GPT2LMHeadModel, _gpt2_config(), device)
-    ids, _ = _padded_batch(device)
-    _compare(eager, ours, lambda m: m(ids).logits, device)
-
-
-def test_gpt2_with_padding_matches_eager(device):
-    eager, ours = _pair(transformers.GPT2LMHeadModel, _gpt2_config(), device)
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama-gqa"])
+def test_model_matches_eager(name, padded, device):
+    """GPT-2 (causal), BERT (bidirectional, key padding) and Llama (causal, GQA): outputs and every
+    parameter gradient of attn_implementation="fastattn" match "eager"."""
+    model_cls, config = {"gpt2": (transformers.GPT2LMHeadModel, _gpt2_config),
+                         "bert": (transformers.BertModel, _bert_config),
+                         "llama-gqa": (transformers.LlamaForCausalLM, _llama_config)}[name]
+    eager, ours = _pair(model_cls, config(), device)
     ids, mask = _padded_batch(device)
-    _compare(eager, ours, lambda m: m(ids, attention_mask=mask).logits * mask[..., None], device)
 
+    def run(model):
+        out = model(ids, attention_mask=mask if padded else None)
+        out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        # Outputs at padded positions are not meaningful in either implementation.
+        return out * mask[..., None] if padded else out
 
-def test_bert_padded_batch_matches_eager(device):
-    eager, ours = _pair(transformers.BertModel, _bert_config(), device)
-    ids, mask = _padded_batch(device)
-    # Outputs at padded positions are not meaningful in either implementation: compare the rest.
-    _compare(eager, ours,
-             lambda m: m(ids, attention_mask=mask).last_hidden_state * mask[..., None], device)
+    _compare(eager, ours, run, device)
 
 
 def test_bert_key_padding_mask_is_passed_in_its_compact_form(device, monkeypatch):
@@ -110,18 +110,6 @@ def test_bert_key_padding_mask_is_passed_in_its_compact_form(device, monkeypatch
     monkeypatch.setattr(fa_hf, "scaled_dot_product_attention", spy)
     ours(ids, attention_mask=mask)
     assert shapes and all(s == (3, 1, 1, 19) for s in shapes), shapes
-
-
-def test_llama_gqa_matches_eager(device):
-    eager, ours = _pair(transformers.LlamaForCausalLM, _llama_config(), device)
-    ids, mask = _padded_batch(device)
-    _compare(eager, ours, lambda m: m(ids).logits, device)
-
-
-def test_llama_gqa_with_padding_matches_eager(device):
-    eager, ours = _pair(transformers.LlamaForCausalLM, _llama_config(), device)
-    ids, mask = _padded_batch(device)
-    _compare(eager, ours, lambda m: m(ids, attention_mask=mask).logits * mask[..., None], device)
 
 
 @pytest.mark.parametrize("model_cls,config", [
