@@ -24,6 +24,7 @@ def unpatch(model):
 
     return _unpatch(model)
 
+
 __all__ = ["add_layer_norm", "backend", "bert_embeddings", "embedding", "gpt_embeddings",
            "layer_norm", "nn", "pad", "patch", "record_backends", "rms_norm",
            "scaled_dot_product_attention", "unpad", "unpatch", "varlen_attention"]

@@ -31,3 +31,11 @@ def check_same_dtype(**tensors) -> None:
     if len({v.dtype for v in present.values()}) > 1:
         what = ", ".join(f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in present.items())
         raise TypeError(f"expected one dtype, got {what}")
+
+
+def dropout_seed(dropout_p) -> int:
+    """Check 0 <= dropout_p <= 1 and draw the seed of an in-kernel dropout mask from torch's default
+    generator (so torch.manual_seed reproduces the mask); 0 when there is no dropout."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
+    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._validate import check_same_device, check_same_dtype, check_tensor
-from .embedding import _seed as _dropout_seed
+from ._validate import check_same_device, check_same_dtype, check_tensor, dropout_seed
 
 MAX_HEAD_DIM = 256
 
@@ -267,7 +266,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     _check_attention_inputs(query, key, value, enable_gqa)
     scale = _check_scale(scale, query.shape[-1])
     mask = _attention_mask(attn_mask, query, key)
-    seed = _dropout_seed(dropout_p)
+    seed = dropout_seed(dropout_p)
 
     batch = query.shape[:-3]
     # (..., H, N, D) -> (B, H, N, D): a view for 4-D inputs and for any collapsible batch dims.
@@ -344,7 +343,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"sequences, got {cu_seqlens_q.numel() - 1} and "
                          f"{cu_seqlens_k.numel() - 1}")
     scale = _check_scale(scale, q.shape[-1])
-    seed = _dropout_seed(dropout_p)
+    seed = dropout_seed(dropout_p)
     out, lse = _VarlenAttentionFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, bool(causal), float(dropout_p), seed)
     return (out, lse) if return_lse else out

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._validate import check_same_device, check_same_dtype, check_tensor
+from ._validate import check_same_device, check_same_dtype, check_tensor, dropout_seed
 from .layer_norm import norm_bwd  # noqa: F401  (registers fastattn::norm_bwd)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -145,13 +145,6 @@ def _padding_index(padding_idx: Optional[int], num_rows: int) -> int:
     return padding_idx % num_rows
 
 
-def _seed(dropout_p: float) -> int:
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
-    # From torch's default generator, so torch.manual_seed reproduces the mask.
-    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
-
-
 def embedding(input: Tensor, weight: Tensor, padding_idx: Optional[int] = None,
               max_norm: Optional[float] = None, norm_type: float = 2.0,
               scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
@@ -248,7 +241,7 @@ def bert_embeddings(input_ids: Tensor, word_weight: Tensor, position_weight: Ten
                          "fused BERT embedding")
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    seed = _seed(dropout_p)
+    seed = dropout_seed(dropout_p)
     padding_idx = _padding_index(padding_idx, word_weight.shape[0])
     _check_indices("input_ids", input_ids, word_weight.shape[0], "word_weight")
     pos = _positions("position_ids", position_ids, input_ids)
