@@ -27,15 +27,16 @@ MAX_HEAD_DIM = 256
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
                   attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                  seed: int = 0) -> tuple[Tensor, Tensor]:
+                  seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), attn_mask broadcastable to
-    (B, Hq, L, S) -> out (B, Hq, L, Ev), lse (B, Hq, L) fp32."""
+    (B, Hq, L, S) -> out (B, Hq, L, Ev), lse (B, Hq, L) fp32. seed: the dropout seed, (1,) int64
+    on q's device (see _validate.dropout_seed), None when dropout_p == 0."""
     impl = _dispatch.implementation("attention_fwd", "attention", q)
     return impl.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=0):
+def _(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None):
     B, Hq, L, _ = q.shape
     return q.new_empty((B, Hq, L, v.shape[-1])), q.new_empty((B, Hq, L), dtype=torch.float32)
 
@@ -43,7 +44,7 @@ def _(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=0):
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, is_causal: bool, attn_mask: Optional[Tensor] = None,
-                  dropout_p: float = 0.0, seed: int = 0,
+                  dropout_p: float = 0.0, seed: Optional[Tensor] = None,
                   mask_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """do, out (B, Hq, L, Ev); lse (B, Hq, L) -> dq, dk, dv shaped as q, k, v, and the gradient of
     the float attn_mask (shaped as it) when mask_grad, else an empty tensor."""
@@ -53,7 +54,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=0,
+def _(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None,
       mask_grad=False):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
@@ -62,7 +63,8 @@ def _(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, se
 @torch.library.custom_op("fastattn::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
-                         is_causal: bool, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                         is_causal: bool, dropout_p: float,
+                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev), cu_seqlens (B + 1,) int32 ->
     out (Tq, Hq, Ev), lse (Hq, Tq) fp32."""
     impl = _dispatch.implementation("varlen_attention_fwd", "attention", q)
@@ -81,7 +83,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is
 def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float,
-                         seed: int) -> tuple[Tensor, Tensor, Tensor]:
+                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """do, out (Tq, Hq, Ev); lse (Hq, Tq) -> dq, dk, dv shaped as q, k, v."""
     impl = _dispatch.implementation("varlen_attention_bwd", "attention", q)
     return impl.varlen_attention_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
@@ -107,18 +109,18 @@ class _AttentionFn(torch.autograd.Function):
         out, lse = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal, attn_mask,
                                                     dropout_p, seed)
         ctx.mark_non_differentiable(lse)
-        ctx.scale, ctx.is_causal, ctx.dropout_p, ctx.seed = scale, is_causal, dropout_p, seed
+        ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
         ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
         if any(ctx.needs_input_grad[:4]):
-            ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+            ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
         dq, dk, dv, dmask = torch.ops.fastattn.attention_bwd(
-            dout, q, k, v, out, lse, ctx.scale, ctx.is_causal, attn_mask, ctx.dropout_p, ctx.seed,
+            dout, q, k, v, out, lse, ctx.scale, ctx.is_causal, attn_mask, ctx.dropout_p, seed,
             ctx.mask_grad)
         return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None
 
@@ -134,17 +136,17 @@ class _VarlenAttentionFn(torch.autograd.Function):
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
             dropout_p, seed)
         ctx.mark_non_differentiable(lse)
-        ctx.args = (max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p, seed)
+        ctx.args = (max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p)
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
         dq, dk, dv = torch.ops.fastattn.varlen_attention_bwd(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, seed)
         return dq, dk, dv, *([None] * 8)
 
 
@@ -255,9 +257,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
     dropout_p: in [0, 1]; dropout on the attention probabilities inside the kernel (kept values
     scaled by 1 / (1 - dropout_p)), whenever dropout_p > 0, as torch's function (pass 0.0 in eval).
-    The mask is drawn from a seed taken from torch's default CPU generator, so torch.manual_seed
-    reproduces it; the backward redraws the same mask. (Not the same random numbers as torch's
-    dropout.) Each (batch, head, query, key) gets its own random number while L * S <= 2^32.
+    The mask is drawn in the kernel from a seed drawn on the inputs' device with torch's generator,
+    so torch.manual_seed reproduces it, torch.compile keeps it in its graph and a captured CUDA
+    graph draws a new mask on every replay; the backward redraws the same mask. (Not the same
+    random numbers as torch's dropout.) Each (batch, head, query, key) gets its own random number
+    while L * S <= 2^32.
 
     Returns out (..., Hq, L, Ev) in the input dtype; with return_lse=True, (out, lse) where lse
     (..., Hq, L) fp32 is the natural-log logsumexp of the (masked) scaled scores of each query row
@@ -266,7 +270,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     _check_attention_inputs(query, key, value, enable_gqa)
     scale = _check_scale(scale, query.shape[-1])
     mask = _attention_mask(attn_mask, query, key)
-    seed = dropout_seed(dropout_p)
+    seed = dropout_seed(dropout_p, query.device)
 
     batch = query.shape[:-3]
     # (..., H, N, D) -> (B, H, N, D): a view for 4-D inputs and for any collapsible batch dims.
@@ -343,7 +347,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"sequences, got {cu_seqlens_q.numel() - 1} and "
                          f"{cu_seqlens_k.numel() - 1}")
     scale = _check_scale(scale, q.shape[-1])
-    seed = dropout_seed(dropout_p)
+    seed = dropout_seed(dropout_p, q.device)
     out, lse = _VarlenAttentionFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, bool(causal), float(dropout_p), seed)
     return (out, lse) if return_lse else out

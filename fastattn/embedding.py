@@ -25,7 +25,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def embedding_fwd(ids: Tensor, word: Tensor, pos_ids: Optional[Tensor], pos: Optional[Tensor],
                   type_ids: Optional[Tensor], type_: Optional[Tensor],
                   ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
-                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  dropout_p: float,
+                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ids, pos_ids, type_ids (T,); tables (rows, D); ln_* (D,) -> out (T, D), and with a norm
     h (T, D), mean (T,), rstd (T,) (empty otherwise)."""
     impl = _dispatch.implementation("embedding_fwd", "embedding", word)
@@ -70,21 +71,21 @@ class _EmbeddingFn(torch.autograd.Function):
         out, h, mean, rstd = torch.ops.fastattn.embedding_fwd(
             ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps, dropout_p, seed)
         ctx.tables = [(t.shape[0], t.dtype) if t is not None else None for t in (word, pos, type_)]
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.dropout_p = dropout_p
         ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
-        ctx.save_for_backward(ids, pos_ids, type_ids, h, ln_weight, ln_bias, mean, rstd)
+        ctx.save_for_backward(ids, pos_ids, type_ids, h, ln_weight, ln_bias, mean, rstd, seed)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        ids, pos_ids, type_ids, h, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+        ids, pos_ids, type_ids, h, ln_weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
         dln_weight = dln_bias = None
         if ln_weight is not None:  # through dropout and the LayerNorm to the summed embedding h
             dh, dln_weight, dln_bias = torch.ops.fastattn.norm_bwd(
                 dout, h, ln_weight, ln_bias, mean, rstd, None, False, need[6],
-                need[7] and ln_bias is not None, ctx.dropout_p, ctx.seed)
+                need[7] and ln_bias is not None, ctx.dropout_p, seed)
         else:
             dh = dout
         grads = []
@@ -167,7 +168,7 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: Optional[int] = None,
         with torch.no_grad():
             torch.embedding_renorm_(weight, input.contiguous(), max_norm, norm_type)
     ids = input.reshape(-1)  # (*) -> (T,)
-    out = _EmbeddingFn.apply(ids, weight, None, None, None, None, None, None, 0.0, 0.0, 0,
+    out = _EmbeddingFn.apply(ids, weight, None, None, None, None, None, None, 0.0, 0.0, None,
                              padding_idx, bool(scale_grad_by_freq))
     return out.view(*input.shape, D)  # (T, D) -> (*, D)
 
@@ -201,7 +202,7 @@ def gpt_embeddings(input_ids: Tensor, wte: Tensor, wpe: Tensor,
     _check_indices("position_ids", pos, wpe.shape[0], "wpe")
     check_same_device(input_ids=input_ids, position_ids=pos, wte=wte, wpe=wpe)
     out = _EmbeddingFn.apply(input_ids.reshape(-1), wte, pos.reshape(-1), wpe, None, None, None,
-                             None, 0.0, 0.0, 0, -1, False)
+                             None, 0.0, 0.0, None, -1, False)
     return out.view(*input_ids.shape, wte.shape[1])
 
 
@@ -215,8 +216,9 @@ def bert_embeddings(input_ids: Tensor, word_weight: Tensor, position_weight: Ten
 
     input_ids (*, N) int; word (V, D), position (P, D), token_type (Y, D) tables and ln_weight,
     ln_bias (D,), one dtype; D <= 16384. Defaults as Hugging Face's BertEmbeddings: positions
-    0 .. N-1, token types 0, eps 1e-12. dropout_p: drawn in the kernel from a seed taken from
-    torch's default generator (torch.manual_seed reproduces it). padding_idx: a word row that
+    0 .. N-1, token types 0, eps 1e-12. dropout_p: drawn in the kernel from a seed drawn on the
+    tables' device with torch's generator (torch.manual_seed reproduces it; no host sync, so
+    torch.compile and CUDA graphs draw a new mask per call or replay). padding_idx: a word row that
     gets no gradient (HF's pad_token_id). Returns (*, N, D); gradients for all five parameters
     (the backward reuses the summed embedding saved by the forward).
     """
@@ -241,7 +243,7 @@ def bert_embeddings(input_ids: Tensor, word_weight: Tensor, position_weight: Ten
                          "fused BERT embedding")
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    seed = dropout_seed(dropout_p)
+    seed = dropout_seed(dropout_p, word_weight.device)
     padding_idx = _padding_index(padding_idx, word_weight.shape[0])
     _check_indices("input_ids", input_ids, word_weight.shape[0], "word_weight")
     pos = _positions("position_ids", position_ids, input_ids)

@@ -40,9 +40,10 @@ def _(x, weight, bias, residual, eps, is_rms):
 def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              mean: Tensor, rstd: Tensor, dh: Optional[Tensor], is_rms: bool,
              compute_dweight: bool, compute_dbias: bool, dropout_p: float = 0.0,
-             dropout_seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+             dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """dy, x, dh (M, N); mean, rstd (M,) -> dx (M, N), dweight (N,) or empty, dbias (N,) or empty.
-    dropout_p > 0: the normalized output went through dropout drawn with dropout_seed."""
+    dropout_p > 0: the normalized output went through dropout drawn with dropout_seed, a (1,)
+    int64 tensor on x's device."""
     impl = _dispatch.implementation("norm_bwd", "layer_norm", x)
     return impl.norm_bwd(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight,
                          compute_dbias, dropout_p, dropout_seed)
@@ -50,7 +51,7 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 
 @norm_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight, compute_dbias, dropout_p=0.0,
-      dropout_seed=0):
+      dropout_seed=None):
     N = x.shape[1]
     return (x.new_empty(x.shape),
             weight.new_empty((N,)) if compute_dweight else x.new_empty((0,)),

@@ -57,17 +57,18 @@ def norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Te
     return y.to(x.dtype), h_out, mean, rstd
 
 
-def dropout_keep(seed: int, shape: tuple[int, ...], p: float, device) -> Tensor:
+def dropout_keep(seed: Tensor, shape: tuple[int, ...], p: float, device) -> Tensor:
     """The reference path's dropout keep-mask: a function of (seed, shape), so the backward redraws
-    the forward's mask. (The Triton kernels draw theirs with Philox; the two paths differ.)"""
-    gen = torch.Generator().manual_seed(seed)
+    the forward's mask. seed: the (1,) int64 tensor the kernels read; this eager path reads it on
+    the host. (The Triton kernels draw theirs with Philox; the two paths differ.)"""
+    gen = torch.Generator().manual_seed(int(seed.item()))
     return (torch.rand(shape, generator=gen) >= p).to(device)
 
 
 def norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
              rstd: Tensor, dh: Tensor | None, is_rms: bool, compute_dweight: bool,
              compute_dbias: bool, dropout_p: float = 0.0,
-             dropout_seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+             dropout_seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.layer_norm.norm_bwd, from the saved statistics:
     xhat = (x - mean) * rstd, g = weight * dy, dx = rstd * (g - xhat * mean(g * xhat) - mean(g))."""
     dyf, rstd = dy.float(), rstd[:, None]
@@ -150,7 +151,8 @@ def _float_mask(attn_mask: Tensor | None) -> Tensor | None:
     return attn_mask.float()
 
 
-def _attention_dropout(seed: int, q: Tensor, k: Tensor, dropout_p: float) -> Tensor | None:
+def _attention_dropout(seed: Tensor | None, q: Tensor, k: Tensor,
+                       dropout_p: float) -> Tensor | None:
     """The (B, Hq, L, S) keep-mask of this path (see dropout_keep), None without dropout."""
     if dropout_p == 0.0:
         return None
@@ -159,7 +161,7 @@ def _attention_dropout(seed: int, q: Tensor, k: Tensor, dropout_p: float) -> Ten
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
                   attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-                  seed: int = 0) -> tuple[Tensor, Tensor]:
+                  seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.attention_fwd: out (B, Hq, L, Ev) in q's dtype
     (contiguous) and lse (B, Hq, L) fp32, computed in fp32."""
     out, lse = scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal, scale,
@@ -170,7 +172,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, is_causal: bool, attn_mask: Tensor | None = None,
-                  dropout_p: float = 0.0, seed: int = 0,
+                  dropout_p: float = 0.0, seed: Tensor | None = None,
                   mask_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.attention_bwd, FlashAttention-2's formulas with
     Z = dropout keep-mask / (1 - p) (1 without dropout): P = exp(s - lse), dV = (P Z)^T dO,
@@ -207,15 +209,15 @@ def _one_sequence(x: Tensor, rows: slice) -> Tensor:
     return x[rows].transpose(0, 1)[None]
 
 
-def _sequence_seed(seed: int, b: int) -> int:
+def _sequence_seed(seed: Tensor | None, b: int) -> Tensor | None:
     """Dropout seed of sequence b in this path (each sequence draws its own keep-mask)."""
-    return (seed * 1_000_003 + b) % 2**63
+    return None if seed is None else seed * 1_000_003 + b
 
 
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                          is_causal: bool, dropout_p: float = 0.0,
-                         seed: int = 0) -> tuple[Tensor, Tensor]:
+                         seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.varlen_attention_fwd: attention_fwd on each
     sequence. out (Tq, Hq, Ev), lse (Hq, Tq)."""
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
@@ -230,7 +232,7 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
 def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float = 0.0,
-                         seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                         seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.varlen_attention_bwd: attention_bwd on each
     sequence."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -250,7 +252,7 @@ def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 def embedding_fwd(ids: Tensor, word: Tensor, pos_ids: Tensor | None, pos: Tensor | None,
                   type_ids: Tensor | None, type_: Tensor | None, ln_weight: Tensor | None,
                   ln_bias: Tensor | None, eps: float, dropout_p: float,
-                  seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.embedding.embedding_fwd."""
     h = word[ids].float()
     if pos is not None:

@@ -51,7 +51,8 @@ key block skips its query loop (its dK, dV are 0).
 
 Dropout: the probabilities that multiply V are kept with probability 1 - p and scaled by
 1 / (1 - p) (the softmax normalisation l uses all of them, as torch's dropout(softmax(s)) @ v). The
-keep-mask comes from Philox (tl.rand, see numerics.dropout_keep) keyed by (seed, b * Hq + h) and
+keep-mask comes from Philox (tl.rand, see numerics.dropout_keep) keyed by (seed, b * Hq + h), the
+seed read from a device tensor (so a CUDA graph replays with the seed drawn in that replay), and
 counted by q_idx * S + k_idx as uint32: unique per (batch, head, query, key) while L * S <= 2^32
 (per sequence for varlen). The backward draws the same numbers for the same (query, key) pairs.
 
@@ -90,7 +91,7 @@ import triton.language as tl
 
 from .configs import (attention_bwd_config, attention_fwd_config, device_guard, interpreting,
                       next_power_of_2)
-from .numerics import dropout_keep, round_to
+from .numerics import dropout_keep, load_seed, round_to, seed_arg
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd"]
 
@@ -372,7 +373,7 @@ def _attn_fwd_kernel(
     # runtime scalars
     scale,  # softmax scale applied to q @ k^T
     dropout_p, dropout_scale,  # drop probability; 1 / (1 - p) (0 when p == 1)
-    seed,  # dropout seed
+    Seed,  # (1,) int64 dropout seed on the device (read when HAS_DROPOUT)
     # constexpr flags
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
@@ -405,7 +406,7 @@ def _attn_fwd_kernel(
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
     block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
     block_counts = KeyBlockCounts + off_b * (N_KEY_BLOCKS + 1)
-    seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
+    seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -585,7 +586,7 @@ def _attn_bwd_dkdv_kernel(
     stride_lseb, stride_lseh,
     stride_mb, stride_mh, stride_ml, stride_ms,
     # runtime scalars
-    scale, dropout_p, dropout_scale, seed,
+    scale, dropout_p, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
     # constexpr flags
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
@@ -618,6 +619,7 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     m_start, m_full = _query_block_bounds(n0, L, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    seed = load_seed(Seed, HAS_DROPOUT)
     m_end = L
     if KEY_PADDING:
         # A key block whose keys are all padding is seen by no query: skip its loops (dK = dV = 0).
@@ -721,7 +723,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_dmb, stride_dmh, stride_dml, stride_dms,
     # runtime scalars
-    scale, dropout_p, dropout_scale, seed,
+    scale, dropout_p, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
     # constexpr flags
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
@@ -758,7 +760,7 @@ def _attn_bwd_dq_kernel(
     dmask_base = _head_rows(dMask, off_b, off_h, 0, stride_dmb, stride_dmh, 0)
     block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
     block_counts = KeyBlockCounts + off_b * (N_KEY_BLOCKS + 1)
-    seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
+    seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
     do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
@@ -884,7 +886,7 @@ def _launch_fwd(q, k, v, out, lse, B, L, S, scale, is_causal, attn_mask, dropout
             Hq, L, S, D, Dv, Hq // Hkv, n_blocks,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
-            scale, dropout_p, _dropout_scale(dropout_p), seed,
+            scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse),
             IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
             **_dot_flags(q.dtype), **_block_dims(D, Dv), **cfg,
         )
@@ -905,7 +907,7 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, dmask, B, L, S, scale, is_cau
     qkv_strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
                    *_strides4(do, varlen))
     sizes = (Hq, L, S, D, Dv, Hq // Hkv)
-    scalars = (scale, dropout_p, _dropout_scale(dropout_p), seed)
+    scalars = (scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse))
     stat_strides = _row_stat_strides(lse, varlen)
 
     with device_guard(q):
@@ -942,14 +944,15 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, dmask, B, L, S, scale, is_cau
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool,
                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward.
 
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): same dtype (fp32/fp16/bf16) and device,
     any strides, Hq % Hkv == 0, D and Dv <= 256. Causal masking is top-left aligned (query i sees
     keys j <= i). attn_mask: None, or at most 4-D and broadcastable to (B, Hq, L, S); bool (True =
     takes part) or float (added to the scores; -inf hides a pair); applied together with
-    is_causal. dropout_p in [0, 1]: dropout on the probabilities, drawn from `seed`. Returns out
+    is_causal. dropout_p in [0, 1]: dropout on the probabilities, drawn from `seed`, a (1,) int64
+    tensor on q's device that the kernels read (None when dropout_p == 0). Returns out
     (B, Hq, L, Dv) contiguous in q.dtype and lse (B, Hq, L) float32, the natural-log logsumexp of
     the (masked) scores per row (-inf for a row that sees no key, whose out is 0).
     """
@@ -967,8 +970,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, scale: float, is_causal: bool,
-                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
-                  mask_grad: bool = False
+                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                  seed: torch.Tensor | None = None, mask_grad: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention backward (FlashAttention-2, deterministic: no atomics).
 
@@ -999,7 +1002,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float = 0.0,
-                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward on packed variable-length sequences.
 
     q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv) any strides; cu_seqlens_q / _k (B + 1,) int32,
@@ -1020,7 +1023,8 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                         scale: float, is_causal: bool, dropout_p: float = 0.0, seed: int = 0
+                         scale: float, is_causal: bool, dropout_p: float = 0.0,
+                         seed: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of varlen_attention_fwd (same arguments; do (Tq, Hq, Dv) any strides). Returns
     dq (Tq, Hq, D), dk (Tk, Hkv, D), dv (Tk, Hkv, Dv), contiguous, in q.dtype."""

@@ -22,7 +22,8 @@ import triton.language as tl
 
 from .configs import device_guard, embedding_bwd_config, embedding_config
 from .layer_norm import _normalize_store
-from .numerics import dropout_keep, round_to
+# dropout_keep: Triton's interpreter resolves the globals of the imported _normalize_store here.
+from .numerics import dropout_keep, load_seed, round_to, seed_arg  # noqa: F401
 
 
 @triton.jit
@@ -51,12 +52,13 @@ def _embedding_fwd_kernel(
     H,  # (T, D) the summed embedding before the norm, contiguous (HAS_NORM)
     MEAN,  # (T,) fp32 (HAS_NORM)
     RSTD,  # (T,) fp32 (HAS_NORM)
+    SEED,  # (1,) int64 dropout seed on the device (HAS_DROPOUT)
     # sizes
     T, D, V, P, Y,
     # strides
     stride_wv, stride_wd, stride_pv, stride_pd, stride_yv, stride_yd,
     # runtime scalars
-    eps, dropout_p, seed,
+    eps, dropout_p,
     # constexpr flags
     HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_NORM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -84,6 +86,7 @@ def _embedding_fwd_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
         tl.store(MEAN + tokens, mean, mask=token_mask)
         tl.store(RSTD + tokens, rstd, mask=token_mask)
+        seed = load_seed(SEED, HAS_DROPOUT)
         _normalize_store(OUT, LN_W, LN_B, h, mean, rstd, tokens, cols, mask, D, dropout_p, seed,
                          False, True, True, HAS_DROPOUT)
     else:
@@ -149,7 +152,7 @@ def embedding_fwd(
     ln_bias: torch.Tensor | None,  # (D,)
     eps: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,  # (1,) int64 on the tables' device when dropout_p > 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns out (T, D) in the table dtype; with a norm also h (T, D), mean (T,) and rstd (T,)
     fp32 (empty otherwise)."""
@@ -170,11 +173,11 @@ def embedding_fwd(
             ids, pos_ids if pos_ids is not None else ids, type_ids if type_ids is not None else ids,
             word, pos_, type_t,
             ln_weight if has_norm else word, ln_bias if has_norm else word,
-            out, h, mean, rstd,
+            out, h, mean, rstd, seed_arg(seed, dropout_p, out),
             T, D, word.shape[0], pos_.shape[0], type_t.shape[0],
             word.stride(0), word.stride(1), pos_.stride(0), pos_.stride(1),
             type_t.stride(0), type_t.stride(1),
-            eps, dropout_p, seed,
+            eps, dropout_p,
             HAS_POS=pos is not None, HAS_TYPE=type_ is not None, HAS_NORM=has_norm,
             HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .configs import column_sum_config, device_guard, norm_bwd_programs, norm_config
-from .numerics import dropout_keep, round_to
+from .numerics import dropout_keep, load_seed, round_to, seed_arg
 
 
 @triton.jit
@@ -207,12 +207,13 @@ def _norm_bwd_kernel(
     DX,  # (M, N) gradient of the input, contiguous
     DW_PART,  # (G, N) fp32 partial dweight, one row per program (COMPUTE_DW)
     DB_PART,  # (G, N) fp32 partial dbias, one row per program (COMPUTE_DB)
+    SEED,  # (1,) int64 seed of the forward's dropout (HAS_DROPOUT)
     # sizes
     M, N,
     # strides
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_dhm, stride_dhn,
     # runtime scalars
-    dropout_p, seed,
+    dropout_p,
     # constexpr flags
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -225,6 +226,7 @@ def _norm_bwd_kernel(
     n_programs = tl.num_programs(0)
     n_tiles = tl.cdiv(M, BLOCK_M)
     part_row = pid.to(tl.int64) * N
+    seed = load_seed(SEED, HAS_DROPOUT)
     if SINGLE_TILE:
         cols = tl.arange(0, BLOCK_N)
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -361,7 +363,7 @@ def norm_bwd(
     compute_dweight: bool,
     compute_dbias: bool,
     dropout_p: float = 0.0,
-    dropout_seed: int = 0,
+    dropout_seed: torch.Tensor | None = None,  # (1,) int64 on x's device when dropout_p > 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx (M, N) in x.dtype, dweight (N,) in weight's dtype and dbias (N,) in bias's dtype
     (each empty when not asked for). dropout_p > 0: the forward output went through dropout drawn
@@ -383,9 +385,10 @@ def norm_bwd(
                 x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
                 dy, dh_, dx,
                 part[0] if compute_dweight else part, part[n_parts - 1] if compute_dbias else part,
+                seed_arg(dropout_seed, dropout_p, x),
                 M, N,
                 x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dh_.stride(0), dh_.stride(1),
-                dropout_p, dropout_seed,
+                dropout_p,
                 IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_DH=dh is not None,
                 COMPUTE_DW=compute_dweight, COMPUTE_DB=compute_dbias,
                 HAS_DROPOUT=dropout_p > 0.0,

@@ -5,8 +5,16 @@
 the rounding error of every bf16 output on CPU test machines; there the value is first rounded to
 nearest even on its fp32 bits, so the truncation that follows is exact and CPU tests see the GPU's
 rounding.
+
+Dropout: `dropout_keep(seed, offsets, p)` draws the keep-mask with Philox. The seed lives in device
+memory, a (1,) int64 tensor the host drew there (fastattn._validate.dropout_seed) and passed as a
+pointer (`seed_arg`), read in the kernel with `load_seed`: no host sync, so torch.compile keeps the
+draw in its graph and a CUDA graph draws a new seed on every replay.
 """
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
@@ -24,6 +32,28 @@ def round_to(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+def seed_arg(seed: torch.Tensor | None, dropout_p: float,
+             placeholder: torch.Tensor) -> torch.Tensor:
+    """The SEED pointer argument of a kernel: the (1,) int64 seed tensor when dropout_p > 0, else
+    `placeholder` (any tensor on the launch device; a kernel without dropout never reads it)."""
+    if dropout_p == 0.0:
+        return placeholder
+    if (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1
+            or seed.device != placeholder.device):
+        raise ValueError(f"dropout_p={dropout_p} needs seed: a (1,) int64 tensor on "
+                         f"{placeholder.device}, got {seed!r}")
+    return seed
+
+
+@triton.jit
+def load_seed(SEED, HAS_DROPOUT: tl.constexpr):
+    """The dropout seed the host drew on the device (see seed_arg); 0 without dropout."""
+    if HAS_DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
 
 
 @triton.jit

@@ -72,7 +72,7 @@ def variants():
                                    HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n,
                                    SINGLE_TILE=single), warps)
     bwd_ptrs = {"X": bf16, "W": bf16, "MEAN": "*fp32", "RSTD": "*fp32", "DY": bf16, "DH": bf16,
-                "DX": bf16, "DW_PART": "*fp32", "DB_PART": "*fp32"}
+                "DX": bf16, "DW_PART": "*fp32", "DB_PART": "*fp32", "SEED": "*i64"}
     for single, block_m, block_n, warps in [(True, 2, 1024, 4), (True, 1, 4096, 8),
                                             (False, 1, 4096, 8)]:
         yield (LN._norm_bwd_kernel, f"tile={block_m}x{block_n} single={single}", bwd_ptrs,
@@ -82,7 +82,7 @@ def variants():
            dict(BLOCK_G=16, BLOCK_N=256), 4)
     emb_ptrs = {"IDS": "*i64", "POS_IDS": "*i64", "TYPE_IDS": "*i64", "WORD": bf16, "POS": bf16,
                 "TYPE": bf16, "LN_W": bf16, "LN_B": bf16, "OUT": bf16, "H": bf16,
-                "MEAN": "*fp32", "RSTD": "*fp32"}
+                "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64"}
     for norm in (False, True):
         yield (EM._embedding_fwd_kernel, f"bert={norm}", emb_ptrs,
                dict(HAS_POS=norm, HAS_TYPE=norm, HAS_NORM=norm, HAS_DROPOUT=norm, BLOCK_T=2,
@@ -102,6 +102,7 @@ def attention_variants(arch: int):
     ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "dO", "dK", "dV", "dQ")}
     ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "dMask")})
     ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "CuSeqlensQ", "CuSeqlensK")})
+    ptrs["Seed"] = "*i64"
     features = {
         "causal": dict(IS_CAUSAL=True),
         "key padding + dropout": dict(HAS_MASK=True, MASK_IS_BOOL=True, KEY_PADDING=True,

@@ -234,7 +234,7 @@ def test_custom_ops_pass_opcheck(mask_kind, device):
     q, k, v = (t.detach() for t in (q, k, v))
     mask = None if mask_kind is None else _random_mask((1, 1, 5, 7), mask_kind, torch.float32,
                                                        device, requires_grad=False)
-    extra = (mask, 0.0 if mask is None else 0.2, 7)
+    extra = (mask, 0.0, None) if mask is None else (mask, 0.2, torch.tensor([7], device=device))
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, (q, k, v, 0.25, True, *extra))
     out, lse = torch.ops.fastattn.attention_fwd(q, k, v, 0.25, True, *extra)
     torch.library.opcheck(torch.ops.fastattn.attention_bwd.default,
@@ -453,3 +453,16 @@ def test_bad_input_raises_clear_error(make, error, match, device):
     kwargs = args[3] if len(args) == 4 else {}
     with pytest.raises(error, match=match):
         fastattn.scaled_dot_product_attention(*args[:3], **kwargs)
+
+
+@pytest.mark.parametrize("seed", [None, 7, "int32", "two values"])
+def test_kernel_launch_with_dropout_needs_a_device_seed_tensor(seed, device):
+    """The launchers refuse dropout without a (1,) int64 seed tensor on the inputs' device, rather
+    than read a seed from whatever memory the pointer argument names."""
+    q, k, v = _qkv_t(device)
+    seed = {"int32": torch.tensor([7], dtype=torch.int32, device=device),
+            "two values": torch.tensor([7, 8], device=device)}.get(seed, seed)
+    from fastattn.kernels import attention as kernels
+
+    with pytest.raises(ValueError, match=r"dropout_p=0.2 needs seed: a \(1,\) int64 tensor"):
+        kernels.attention_fwd(q, k, v, 0.25, False, None, 0.2, seed)

@@ -154,9 +154,12 @@ def test_gpu_tile_shapes_with_mask_and_dropout(arch_major, head_dim, monkeypatch
     mask = torch.randn(B, 1, L, S, device=DEVICE).masked_fill(hidden, float("-inf")).half()
     q, k, v, do = make_inputs(B, H, H, L, S, head_dim, head_dim, torch.float16)
 
+    seed = torch.tensor([1234], device=DEVICE)
+
     def dropout_run():
-        out, lse = attention.attention_fwd(q, k, v, 0.1, True, mask, 0.3, 1234)
-        return (out, *attention.attention_bwd(do, q, k, v, out, lse, 0.1, True, mask, 0.3, 1234)[:3])
+        out, lse = attention.attention_fwd(q, k, v, 0.1, True, mask, 0.3, seed)
+        grads = attention.attention_bwd(do, q, k, v, out, lse, 0.1, True, mask, 0.3, seed)
+        return (out, *grads[:3])
 
     default_tiles = dropout_run()
     use_gpu_tiles(arch_major, head_dim, torch.float16, True, monkeypatch)

@@ -1,5 +1,6 @@
 """torch.compile over blocks built on fastattn ops: one graph (fullgraph=True), the eager results
-forward and backward, and no recompilation per sequence length with dynamic=True."""
+forward and backward, and no recompilation per sequence length with dynamic=True, with dropout too
+(its seed is a device tensor drawn inside the graph); CUDA-graph capture and replay (GPU only)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.models import BertConfig, BertLayer, GPTBlock, GPTConfig
+from fastattn.models import BertConfig, BertLayer, BertModel, GPTBlock, GPTConfig
 
 
 def _gpt_block(device):
@@ -29,10 +30,12 @@ def _check_compiled_matches_eager(module, make_inputs, lengths, backend, device)
     compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=backend)
     for i, n in enumerate(lengths):
         inputs, dout = make_inputs(n)
+        torch.manual_seed(i)  # the same dropout masks (if any) in both runs
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             with fastattn.record_backends() as ran:
                 got = _grads(compiled, inputs, dout)
         assert ("attention_fwd", fastattn.backend(device)) in ran
+        torch.manual_seed(i)
         want = _grads(module, inputs, dout)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -102,3 +105,90 @@ def test_bert_layer_with_padding_mask_compiles_to_one_graph(device):
         return (x, keep[:, None, None, :]), torch.randn(2, n, 32, generator=g).to(device)
 
     _check_compiled_matches_eager(layer, make_inputs, [9, 14], "aot_eager", device)
+
+
+def _bert_with_dropout(device):
+    """A one-layer BERT in training mode with dropout in every fastattn op that has it: the fused
+    embeddings (dropout after their LayerNorm) and attention (on the probabilities)."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+                        hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3,
+                        add_pooling_layer=False)
+    return BertModel(config).to(device).train()
+
+
+def _bert_inputs(n, device):
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 50, (2, n), generator=g).to(device)
+    attention_mask = (torch.arange(n)[None, :] < torch.tensor([n, n - 2])[:, None]).to(device)
+    return (ids, attention_mask), torch.randn(2, n, 32, generator=g).to(device)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_dropout_compiles_to_one_graph_and_draws_a_new_mask_per_call(backend, device):
+    """With dropout_p > 0 the whole model is still one graph (the dropout seed is a device tensor
+    drawn in the graph, never a Python int read from the host), the compiled model gives eager's
+    outputs and gradients under the same torch.manual_seed, for every length without a recompile,
+    and each call draws a new mask. inductor runs with fallback_random so that its random numbers
+    are eager's."""
+    model = _bert_with_dropout(device)
+    lengths = [9, 14] if backend == "inductor" else [9, 14, 20]
+    with torch._inductor.config.patch(fallback_random=True):
+        _check_compiled_matches_eager(model, lambda n: _bert_inputs(n, device), lengths, backend,
+                                      device)
+        (ids, attention_mask), _ = _bert_inputs(lengths[-1], device)
+        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=backend)
+        with fastattn.record_backends() as ran:
+            first = compiled(ids, attention_mask)[0]
+        second = compiled(ids, attention_mask)[0]
+    assert ("embedding_fwd", fastattn.backend(device)) in ran
+    assert ("attention_fwd", fastattn.backend(device)) in ran
+    assert not torch.equal(first, second), "a new dropout mask on every call"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_draw_new_dropout_masks_with_matching_gradients():
+    """Attention with dropout captured in a CUDA graph, forward and backward: each replay draws a
+    new mask (the seed is drawn on the device inside the graph), and the gradients of each replay
+    are those of the mask that replay realised (v = I makes the output show it)."""
+    from fastattn import reference
+
+    torch.manual_seed(0)
+    B, H, L, S, p = 2, 2, 64, 64, 0.3
+    q = torch.randn(B, H, L, 32, device="cuda", requires_grad=True)
+    k = torch.randn(B, H, S, 32, device="cuda", requires_grad=True)
+    v = torch.eye(S, device="cuda").expand(B, H, S, S).contiguous().requires_grad_()
+    do = torch.randn(B, H, L, S, device="cuda")
+    holder = {}
+
+    def step():
+        out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        holder["out"] = out
+        out.backward(do)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (q, k, v):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        out = holder["out"].clone()
+        keep = out != 0
+        masks.append(keep)
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        o = reference.scaled_dot_product_attention(*leaves, True, None, None, keep, p)[0]
+        want = [o, *torch.autograd.grad(o, leaves, do.double())]
+        for got, w in zip([out, q.grad, k.grad, v.grad], want):
+            torch.testing.assert_close(got.double(), w, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(masks[0], masks[1]), "each replay draws a new mask"

@@ -279,7 +279,16 @@ def test_custom_ops_pass_opcheck(device):
     w = _table(9, 16, torch.float32, device).detach()
     ids = _ids((7,), 9, torch.int64, device)
     torch.library.opcheck(torch.ops.fastattn.embedding_fwd.default,
-                          (ids, w, None, None, None, None, None, None, 0.0, 0.0, 0))
+                          (ids, w, None, None, None, None, None, None, 0.0, 0.0, None))
+    # The fused BERT path with dropout: the seed is a device tensor the kernel reads.
+    ln_w, ln_b = torch.randn(16, device=device), torch.randn(16, device=device)
+    seed = torch.tensor([3], device=device)
+    bert = (ids, w, ids, w, ids, w, ln_w, ln_b, 1e-12, 0.3, seed)
+    torch.library.opcheck(torch.ops.fastattn.embedding_fwd.default, bert)
+    out, h, mean, rstd = torch.ops.fastattn.embedding_fwd(*bert)
+    torch.library.opcheck(torch.ops.fastattn.norm_bwd.default,
+                          (torch.randn_like(out), h, ln_w, ln_b, mean, rstd, None, False, True,
+                           True, 0.3, seed))
     torch.library.opcheck(torch.ops.fastattn.embedding_bwd.default,
                           (ids, torch.randn(7, 16, device=device), 9, torch.float32, 2, True))
 

@@ -170,11 +170,12 @@ def test_custom_ops_pass_opcheck(device):
     q, k, v, do = _packed(lens, lens, 2, 1, 16, 16, torch.float32, device, seed=6)
     q, k, v = (t.detach() for t in (q, k, v))
     cu = _cu_seqlens(lens, device)
-    args = (q, k, v, cu, cu, 9, 9, 0.25, True, 0.1, 5)
+    seed = torch.tensor([5], device=device)
+    args = (q, k, v, cu, cu, 9, 9, 0.25, True, 0.1, seed)
     torch.library.opcheck(torch.ops.fastattn.varlen_attention_fwd.default, args)
     out, lse = torch.ops.fastattn.varlen_attention_fwd(*args)
     torch.library.opcheck(torch.ops.fastattn.varlen_attention_bwd.default,
-                          (do, q, k, v, out, lse, cu, cu, 9, 9, 0.25, True, 0.1, 5))
+                          (do, q, k, v, out, lse, cu, cu, 9, 9, 0.25, True, 0.1, seed))
 
 
 def test_reference_fallback_on_cpu_without_interpreter(monkeypatch):
