@@ -33,6 +33,14 @@ def check_same_dtype(**tensors) -> None:
         raise TypeError(f"expected one dtype, got {what}")
 
 
+def skip_device_reads() -> bool:
+    """Checks that read values back from the device (index ranges, cu_seqlens) cost a host sync:
+    they are skipped while torch.compile traces or a CUDA graph is being captured, where a sync is
+    not allowed; the kernels then still read nothing out of bounds."""
+    return torch.compiler.is_compiling() or (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def dropout_seed(dropout_p, device: torch.device) -> torch.Tensor | None:
     """Check 0 <= dropout_p <= 1 and draw the seed of an in-kernel dropout mask; None when there is
     no dropout. The seed is a (1,) int64 tensor drawn on `device` from torch's generator for it, and

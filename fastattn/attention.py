@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._validate import check_same_device, check_same_dtype, check_tensor, dropout_seed
+from ._validate import (check_same_device, check_same_dtype, check_tensor, dropout_seed,
+                        skip_device_reads)
 
 MAX_HEAD_DIM = 256
 
@@ -289,8 +290,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_name: str, max_seqlen,
                       query: Tensor) -> None:
     """cu_seqlens: int32 (B + 1,) on query's device, from 0, non-decreasing, ending at `total`;
-    max_seqlen an int >= its longest sequence. Reads cu_seqlens (one device sync); skipped under
-    torch.compile, where out-of-range rows are simply never read."""
+    max_seqlen an int >= its longest sequence. Reads cu_seqlens (one device sync); skipped as
+    _validate.skip_device_reads says (under torch.compile or CUDA-graph capture), where the caller
+    vouches for cu_seqlens, as with flash-attn's varlen functions."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -301,7 +303,7 @@ def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_name: str, max_seql
     check_same_device(query=query, **{name: cu_seqlens})
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
         raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
+    if skip_device_reads():
         return
     offsets = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(offsets, offsets[1:])]
@@ -348,9 +350,22 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"{cu_seqlens_k.numel() - 1}")
     scale = _check_scale(scale, q.shape[-1])
     seed = dropout_seed(dropout_p, q.device)
+    q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
     out, lse = _VarlenAttentionFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, bool(causal), float(dropout_p), seed)
     return (out, lse) if return_lse else out
+
+
+def _distinct(*tensors: Tensor) -> list[Tensor]:
+    """The tensors, a repeated one replaced by a view of it: torch.compile cannot trace an
+    autograd.Function given one tensor as two inputs (self-attention's q = k = v, or one cu_seqlens
+    for queries and keys); a view is another tensor, and gradients through it reach the original."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        out.append(t.view_as(t) if id(t) in seen else t)
+        seen.add(id(t))
+    return out
 
 
 def unpad(x: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:

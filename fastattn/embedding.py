@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._validate import check_same_device, check_same_dtype, check_tensor, dropout_seed
+from ._validate import (check_same_device, check_same_dtype, check_tensor, dropout_seed,
+                        skip_device_reads)
 from .layer_norm import norm_bwd  # noqa: F401  (registers fastattn::norm_bwd)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -104,23 +105,16 @@ class _EmbeddingFn(torch.autograd.Function):
 # ---- public functions ----
 
 
-def _skip_range_check() -> bool:
-    """The range check reads two numbers back from the device: skip it while torch.compile traces
-    or a CUDA graph is being captured (the kernels then read nothing outside the table: an index
-    out of range gives a zero row and no gradient instead of an IndexError)."""
-    return torch.compiler.is_compiling() or (
-        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 def _check_indices(name: str, ids: Tensor, num_rows: int, table: str) -> None:
     """Integer indices in [0, num_rows). Costs one device sync on the GPU (reading min and max);
-    see _skip_range_check for when it is skipped."""
+    skipped as _validate.skip_device_reads says, when an index out of range gives a zero row and no
+    gradient instead of an IndexError (the kernels read nothing outside the table)."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must hold int32 or int64 indices, got dtype "
                         f"{str(ids.dtype).removeprefix('torch.')}")
-    if ids.numel() == 0 or _skip_range_check():
+    if ids.numel() == 0 or skip_device_reads():
         return
     lo, hi = torch.aminmax(ids)
     lo, hi = torch.stack([lo, hi]).tolist()

@@ -192,3 +192,31 @@ def test_cuda_graph_replays_draw_new_dropout_masks_with_matching_gradients():
         for got, w in zip([out, q.grad, k.grad, v.grad], want):
             torch.testing.assert_close(got.double(), w, atol=1e-4, rtol=1e-4)
     assert not torch.equal(masks[0], masks[1]), "each replay draws a new mask"
+
+
+def test_varlen_attention_with_dropout_compiles_to_one_graph(device):
+    """varlen_attention under fullgraph compile (its cu_seqlens check, a host read, is skipped
+    there) with dropout: eager's output and gradients under the same torch.manual_seed."""
+    lens = [5, 11, 1]
+    cu = torch.tensor([0, 5, 16, 17], dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(sum(lens), 2, 16, generator=g).to(device) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def attend(q, k, v, cu):  # one cu_seqlens for queries and keys, as in self-attention
+        return fastattn.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=True,
+                                         dropout_p=0.2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, attend):
+        torch.manual_seed(0)
+        with fastattn.record_backends() as ran:
+            out = fn(q, k, v, cu)
+            results.append([out, *torch.autograd.grad(out, [q, k, v], do)])
+        assert ("varlen_attention_fwd", fastattn.backend(device)) in ran
+    plain = fastattn.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+    assert not torch.allclose(results[0][0], plain), "dropout changed the output"
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
