@@ -117,36 +117,41 @@ def device_guard(tensor: torch.Tensor):
 # registers and shared memory), per architecture for fp16/bf16, and from one table for fp32, whose
 # dots run as exact fp32 FMAs (input_precision="ieee", no tensor cores) on every GPU. Table rows read
 # (largest BLOCK_D, BLOCK_M, BLOCK_N, num_warps, num_stages). They start from the Triton tutorial and
-# FlashAttention tiles and were checked by compiling for sm_90 / sm_80 with ptxas (no register
-# spills, shared memory within 227 KB on Hopper and ~99 KB on Ampere/Ada); they are not yet timed on
-# a GPU. The widest row also serves head dims past the table.
+# FlashAttention tiles and were checked by compiling for sm_90 / sm_80 without a GPU: bf16, strides
+# specialised as a launch on contiguous tensors specialises them, with Triton 3.6 (the version of
+# the project's GPU image) and 3.9, reading ptxas's spills (tests/sm90_compile.py compiles the d128
+# rows this way on every CI run). Every fp16/bf16 row compiles without register spills on Triton
+# 3.6; on 3.9 a few spill at most 8 bytes (Hopper dK/dV d128 varlen 4, forward d256 with a bool mask
+# 8, Ampere dK/dV d64 4). Shared memory stays within 227 KB on Hopper and ~99 KB on Ampere/Ada.
+# They are not yet timed on a GPU. The widest row also serves head dims past the table.
 
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per loop step.
-_ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 64, 8, 2))
-_ATTN_FWD_AMPERE = ((64, 64, 64, 4, 2), (128, 64, 64, 4, 2), (256, 32, 32, 4, 1))
+_ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 16, 8, 2))
+_ATTN_FWD_AMPERE = ((64, 64, 64, 8, 2), (128, 64, 64, 4, 2), (256, 32, 32, 4, 1))
 _ATTN_FWD_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 32, 16, 8, 1))
 
 # Backward dK/dV: a fixed block of BLOCK_N keys keeps k, v and the fp32 dk, dv accumulators in
 # registers while BLOCK_M query rows stream past; from d64 on that needs 8 warps (4 spill), and the
 # streamed block shrinks as the head dim grows.
 _ATTN_BWD_DKDV_HOPPER = ((64, 32, 128, 8, 3), (128, 16, 64, 8, 2), (256, 16, 32, 8, 2))
-_ATTN_BWD_DKDV_AMPERE = ((64, 32, 64, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
+_ATTN_BWD_DKDV_AMPERE = ((64, 32, 32, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
 _ATTN_BWD_DKDV_FP32 = ((64, 32, 32, 4, 1), (128, 16, 32, 4, 1), (256, 16, 16, 4, 1))
 
 # Backward dQ: a fixed block of BLOCK_M query rows (q, dO and the fp32 dq accumulator) while BLOCK_N
 # keys stream past.
-_ATTN_BWD_DQ_HOPPER = ((64, 128, 32, 4, 3), (128, 128, 32, 8, 2), (256, 64, 32, 8, 2))
+_ATTN_BWD_DQ_HOPPER = ((64, 128, 32, 4, 3), (128, 128, 32, 8, 2), (256, 32, 32, 8, 2))
 _ATTN_BWD_DQ_AMPERE = ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 _ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1))
 
 # With an attn_mask or dropout ("extras": a mask tile or Philox counters live beside every score
-# tile) some of the rows above spill registers under ptxas (sm_90 / sm_80, compiled without a GPU);
-# such calls use these tables instead (more warps, or a narrower streamed block, where it spilled).
-# The other tables (Hopper dK/dV, Ampere dQ, fp32) serve them unchanged.
-_ATTN_FWD_HOPPER_EXTRAS = ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (256, 64, 32, 8, 2))
-_ATTN_FWD_AMPERE_EXTRAS = ((64, 64, 64, 8, 2), (128, 64, 64, 8, 2), (256, 32, 32, 4, 1))
-_ATTN_BWD_DKDV_AMPERE_EXTRAS = ((64, 32, 32, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
-_ATTN_BWD_DQ_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 32, 8, 2), (256, 64, 16, 8, 2))
+# tile) the rows above spill registers; such calls use these tables instead (more warps, or a
+# narrower block). The fp32 tables serve them unchanged.
+_ATTN_FWD_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (256, 64, 16, 8, 2))
+_ATTN_FWD_AMPERE_EXTRAS = ((64, 64, 64, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
+_ATTN_BWD_DKDV_HOPPER_EXTRAS = ((64, 16, 128, 8, 3), (128, 32, 32, 8, 2), (256, 16, 32, 8, 1))
+_ATTN_BWD_DKDV_AMPERE_EXTRAS = ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2), (256, 16, 32, 8, 1))
+_ATTN_BWD_DQ_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 16, 8, 2), (256, 32, 32, 8, 2))
+_ATTN_BWD_DQ_AMPERE_EXTRAS = ((64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 
 # Under the interpreter: one fixed setting per pass (warps and stages are ignored there). The tiles
 # are as lopsided as the GPU's (the fixed block twice the streamed one), so CPU tests exercise the
@@ -194,10 +199,12 @@ def attention_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device
         return {name: dict(cfg) for name, cfg in _ATTN_INTERPRET_BWD.items()}
     # delta = rowsum(dO * O) is memory bound: about 8K elements of each per program.
     block_m = max(16, min(128, 8192 // next_power_of_2(head_dim)))
-    dkdv = (_ATTN_BWD_DKDV_HOPPER, _ATTN_BWD_DKDV_AMPERE_EXTRAS if extras else _ATTN_BWD_DKDV_AMPERE,
-            _ATTN_BWD_DKDV_FP32)
-    dq = (_ATTN_BWD_DQ_HOPPER_EXTRAS if extras else _ATTN_BWD_DQ_HOPPER, _ATTN_BWD_DQ_AMPERE,
-          _ATTN_BWD_DQ_FP32)
+    if extras:
+        dkdv = (_ATTN_BWD_DKDV_HOPPER_EXTRAS, _ATTN_BWD_DKDV_AMPERE_EXTRAS, _ATTN_BWD_DKDV_FP32)
+        dq = (_ATTN_BWD_DQ_HOPPER_EXTRAS, _ATTN_BWD_DQ_AMPERE_EXTRAS, _ATTN_BWD_DQ_FP32)
+    else:
+        dkdv = (_ATTN_BWD_DKDV_HOPPER, _ATTN_BWD_DKDV_AMPERE, _ATTN_BWD_DKDV_FP32)
+        dq = (_ATTN_BWD_DQ_HOPPER, _ATTN_BWD_DQ_AMPERE, _ATTN_BWD_DQ_FP32)
     return dict(
         preprocess=dict(BLOCK_M=block_m, num_warps=4),
         dkdv=_attention_pick(dkdv, head_dim, dtype, device),

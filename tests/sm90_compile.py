@@ -3,9 +3,14 @@ the ptxas that ships with Triton), and print one JSON line per kernel variant:
 {"kernel", "variant", "ok", "error", "registers", "spill_bytes"}.
 
 Run by tests/test_gpu_compile.py in a subprocess (kernels must be defined with TRITON_INTERPRET
-unset). This catches what the interpreter cannot: code that does not compile for the GPU. The
-register and spill counts are pessimistic: a real launch also specialises unit and 16-divisible
-strides, which this signature leaves generic.
+unset). This catches what the interpreter cannot: code that does not compile for the GPU.
+
+The attention kernels are compiled as a launch on contiguous (B, H, N, D) tensors and a contiguous
+mask specialises them (Triton turns the unit innermost strides into constants and knows that the
+pointers and the q/k/v/o batch, head and row strides are 16-divisible, for D a multiple of 16), with
+the num_warps and num_stages of kernels/configs.py: their register and spill counts are what a GPU
+launch gets from this Triton version. The norm and embedding kernels keep generic strides, so their
+counts are pessimistic.
     python tests/sm90_compile.py [arch=90]
 """
 
@@ -32,20 +37,28 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 PTXAS = next((os.path.join(_BIN, n) for n in ("ptxas-blackwell", "ptxas")
               if os.path.exists(os.path.join(_BIN, n))), "ptxas")
 FLOATS = {"eps", "dropout_p", "dropout_scale", "scale"}
+# Attention strides a launch on contiguous tensors specialises: innermost (== 1) and 16-divisible.
+UNIT_STRIDE = re.compile(r"stride_((q|k|v|o|do|dk|dv|dq)d|ms|dms)$")
+DIV16_STRIDE = re.compile(r"stride_(q|k|v|o|do|dk|dv|dq)[bhls]$")
 
 
-def compile_variant(fn, pointers: dict, constexprs: dict, num_warps: int, arch: int) -> dict:
+def compile_variant(fn, pointers: dict, constexprs: dict, options: dict, arch: int,
+                    launch_like: bool = False) -> dict:
     """pointers: argument name -> Triton pointer type ("*bf16"); other non-constexpr arguments
-    are i32 scalars, or fp32 for the names in FLOATS."""
-    signature = {}
-    for name in fn.arg_names:
+    are i32 scalars, or fp32 for the names in FLOATS. options: num_warps (and num_stages).
+    launch_like: specialise the attention strides as a launch on contiguous tensors does."""
+    signature, constexprs, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif launch_like and UNIT_STRIDE.match(name):
+            signature[name], constexprs[name] = "constexpr", 1
         else:
             signature[name] = pointers.get(name, "fp32" if name in FLOATS else "i32")
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, {}),
-                              target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps))
+            if launch_like and (name in pointers or DIV16_STRIDE.match(name)):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     suffix = "a" if arch == 90 else ""
@@ -59,7 +72,7 @@ def compile_variant(fn, pointers: dict, constexprs: dict, num_warps: int, arch: 
 
 
 def variants():
-    """(kernel, variant name, pointers, constexprs, num_warps): each kernel's constexpr branches,
+    """(kernel, variant name, pointers, constexprs, options): each kernel's constexpr branches,
     at the tile sizes kernels/configs.py picks on the GPU."""
     bf16 = "*bf16"
     norm_ptrs = {"X": bf16, "RES": bf16, "W": bf16, "B": bf16, "Y": bf16, "H": bf16,
@@ -70,26 +83,33 @@ def variants():
             yield (LN._norm_fwd_kernel, f"rms={rms} residual={residual} tile={block_m}x{block_n}",
                    norm_ptrs, dict(IS_RMS=rms, HAS_WEIGHT=True, HAS_BIAS=not rms,
                                    HAS_RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=block_n,
-                                   SINGLE_TILE=single), warps)
+                                   SINGLE_TILE=single), dict(num_warps=warps))
     bwd_ptrs = {"X": bf16, "W": bf16, "MEAN": "*fp32", "RSTD": "*fp32", "DY": bf16, "DH": bf16,
                 "DX": bf16, "DW_PART": "*fp32", "DB_PART": "*fp32", "SEED": "*i64"}
     for single, block_m, block_n, warps in [(True, 2, 1024, 4), (True, 1, 4096, 8),
                                             (False, 1, 4096, 8)]:
         yield (LN._norm_bwd_kernel, f"tile={block_m}x{block_n} single={single}", bwd_ptrs,
                dict(IS_RMS=False, HAS_WEIGHT=True, HAS_DH=True, COMPUTE_DW=True, COMPUTE_DB=True,
-                    HAS_DROPOUT=True, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single), warps)
+                    HAS_DROPOUT=True, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single),
+               dict(num_warps=warps))
     yield (LN._column_sum_kernel, "256", {"PART": "*fp32", "OUT": "*fp32"},
-           dict(BLOCK_G=16, BLOCK_N=256), 4)
+           dict(BLOCK_G=16, BLOCK_N=256), dict(num_warps=4))
     emb_ptrs = {"IDS": "*i64", "POS_IDS": "*i64", "TYPE_IDS": "*i64", "WORD": bf16, "POS": bf16,
                 "TYPE": bf16, "LN_W": bf16, "LN_B": bf16, "OUT": bf16, "H": bf16,
                 "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64"}
     for norm in (False, True):
         yield (EM._embedding_fwd_kernel, f"bert={norm}", emb_ptrs,
                dict(HAS_POS=norm, HAS_TYPE=norm, HAS_NORM=norm, HAS_DROPOUT=norm, BLOCK_T=2,
-                    BLOCK_D=1024), 4)
+                    BLOCK_D=1024), dict(num_warps=4))
     yield (EM._embedding_bwd_kernel, "segment reduction",
            {"SORTED": "*i64", "PERM": "*i64", "DOUT": bf16, "DW": bf16},
-           dict(HAS_PADDING=True, SCALE_BY_FREQ=True, BLOCK_T=16, BLOCK_D=512), 4)
+           dict(HAS_PADDING=True, SCALE_BY_FREQ=True, BLOCK_T=16, BLOCK_D=512),
+           dict(num_warps=4))
+
+
+def _options(cfg: dict) -> dict:
+    """The compile options of a configs.py launch setting."""
+    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
 
 
 def attention_variants(arch: int):
@@ -125,19 +145,20 @@ def attention_variants(arch: int):
                                 dict(MASK_GRAD=flags.get("MASK_GRAD", False)))):
             consts = {k: v for k, v in dict(base, **extra, BLOCK_M=cfg["BLOCK_M"],
                                             BLOCK_N=cfg["BLOCK_N"]).items() if k in fn.arg_names}
-            yield fn, name, {**ptrs, **mask_ptr}, consts, cfg["num_warps"]
+            yield fn, name, {**ptrs, **mask_ptr}, consts, _options(cfg)
         pre = bwd["preprocess"]
         consts = {k: v for k, v in dict(IS_VARLEN=base["IS_VARLEN"], BLOCK_M=pre["BLOCK_M"],
                                         BLOCK_DV=128).items()
                   if k in AT._attn_bwd_preprocess_kernel.arg_names}
-        yield AT._attn_bwd_preprocess_kernel, name, ptrs, consts, pre["num_warps"]
+        yield AT._attn_bwd_preprocess_kernel, name, ptrs, consts, _options(pre)
 
 
 if __name__ == "__main__":
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    for fn, name, pointers, constexprs, warps in [*variants(), *attention_variants(arch)]:
+    jobs = [(False, v) for v in variants()] + [(True, v) for v in attention_variants(arch)]
+    for launch_like, (fn, name, pointers, constexprs, options) in jobs:
         try:
-            result = compile_variant(fn, pointers, constexprs, warps, arch)
+            result = compile_variant(fn, pointers, constexprs, options, arch, launch_like)
         except Exception as e:  # a front-end error: the kernel does not compile
             result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[-400:]}",
                       "registers": 0, "spill_bytes": 0}
