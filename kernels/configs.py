@@ -119,11 +119,12 @@ def device_guard(tensor: torch.Tensor):
 # (largest BLOCK_D, BLOCK_M, BLOCK_N, num_warps, num_stages). They start from the Triton tutorial and
 # FlashAttention tiles and were checked by compiling for sm_90 / sm_80 without a GPU: bf16, strides
 # specialised as a launch on contiguous tensors specialises them, with Triton 3.6 (the version of
-# the project's GPU image) and 3.9, reading ptxas's spills (tests/sm90_compile.py compiles the d128
-# rows this way on every CI run). Every fp16/bf16 row compiles without register spills on Triton
-# 3.6; on 3.9 a few spill at most 8 bytes (Hopper dK/dV d128 varlen 4, forward d256 with a bool mask
-# 8, Ampere dK/dV d64 4). Shared memory stays within 227 KB on Hopper and ~99 KB on Ampere/Ada.
-# They are not yet timed on a GPU. The widest row also serves head dims past the table.
+# the project's GPU image) and 3.9, reading ptxas's spills (`python tests/sm90_compile.py 90
+# --all-rows`, and 80; CI compiles the d128 rows this way on every run). Every fp16/bf16 row, in
+# every feature combination, compiles without register spills on Triton 3.6; on 3.9 a few spill at
+# most 8 bytes (Hopper dK/dV d128 varlen 4, forward d256 with a bool mask 8, Ampere dK/dV d64 4).
+# Shared memory stays within 227 KB on Hopper and ~99 KB on Ampere/Ada. They are not yet timed on a
+# GPU. The widest row also serves head dims past the table.
 
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per loop step.
 _ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 16, 8, 2))

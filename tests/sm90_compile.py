@@ -11,7 +11,9 @@ pointers and the q/k/v/o batch, head and row strides are 16-divisible, for D a m
 the num_warps and num_stages of kernels/configs.py: their register and spill counts are what a GPU
 launch gets from this Triton version. The norm and embedding kernels keep generic strides, so their
 counts are pessimistic.
-    python tests/sm90_compile.py [arch=90]
+    python tests/sm90_compile.py [arch=90] [--all-rows]
+--all-rows: only the attention kernels, at every head dim of configs.py's tables (64, 128, 256) and
+in more feature combinations (the check behind the tables' "no spills" note).
 """
 
 import json
@@ -112,9 +114,26 @@ def _options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
 
 
-def attention_variants(arch: int):
-    """The four attention kernels, bf16 head dim 128, with the tiles configs.py picks for `arch`,
-    for each feature combination the launchers can ask for."""
+# Feature combinations of the attention kernels: the default run compiles FEATURES at head dim 128;
+# --all-rows compiles ALL_FEATURES at every head dim of the tables (what configs.py's claims rest on).
+FEATURES = {
+    "causal": dict(IS_CAUSAL=True),
+    "key padding + dropout": dict(HAS_MASK=True, MASK_IS_BOOL=True, KEY_PADDING=True,
+                                  HAS_DROPOUT=True),
+    "float mask + grad + causal": dict(HAS_MASK=True, MASK_GRAD=True, IS_CAUSAL=True),
+    "varlen + causal": dict(IS_VARLEN=True, IS_CAUSAL=True),
+}
+ALL_FEATURES = {
+    "plain": {}, **FEATURES,
+    "bool mask + causal": dict(HAS_MASK=True, MASK_IS_BOOL=True, IS_CAUSAL=True),
+    "key padding + dropout + causal": dict(HAS_MASK=True, MASK_IS_BOOL=True, KEY_PADDING=True,
+                                           HAS_DROPOUT=True, IS_CAUSAL=True),
+}
+
+
+def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
+    """The four attention kernels in bf16, with the tiles configs.py picks for `arch`, for each
+    head dim and feature combination."""
     import torch
 
     configs.interpreting = lambda: False  # ask for the GPU's settings
@@ -123,20 +142,14 @@ def attention_variants(arch: int):
     ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "dMask")})
     ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "CuSeqlensQ", "CuSeqlensK")})
     ptrs["Seed"] = "*i64"
-    features = {
-        "causal": dict(IS_CAUSAL=True),
-        "key padding + dropout": dict(HAS_MASK=True, MASK_IS_BOOL=True, KEY_PADDING=True,
-                                      HAS_DROPOUT=True),
-        "float mask + grad + causal": dict(HAS_MASK=True, MASK_GRAD=True, IS_CAUSAL=True),
-        "varlen + causal": dict(IS_VARLEN=True, IS_CAUSAL=True),
-    }
-    for name, flags in features.items():
+    for d, (feature, flags) in ((d, f) for d in head_dims for f in features.items()):
+        name = feature if head_dims == (128,) else f"d{d} {feature}"
         extras = bool(flags.get("HAS_MASK") or flags.get("HAS_DROPOUT"))
-        fwd = configs.attention_fwd_config(128, torch.bfloat16, torch.device("cuda"), extras)
-        bwd = configs.attention_bwd_config(128, torch.bfloat16, torch.device("cuda"), extras)
+        fwd = configs.attention_fwd_config(d, torch.bfloat16, torch.device("cuda"), extras)
+        bwd = configs.attention_bwd_config(d, torch.bfloat16, torch.device("cuda"), extras)
         base = dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False,
                     HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
-                    BLOCK_D=128, BLOCK_DV=128)
+                    BLOCK_D=d, BLOCK_DV=d)
         base.update({k: v for k, v in flags.items() if k != "MASK_GRAD"})
         mask_ptr = {"Mask": "*u8" if base["MASK_IS_BOOL"] else "*bf16"}
         for fn, cfg, extra in ((AT._attn_fwd_kernel, fwd, {}),
@@ -148,14 +161,18 @@ def attention_variants(arch: int):
             yield fn, name, {**ptrs, **mask_ptr}, consts, _options(cfg)
         pre = bwd["preprocess"]
         consts = {k: v for k, v in dict(IS_VARLEN=base["IS_VARLEN"], BLOCK_M=pre["BLOCK_M"],
-                                        BLOCK_DV=128).items()
+                                        BLOCK_DV=d).items()
                   if k in AT._attn_bwd_preprocess_kernel.arg_names}
         yield AT._attn_bwd_preprocess_kernel, name, ptrs, consts, _options(pre)
 
 
 if __name__ == "__main__":
-    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    jobs = [(False, v) for v in variants()] + [(True, v) for v in attention_variants(arch)]
+    args = [a for a in sys.argv[1:] if a != "--all-rows"]
+    arch = int(args[0]) if args else 90
+    if "--all-rows" in sys.argv:  # every attention table row, for tuning kernels/configs.py
+        jobs = [(True, v) for v in attention_variants(arch, (64, 128, 256), ALL_FEATURES)]
+    else:
+        jobs = [(False, v) for v in variants()] + [(True, v) for v in attention_variants(arch)]
     for launch_like, (fn, name, pointers, constexprs, options) in jobs:
         try:
             result = compile_variant(fn, pointers, constexprs, options, arch, launch_like)
