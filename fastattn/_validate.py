@@ -36,7 +36,7 @@ def check_same_dtype(**tensors) -> None:
 def skip_device_reads() -> bool:
     """Checks that read values back from the device (index ranges, cu_seqlens) cost a host sync:
     they are skipped while torch.compile traces or a CUDA graph is being captured, where a sync is
-    not allowed; the kernels then still read nothing out of bounds."""
+    not allowed (each check's docstring says what an unchecked bad value then does)."""
     return torch.compiler.is_compiling() or (
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 

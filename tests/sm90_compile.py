@@ -16,6 +16,7 @@ counts are pessimistic.
 in more feature combinations (the check behind the tables' "no spills" note).
 """
 
+import itertools
 import json
 import os
 import re
@@ -142,8 +143,8 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
     ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "dMask")})
     ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "CuSeqlensQ", "CuSeqlensK")})
     ptrs["Seed"] = "*i64"
-    for d, (feature, flags) in ((d, f) for d in head_dims for f in features.items()):
-        name = feature if head_dims == (128,) else f"d{d} {feature}"
+    for d, (feature, flags) in itertools.product(head_dims, features.items()):
+        name = f"d{d} {feature}"
         extras = bool(flags.get("HAS_MASK") or flags.get("HAS_DROPOUT"))
         fwd = configs.attention_fwd_config(d, torch.bfloat16, torch.device("cuda"), extras)
         bwd = configs.attention_bwd_config(d, torch.bfloat16, torch.device("cuda"), extras)

@@ -176,8 +176,9 @@ def test_cuda_graph_replays_draw_new_dropout_masks_with_matching_gradients():
     for t in (q, k, v):
         t.grad = None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), fastattn.record_backends() as ran:
         step()
+    assert ran == [("attention_fwd", "triton"), ("attention_bwd", "triton")]
 
     masks = []
     for _ in range(2):
