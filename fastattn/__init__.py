@@ -9,6 +9,18 @@ from .layer_norm import add_layer_norm, layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
+_LAZY_SUBMODULES = ("integrations", "models")  # loaded on first attribute access
+
+
+def __getattr__(name):
+    """fastattn.models and fastattn.integrations, imported on first use (so `import fastattn`
+    imports neither Triton nor transformers)."""
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def patch(model):
     """Swap a model's LayerNorm / RMSNorm / Embedding modules for fastattn's and, for a Hugging
@@ -26,5 +38,5 @@ def unpatch(model):
 
 
 __all__ = ["add_layer_norm", "backend", "bert_embeddings", "embedding", "gpt_embeddings",
-           "layer_norm", "nn", "pad", "patch", "record_backends", "rms_norm",
+           "integrations", "layer_norm", "models", "nn", "pad", "patch", "record_backends", "rms_norm",
            "scaled_dot_product_attention", "unpad", "unpatch", "varlen_attention"]

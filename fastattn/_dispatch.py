@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 import threading
 from types import ModuleType
 from typing import Iterator
@@ -44,14 +45,54 @@ def _interpreting() -> bool:
 
 def backend(tensor_or_device: torch.Tensor | torch.device | str) -> str:
     """The implementation fastattn ops use for tensors on this device: "triton",
-    "triton-interpreter" or "reference"."""
+    "triton-interpreter" or "reference". Raises RuntimeError when a Triton path is chosen but
+    Triton was imported under the other TRITON_INTERPRET setting (see _check_triton_mode)."""
     device = getattr(tensor_or_device, "device", tensor_or_device)
     device = torch.device(device)
     if device.type == "cuda":
-        return TRITON
-    if device.type == "cpu" and _interpreting():
-        return INTERPRETER
-    return REFERENCE
+        path = TRITON
+    elif device.type == "cpu" and _interpreting():
+        path = INTERPRETER
+    else:
+        return REFERENCE
+    _check_triton_mode(path == INTERPRETER)
+    return path
+
+
+_triton_mode: list[bool] = []  # [whether Triton's library is interpreted], once Triton is imported
+
+
+def _triton_imported_interpreted() -> bool | None:
+    """Whether Triton was imported with TRITON_INTERPRET set (its own @triton.jit library functions
+    are then interpreted), or None when Triton is not imported yet. Fixed once known."""
+    if not _triton_mode:
+        standard = sys.modules.get("triton.language.standard")
+        if standard is None or not hasattr(standard, "cdiv"):
+            return None
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except ImportError:  # another Triton layout: no check
+            return None
+        _triton_mode.append(isinstance(standard.cdiv, InterpretedFunction))
+    return _triton_mode[0]
+
+
+def _check_triton_mode(interpret: bool) -> None:
+    """Triton decides when it is imported whether @triton.jit functions, its own library's among
+    them, are compiled or interpreted: a TRITON_INTERPRET set or cleared after that import would
+    mix the two and fail inside Triton ("Cannot call @triton.jit'd outside of the scope of a
+    kernel"). Say so plainly instead."""
+    imported = _triton_imported_interpreted()
+    if imported is None or imported == interpret:
+        return
+    now, then = ("set", "unset") if interpret else ("unset", "set")
+    raise RuntimeError(
+        f"TRITON_INTERPRET is {now} now, but Triton was imported while it was {then}: Triton fixes "
+        "at import whether kernels are compiled or interpreted, so fastattn's Triton kernels "
+        "cannot run in this process. Set TRITON_INTERPRET before Triton is first imported (at the "
+        "top of the script or in the shell: `TRITON_INTERPRET=1 python ...`), before importing or "
+        "building torch / Hugging Face models or calling F.scaled_dot_product_attention, which "
+        "import Triton.")
 
 
 def kernels(name: str) -> ModuleType:

@@ -41,14 +41,18 @@ def skip_device_reads() -> bool:
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def check_dropout_p(dropout_p) -> None:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
+
+
 def dropout_seed(dropout_p, device: torch.device) -> torch.Tensor | None:
     """Check 0 <= dropout_p <= 1 and draw the seed of an in-kernel dropout mask; None when there is
     no dropout. The seed is a (1,) int64 tensor drawn on `device` from torch's generator for it, and
     the kernels read it from memory: torch.manual_seed reproduces the mask, the host never reads
     the value (no sync), torch.compile traces the draw into its graph, and a captured CUDA graph
     draws a new seed, hence a new mask, on every replay."""
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
+    check_dropout_p(dropout_p)
     if dropout_p == 0.0:
         return None
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)

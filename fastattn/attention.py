@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._validate import (check_same_device, check_same_dtype, check_tensor, dropout_seed,
-                        skip_device_reads)
+from ._validate import (check_dropout_p, check_same_device, check_same_dtype, check_tensor,
+                        dropout_seed, skip_device_reads)
 
 MAX_HEAD_DIM = 256
 
@@ -155,12 +155,12 @@ class _VarlenAttentionFn(torch.autograd.Function):
 
 
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor, packed: bool) -> None:
-    """Tensors of a kernel dtype, one device, one dtype; 3-D if packed, else at least 3-D."""
+    """Tensors of a kernel dtype, one device, one dtype; 3-D if packed, else at least 2-D."""
     layout = ("3 dims (tokens, heads, head_dim)" if packed
-              else "at least 3 dims (..., heads, seq, head_dim)")
+              else "at least 2 dims (..., seq, head_dim)")
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t)
-        if t.dim() != 3 if packed else t.dim() < 3:
+        if t.dim() != 3 if packed else t.dim() < 2:
             raise ValueError(f"{name} must have {layout}, got shape {list(t.shape)}")
     check_same_device(query=query, key=key, value=value)
     check_same_dtype(query=query, key=key, value=value)
@@ -183,20 +183,6 @@ def _check_heads(E: int, Ek: int, Ev: int, Hq: int, Hk: int, Hv: int, enable_gqa
         raise ValueError(f"query heads {Hq} must be a multiple of key/value heads {Hk} (GQA)")
 
 
-def _check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
-    _check_qkv(query, key, value, packed=False)
-    batch = query.shape[:-3]
-    for name, t in (("key", key), ("value", value)):
-        if t.shape[:-3] != batch:
-            raise ValueError(f"{name} batch dims {list(t.shape[:-3])} must equal query's "
-                             f"{list(batch)}")
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key and value must have the same sequence length, got key "
-                         f"{key.shape[-2]} and value {value.shape[-2]}")
-    _check_heads(query.shape[-1], key.shape[-1], value.shape[-1], query.shape[-3], key.shape[-3],
-                 value.shape[-3], enable_gqa)
-
-
 def _check_scale(scale, head_dim: int) -> float:
     """The softmax scale: 1 / sqrt(head_dim) for None, else a finite number."""
     if scale is None:
@@ -206,10 +192,45 @@ def _check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _attention_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> Optional[Tensor]:
-    """attn_mask checked against (..., Hq, L, S) and as a (B or 1, Hq or 1, L or 1, S or 1) tensor
-    with the batch dims merged: a view of the caller's mask (a copy only when some but not all of
-    several batch dims are broadcast). Differentiable: autograd sums its gradient back."""
+def _broadcast(what: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """torch's broadcast of the given dims, or a ValueError naming every tensor's dims."""
+    try:
+        return tuple(torch.broadcast_shapes(*shapes.values()))
+    except RuntimeError:
+        given = ", ".join(f"{name} {list(s)}" for name, s in shapes.items())
+        raise ValueError(f"the {what} of query, key and value must broadcast together, got "
+                         f"{given}") from None
+
+
+def _attention_shapes(query: Tensor, key: Tensor, value: Tensor,
+                      enable_gqa: bool) -> tuple[tuple[int, ...], int, int]:
+    """Check q (..., Hq, L, E), k (..., Hkv, S, E), v (..., Hkv, S, Ev) as torch does and return
+    (batch, Hq, Hkv): the broadcast batch dims and the head counts. A 2-D tensor (N, D) has one
+    head. Without enable_gqa every dim before the last two broadcasts (heads too, Hq == Hkv after
+    it); with it the heads are dim -3 (Hq a multiple of Hkv) and the dims before them broadcast."""
+    _check_qkv(query, key, value, packed=False)
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value must have the same sequence length, got key "
+                         f"{key.shape[-2]} and value {value.shape[-2]}")
+    # (N, D) -> (1, N, D): one head
+    shapes = {name: t.shape[:-2] if t.dim() > 2 else (1,)
+              for name, t in (("query", query), ("key", key), ("value", value))}
+    if enable_gqa:
+        batch = _broadcast("batch dims (before the heads)", {n: s[:-1] for n, s in shapes.items()})
+        Hq, Hk, Hv = (s[-1] for s in shapes.values())
+    else:
+        lead = _broadcast("batch and head dims", shapes)
+        batch, Hq = lead[:-1], lead[-1]
+        Hk = Hv = Hq
+    _check_heads(query.shape[-1], key.shape[-1], value.shape[-1], Hq, Hk, Hv, True)
+    return batch, Hq, Hk
+
+
+def _attention_mask(attn_mask: Optional[Tensor], query: Tensor,
+                    full: tuple[int, ...]) -> Optional[Tensor]:
+    """attn_mask checked against the full score shape (*batch, Hq, L, S) and returned as a view
+    (*batch, H', L', S') (H', L', S' its own sizes, 1 or full; stride 0 on broadcast batch dims):
+    nothing is copied. Differentiable: autograd sums its gradient back over the broadcast."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, Tensor):
@@ -219,16 +240,40 @@ def _attention_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> 
         raise TypeError(f"attn_mask has dtype {got}; it must be bool (True = takes part) or, as "
                         f"an additive mask, the query's dtype {want}")
     check_same_device(query=query, attn_mask=attn_mask)
-    batch = query.shape[:-3]
-    full = (*batch, query.shape[-3], query.shape[-2], key.shape[-2])
     if attn_mask.dim() > len(full) or any(
             m not in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full))):
         raise ValueError(f"attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
                          f"(..., Hq, L, S) = {list(full)}")
     mask = attn_mask[(None,) * (len(full) - attn_mask.dim())]  # one dim per dim of `full`
-    if all(d == 1 for d in mask.shape[:-3]):
-        return mask.reshape(1, *mask.shape[-3:])  # (1, ..., 1, H', L', S') -> (1, H', L', S')
-    return mask.expand(*batch, *mask.shape[-3:]).reshape(math.prod(batch), *mask.shape[-3:])
+    return mask.expand(*full[:-3], *mask.shape[-3:])
+
+
+def _merge_batch(t: Tensor, n_batch: int) -> Optional[Tensor]:
+    """t (*batch, H, N, D) as a (B, H, N, D) view, B = prod(batch), or None where the batch dims'
+    strides do not merge into one (e.g. one broadcast, stride 0, and one not)."""
+    batch = t.shape[:n_batch]
+    dims = [(n, s) for n, s in zip(batch, t.stride()[:n_batch]) if n != 1]
+    if any(outer != inner * n for (_, outer), (n, inner) in zip(dims, dims[1:])):
+        return None
+    return t.reshape(math.prod(batch), *t.shape[n_batch:])  # a view: the strides merge
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_batch: int,
+               scale: float, is_causal: bool, dropout_p: float) -> tuple[Tensor, Tensor]:
+    """Attention on q (*batch, Hq, L, E), k, v (*batch, Hkv, S, E / Ev), mask (*batch, H', L', S')
+    or None, all with the same n_batch batch dims (views: stride 0 where broadcast) -> out
+    (*batch, Hq, L, Ev), lse (*batch, Hq, L). One launch over the merged batch when the batch
+    dims' strides merge for every tensor; else one call per index of the first batch dim."""
+    batch = q.shape[:n_batch]
+    merged = [_merge_batch(t, n_batch) if t is not None else None for t in (q, k, v, mask)]
+    if all(m is not None for m, t in zip(merged, (q, k, v, mask)) if t is not None):
+        seed = dropout_seed(dropout_p, q.device)
+        out, lse = _AttentionFn.apply(*merged, scale, is_causal, dropout_p, seed)
+        # (B, Hq, L, Ev) -> (*batch, Hq, L, Ev)
+        return out.view(*batch, *out.shape[1:]), lse.view(*batch, *lse.shape[1:])
+    parts = [_attention(q[i], k[i], v[i], None if mask is None else mask[i], n_batch - 1, scale,
+                        is_causal, dropout_p) for i in range(batch[0])]
+    return torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts])
 
 
 # ---- public functions ----
@@ -240,11 +285,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  enable_gqa: bool = False, *, return_lse: bool = False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, FlashAttention-2 in Triton.
 
-    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev): the same leading batch
-    dims, fp32 / fp16 / bf16, one dtype, any strides (Hugging Face's (B, N, H, D).transpose(1, 2)
-    views are read in place). E, Ev <= 256. scale defaults to 1 / sqrt(E). is_causal: query i sees
-    keys j <= i (the top-left tril of the L x S matrix, as torch). enable_gqa: Hq a multiple of
-    Hkv, query head h reads kv head h // (Hq // Hkv).
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), at least 2-D, fp32 /
+    fp16 / bf16, one dtype, any strides (Hugging Face's (B, N, H, D).transpose(1, 2) views are read
+    in place). The leading dims broadcast together as in torch (q (H, L, E) with k, v
+    (B, H, S, E), q (B, 1, L, E) with k, v (B, H, S, E), ...): read through stride-0 views, never
+    copied; gradients are summed over the broadcast dims. E, Ev <= 256. scale defaults to
+    1 / sqrt(E). is_causal: query i sees keys j <= i (the top-left tril of the L x S matrix, as
+    torch). enable_gqa: dim -3 holds the heads, Hq a multiple of Hkv, query head h reads kv head
+    h // (Hq // Hkv) (the dims before the heads broadcast).
 
     attn_mask: broadcastable to (..., Hq, L, S) as torch allows ((L, S), (B, 1, 1, S),
     (B, 1, L, S), (1, Hq, L, S), (B, Hq, L, S), ...); bool (True = takes part) or the query's
@@ -264,24 +312,24 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     random numbers as torch's dropout.) Each (batch, head, query, key) gets its own random number
     while L * S <= 2^32.
 
-    Returns out (..., Hq, L, Ev) in the input dtype; with return_lse=True, (out, lse) where lse
-    (..., Hq, L) fp32 is the natural-log logsumexp of the (masked) scaled scores of each query row
-    (-inf for a row that sees no key), without gradient.
+    Returns out (..., Hq, L, Ev) in the input dtype, its leading dims the broadcast ones (as torch:
+    (L, Ev) for 2-D inputs); with return_lse=True, (out, lse) where lse (..., Hq, L) fp32 is the
+    natural-log logsumexp of the (masked) scaled scores of each query row (-inf for a row that
+    sees no key), without gradient.
     """
-    _check_attention_inputs(query, key, value, enable_gqa)
+    batch, Hq, Hkv = _attention_shapes(query, key, value, enable_gqa)
     scale = _check_scale(scale, query.shape[-1])
-    mask = _attention_mask(attn_mask, query, key)
-    seed = dropout_seed(dropout_p, query.device)
-
-    batch = query.shape[:-3]
-    # (..., H, N, D) -> (B, H, N, D): a view for 4-D inputs and for any collapsible batch dims.
-    B = math.prod(batch)
-    q, k, v = (t.reshape(B, *t.shape[-3:]) for t in (query, key, value))
-    out, lse = _AttentionFn.apply(q, k, v, mask, scale, bool(is_causal), float(dropout_p), seed)
-    out = out.view(*batch, *out.shape[1:])  # (B, Hq, L, Ev) -> (..., Hq, L, Ev)
-    if return_lse:
-        return out, lse.view(*batch, *lse.shape[1:])
-    return out
+    L, S = query.shape[-2], key.shape[-2]
+    mask = _attention_mask(attn_mask, query, (*batch, Hq, L, S))
+    check_dropout_p(dropout_p)  # the seed is drawn per launch
+    # (..., N, D) -> (*batch, H, N, D): stride-0 views on the broadcast dims
+    q = query.expand(*batch, Hq, L, query.shape[-1])
+    k = key.expand(*batch, Hkv, S, key.shape[-1])
+    v = value.expand(*batch, Hkv, S, value.shape[-1])
+    out, lse = _attention(q, k, v, mask, len(batch), scale, bool(is_causal), float(dropout_p))
+    if max(query.dim(), key.dim(), value.dim()) == 2:  # (1, L, Ev) -> (L, Ev), as torch
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
 
 
 # ---- variable-length (packed) batches ----

@@ -235,8 +235,8 @@ def bert_embeddings(input_ids: Tensor, word_weight: Tensor, position_weight: Ten
     if D > EMBEDDING_MAX_NORM_DIM:
         raise ValueError(f"embedding dim {D} > {EMBEDDING_MAX_NORM_DIM} is not supported by the "
                          "fused BERT embedding")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):  # any float, as F.layer_norm
+        raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
     seed = dropout_seed(dropout_p, word_weight.device)
     padding_idx = _padding_index(padding_idx, word_weight.shape[0])
     _check_indices("input_ids", input_ids, word_weight.shape[0], "word_weight")

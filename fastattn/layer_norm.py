@@ -141,8 +141,8 @@ def _norm(x: Tensor, normalized_shape: _Shape, weight: Optional[Tensor], bias: O
             raise ValueError(f"residual must have the shape of x {list(x.shape)}, "
                              f"got {list(residual.shape)}")
         check_same_dtype(x=x, residual=residual)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):  # any float, as torch
+        raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
 
     n = math.prod(shape)
     x2d = x.reshape(-1, n)  # (*, *normalized_shape) -> (M, N); a view when the strides allow

@@ -167,20 +167,22 @@ def test_half_input_with_float32_parameters(dtype, device):
     _check("layer_norm mixed", ours, theirs, ref, dtype)
 
 
+@pytest.mark.parametrize("eps,x_scale", [(0.01, 0.05), (-0.5, 1.0)], ids=["small-var", "negative"])
 @pytest.mark.parametrize("rms", [False, True])
-def test_eps_is_used(rms, device):
-    """Rows with a variance near eps, so a dropped or altered eps shows in the output."""
+def test_eps_is_used(rms, eps, x_scale, device):
+    """Rows with a variance near |eps|, so a dropped or altered eps shows in the output; a
+    negative eps (torch takes any float) gives torch's result too."""
     x, w, b, dy = _inputs(11, 97, torch.float32, device, seed=13)
-    x = (x.detach() * 0.05).requires_grad_()
+    x = (x.detach() * x_scale).requires_grad_()
     if rms:
-        ours = _run(lambda x, w: fastattn.rms_norm(x, (97,), w, eps=0.01), [x, w], dy)
-        theirs = _run(lambda x, w: F.rms_norm(x, (97,), w, eps=0.01), [x, w], dy)
-        ref = _run(lambda x, w: reference.rms_norm(x, w, 0.01), _f64([x, w]), dy.double())
+        ours = _run(lambda x, w: fastattn.rms_norm(x, (97,), w, eps=eps), [x, w], dy)
+        theirs = _run(lambda x, w: F.rms_norm(x, (97,), w, eps=eps), [x, w], dy)
+        ref = _run(lambda x, w: reference.rms_norm(x, w, eps), _f64([x, w]), dy.double())
     else:
-        ours = _run(lambda x, w, b: fastattn.layer_norm(x, (97,), w, b, 0.01), [x, w, b], dy)
-        theirs = _run(lambda x, w, b: F.layer_norm(x, (97,), w, b, 0.01), [x, w, b], dy)
-        ref = _run(lambda x, w, b: reference.layer_norm(x, w, b, 0.01), _f64([x, w, b]), dy.double())
-    _check("eps=0.01", ours, theirs, ref, torch.float32)
+        ours = _run(lambda x, w, b: fastattn.layer_norm(x, (97,), w, b, eps), [x, w, b], dy)
+        theirs = _run(lambda x, w, b: F.layer_norm(x, (97,), w, b, eps), [x, w, b], dy)
+        ref = _run(lambda x, w, b: reference.layer_norm(x, w, b, eps), _f64([x, w, b]), dy.double())
+    _check(f"eps={eps}", ours, theirs, ref, torch.float32)
 
 
 def test_multi_dim_normalized_shape(device):
@@ -267,7 +269,8 @@ def test_custom_ops_pass_opcheck(device):
     (lambda x, w: fastattn.layer_norm(x, (97,), w.half()), TypeError, "weight has dtype float16"),
     (lambda x, w: fastattn.layer_norm(x, (97,), w, w.half()), TypeError, "one dtype"),
     (lambda x, w: fastattn.layer_norm(x, (97,), w.to("meta")), ValueError, "one device"),
-    (lambda x, w: fastattn.layer_norm(x, (97,), w, eps=-1.0), ValueError, "eps"),
+    (lambda x, w: fastattn.layer_norm(x, (97,), w, eps="1e-5"), TypeError, "eps must be a float"),
+    (lambda x, w: fastattn.rms_norm(x, (97,), w, eps=torch.tensor(1e-5)), TypeError, "eps"),
     (lambda x, w: fastattn.rms_norm(x, (97,), w.long()), TypeError, "weight has dtype int64"),
     (lambda x, w: fastattn.add_layer_norm(x, x[:2], (97,)), ValueError, "residual"),
     (lambda x, w: fastattn.add_layer_norm(x, x.half(), (97,)), TypeError, "one dtype"),

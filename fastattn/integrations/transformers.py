@@ -17,28 +17,125 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import nn as fnn
-from ..attention import scaled_dot_product_attention
+from ..attention import scaled_dot_product_attention, varlen_attention
 
 NAME = "fastattn"
+
+
+# What transformers may hand the attention function besides q, k, v and the mask, and what
+# fastattn does with each. Every other keyword with a value (not None / False) is refused.
+#   applied:          dropout, scaling, is_causal, position_bias (added to the mask, as HF's SDPA
+#                     path does), cu_seq_lens_q / _k + max_length_q / _k (packed sequences, run
+#                     with varlen_attention as flash-attn's path does; batch 1)
+#   in the mask:      sliding_window, position_ids (the mask builder registered with the attention
+#                     function puts the window and packed-sequence boundaries into attention_mask)
+#   no effect here:   _NO_EFFECT below (model-level flags that reach every layer's kwargs)
+#   refused if set:   softcap, s_aux (attention sinks), output_attentions, seq_idx
+_NO_EFFECT = frozenset({"use_cache", "output_router_logits", "output_hidden_states",
+                        "num_items_in_batch", "cache_position", "past_key_values",
+                        "past_key_value", "return_dict", "layer_idx"})
+_REFUSED = {
+    "softcap": "attention logit soft-capping (Gemma 2 / 3) is not fused in fastattn yet",
+    "s_aux": "learnable attention sinks (GPT-OSS) are not fused in fastattn yet",
+    "output_attentions": "fastattn never materialises the attention weights",
+    "seq_idx": "per-token sequence indices are not read by fastattn; pass cu_seq_lens_q / _k",
+}
+_VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _has_value(value) -> bool:
+    return value is not None and value is not False
+
+
+def _check_keywords(module: nn.Module, kwargs: dict) -> None:
+    """Refuse, naming it, every keyword that would change the result and that fastattn does not
+    apply (see the table above)."""
+    for key, value in kwargs.items():
+        if key in _NO_EFFECT or key in _VARLEN or key in ("sliding_window", "position_ids"):
+            continue
+        if not _has_value(value):
+            continue
+        why = _REFUSED.get(key, "fastattn does not know this keyword, so it cannot honour it")
+        raise ValueError(f"attn_implementation='fastattn' got {key}={_describe(value)} from "
+                         f"{type(module).__name__}: {why}; use attn_implementation='eager' for "
+                         "this model")
+
+
+def _describe(value) -> str:
+    return f"<tensor {list(value.shape)}>" if isinstance(value, Tensor) else repr(value)
+
+
+def _with_position_bias(position_bias: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """An additive (B, H, L, S) score bias merged with the mask, as transformers' SDPA path does
+    (a hidden pair gets the dtype's minimum); is_causal still applies on top in the kernel."""
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attention_mask, torch.finfo(position_bias.dtype).min)
+    return position_bias + attention_mask
+
+
+def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      is_causal: bool, dropout: float, scaling: Optional[float],
+                      kwargs: dict) -> Tensor:
+    """Packed sequences (batch 1, cu_seq_lens_q / _k given) through varlen_attention: each
+    sequence attends to itself only, as flash-attn's path runs them. query (1, Hq, T, D) ->
+    (1, T, Hq, Dv)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None:
+        raise ValueError("attn_implementation='fastattn' needs both cu_seq_lens_q and "
+                         "cu_seq_lens_k for packed sequences, got only one")
+    if query.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q / _k describe one packed row, but the batch has "
+                         f"{query.shape[0]} rows")
+    window = kwargs.get("sliding_window")
+    lengths = (cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1])
+    max_q, max_k = (kwargs.get(name) for name in ("max_length_q", "max_length_k"))
+    max_q, max_k = (int(m) if m is not None else int(n.max()) if n.numel() else 0
+                    for m, n in zip((max_q, max_k), lengths))
+    if window is not None and max_k > window:
+        raise ValueError(f"attn_implementation='fastattn' cannot apply sliding_window={window} to "
+                         f"packed sequences (cu_seq_lens_q / _k) of up to {max_k} keys yet; use "
+                         "attn_implementation='eager' or pass a padded batch")
+    # (1, H, T, D) -> (T, H, D)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen_attention(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+                           causal=is_causal, dropout_p=dropout, scale=scaling)
+    return out[None]  # (T, Hq, Dv) -> (1, T, Hq, Dv)
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                      position_bias: Optional[Tensor] = None,
                       **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature. query (B, Hq, L, D), key / value (B, Hkv, S, D)
     (GQA handled in the kernel, no repeat_kv copies); attention_mask bool or additive float,
-    broadcastable to (B, Hq, L, S), or None. Returns (B, L, Hq, Dv) and no attention weights."""
-    if kwargs.get("output_attentions", False):
-        raise ValueError("attn_implementation='fastattn' does not return attention weights; use "
-                         "'eager' for output_attentions=True")
+    broadcastable to (B, Hq, L, S), or None. Returns (B, L, Hq, Dv) and no attention weights.
+    Every keyword is applied or refused with a ValueError naming it (the table above)."""
+    _check_keywords(module, kwargs)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    if any(kwargs.get(name) is not None for name in _VARLEN[:2]):
+        if position_bias is not None:
+            raise ValueError("attn_implementation='fastattn' cannot apply position_bias to packed "
+                             "sequences (cu_seq_lens_q / _k)")
+        return _packed_attention(module, query, key, value, bool(is_causal), dropout, scaling,
+                                 kwargs), None
+    window = kwargs.get("sliding_window")
+    if window is not None and attention_mask is None and key.shape[2] > window:
+        raise ValueError(f"sliding_window={window} with {key.shape[2]} keys and no attention_mask: "
+                         "fastattn applies the window through the mask, so build the model with "
+                         "attn_implementation='fastattn' after fastattn.integrations.transformers."
+                         "register() (it registers the mask builder too)")
     # A mask, when given, already holds the causal pattern; one query row (decoding) sees all keys.
     is_causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
+    if position_bias is not None:
+        attention_mask = _with_position_bias(position_bias, attention_mask)
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                        dropout_p=dropout, is_causal=is_causal, scale=scaling,
                                        enable_gqa=query.shape[1] != key.shape[1])
