@@ -28,35 +28,48 @@ MAX_HEAD_DIM = 256
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
                   attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                  seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                  seed: Optional[Tensor] = None,
+                  residual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), attn_mask broadcastable to
-    (B, Hq, L, S) -> out (B, Hq, L, Ev), lse (B, Hq, L) fp32. seed: the dropout seed, (1,) int64
-    on q's device (see _validate.dropout_seed), None when dropout_p == 0."""
+    (B, Hq, L, S) -> out (B, Hq, L, Ev), lse (B, Hq, L) fp32, out_lo: with residual (a backward
+    follows) and fp16 / bf16 inputs out's rounding residual shaped as out, else empty. seed: the
+    dropout seed, (1,) int64 on q's device (see _validate.dropout_seed), None when dropout_p == 0."""
     impl = _dispatch.implementation("attention_fwd", "attention", q)
-    return impl.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed)
+    return impl.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed, residual)
+
+
+def _residual_like(out: Tensor, residual: bool) -> Tensor:
+    """Fake out_lo: shaped as out when the launcher stores one (see its attention_fwd)."""
+    keep = residual and out.dtype != torch.float32 and out.numel() > 0
+    return out.new_empty(out.shape if keep else (0,))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None):
+def _(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None, residual=False):
     B, Hq, L, _ = q.shape
-    return q.new_empty((B, Hq, L, v.shape[-1])), q.new_empty((B, Hq, L), dtype=torch.float32)
+    out = q.new_empty((B, Hq, L, v.shape[-1]))
+    if k.shape[2] == 0:  # no keys: the launcher stores no residual
+        residual = False
+    return out, q.new_empty((B, Hq, L), dtype=torch.float32), _residual_like(out, residual)
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, is_causal: bool, attn_mask: Optional[Tensor] = None,
                   dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-                  mask_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """do, out (B, Hq, L, Ev); lse (B, Hq, L) -> dq, dk, dv shaped as q, k, v, and the gradient of
-    the float attn_mask (shaped as it) when mask_grad, else an empty tensor."""
+                  mask_grad: bool = False, out_lo: Optional[Tensor] = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """do, out (B, Hq, L, Ev); lse (B, Hq, L); out_lo as attention_fwd returned it -> dq, dk, dv
+    shaped as q, k, v, and the gradient of the float attn_mask (shaped as it) when mask_grad,
+    else an empty tensor."""
     impl = _dispatch.implementation("attention_bwd", "attention", q)
     return impl.attention_bwd(do, q, k, v, out, lse, scale, is_causal, attn_mask, dropout_p, seed,
-                              mask_grad)
+                              mask_grad, out_lo)
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None,
-      mask_grad=False):
+      mask_grad=False, out_lo=None):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
@@ -64,36 +77,40 @@ def _(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, se
 @torch.library.custom_op("fastattn::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
-                         is_causal: bool, dropout_p: float,
-                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                         is_causal: bool, dropout_p: float, seed: Optional[Tensor],
+                         residual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev), cu_seqlens (B + 1,) int32 ->
-    out (Tq, Hq, Ev), lse (Hq, Tq) fp32."""
+    out (Tq, Hq, Ev), lse (Hq, Tq) fp32, out_lo (as attention_fwd)."""
     impl = _dispatch.implementation("varlen_attention_fwd", "attention", q)
     return impl.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, scale, is_causal, dropout_p, seed)
+                                     max_seqlen_k, scale, is_causal, dropout_p, seed, residual)
 
 
 @varlen_attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
-      dropout_p, seed):
+      dropout_p, seed, residual=False):
     Tq, Hq, _ = q.shape
-    return q.new_empty((Tq, Hq, v.shape[-1])), q.new_empty((Hq, Tq), dtype=torch.float32)
+    out = q.new_empty((Tq, Hq, v.shape[-1]))
+    return out, q.new_empty((Hq, Tq), dtype=torch.float32), _residual_like(out, residual)
 
 
 @torch.library.custom_op("fastattn::varlen_attention_bwd", mutates_args=())
 def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float,
-                         seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """do, out (Tq, Hq, Ev); lse (Hq, Tq) -> dq, dk, dv shaped as q, k, v."""
+                         seed: Optional[Tensor], out_lo: Optional[Tensor] = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """do, out (Tq, Hq, Ev); lse (Hq, Tq); out_lo as the forward returned it -> dq, dk, dv shaped
+    as q, k, v."""
     impl = _dispatch.implementation("varlen_attention_bwd", "attention", q)
     return impl.varlen_attention_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p, seed)
+                                     max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p, seed,
+                                     out_lo)
 
 
 @varlen_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-      is_causal, dropout_p, seed):
+      is_causal, dropout_p, seed, out_lo=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -101,53 +118,56 @@ def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 
 class _AttentionFn(torch.autograd.Function):
-    """out, lse = attention(q, k, v, attn_mask) on (B, H, N, D) tensors. Saves q, k, v, out, lse and
-    the mask; the dropout mask is not saved but redrawn from the seed. lse is returned for merging
-    partial attentions; it carries no gradient. A float attn_mask that requires grad gets one."""
+    """out, lse = attention(q, k, v, attn_mask) on (B, H, N, D) tensors. Saves q, k, v, out, lse,
+    the mask and (fp16 / bf16) out's rounding residual, from which the backward's delta is exact;
+    the dropout mask is not saved but redrawn from the seed. lse is returned for merging partial
+    attentions; it carries no gradient. A float attn_mask that requires grad gets one."""
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, scale, is_causal, dropout_p, seed):
-        out, lse = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal, attn_mask,
-                                                    dropout_p, seed)
+        needs_grad = any(ctx.needs_input_grad[:4])
+        out, lse, out_lo = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal, attn_mask,
+                                                            dropout_p, seed, needs_grad)
         ctx.mark_non_differentiable(lse)
         ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
         ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
-        if any(ctx.needs_input_grad[:4]):
-            ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed, out_lo)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask, seed, out_lo = ctx.saved_tensors
         dq, dk, dv, dmask = torch.ops.fastattn.attention_bwd(
             dout, q, k, v, out, lse, ctx.scale, ctx.is_causal, attn_mask, ctx.dropout_p, seed,
-            ctx.mask_grad)
+            ctx.mask_grad, out_lo)
         return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None
 
 
 class _VarlenAttentionFn(torch.autograd.Function):
-    """out, lse = attention over packed sequences (T, H, D). Saves q, k, v, out, lse and the
-    cu_seqlens; lse carries no gradient."""
+    """out, lse = attention over packed sequences (T, H, D). Saves q, k, v, out, lse, the
+    cu_seqlens and out's rounding residual (as _AttentionFn); lse carries no gradient."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                 is_causal, dropout_p, seed):
-        out, lse = torch.ops.fastattn.varlen_attention_fwd(
+        needs_grad = any(ctx.needs_input_grad[:3])
+        out, lse, out_lo = torch.ops.fastattn.varlen_attention_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
-            dropout_p, seed)
+            dropout_p, seed, needs_grad)
         ctx.mark_non_differentiable(lse)
         ctx.args = (max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p)
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, out_lo)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, out_lo = ctx.saved_tensors
         dq, dk, dv = torch.ops.fastattn.varlen_attention_bwd(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, seed)
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, seed, out_lo)
         return dq, dk, dv, *([None] * 8)
 
 
@@ -192,14 +212,14 @@ def _check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _broadcast(what: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+def _broadcast(what: str, shapes: dict[str, tuple[int, ...]], hint: str = "") -> tuple[int, ...]:
     """torch's broadcast of the given dims, or a ValueError naming every tensor's dims."""
     try:
         return tuple(torch.broadcast_shapes(*shapes.values()))
     except RuntimeError:
         given = ", ".join(f"{name} {list(s)}" for name, s in shapes.items())
         raise ValueError(f"the {what} of query, key and value must broadcast together, got "
-                         f"{given}") from None
+                         f"{given}{hint}") from None
 
 
 def _attention_shapes(query: Tensor, key: Tensor, value: Tensor,
@@ -219,7 +239,8 @@ def _attention_shapes(query: Tensor, key: Tensor, value: Tensor,
         batch = _broadcast("batch dims (before the heads)", {n: s[:-1] for n, s in shapes.items()})
         Hq, Hk, Hv = (s[-1] for s in shapes.values())
     else:
-        lead = _broadcast("batch and head dims", shapes)
+        lead = _broadcast("batch and head dims", shapes,
+                          " (query heads a multiple of key/value heads need enable_gqa=True)")
         batch, Hq = lead[:-1], lead[-1]
         Hk = Hv = Hq
     _check_heads(query.shape[-1], key.shape[-1], value.shape[-1], Hq, Hk, Hv, True)

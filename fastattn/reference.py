@@ -161,19 +161,25 @@ def _attention_dropout(seed: Tensor | None, q: Tensor, k: Tensor,
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
                   attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-                  seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  seed: Tensor | None = None, residual: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.attention_fwd: out (B, Hq, L, Ev) in q's dtype
-    (contiguous) and lse (B, Hq, L) fp32, computed in fp32."""
-    out, lse = scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal, scale,
-                                            _float_mask(attn_mask),
-                                            _attention_dropout(seed, q, k, dropout_p), dropout_p)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
+    (contiguous), lse (B, Hq, L) fp32, computed in fp32, and out_lo (out32 - out, for fp16 / bf16
+    with residual=True; else empty)."""
+    out32, lse = scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal, scale,
+                                              _float_mask(attn_mask),
+                                              _attention_dropout(seed, q, k, dropout_p), dropout_p)
+    out = out32.to(q.dtype).contiguous()
+    keep_lo = residual and q.dtype != torch.float32 and out.numel() > 0
+    out_lo = (out32 - out.float()).to(q.dtype) if keep_lo else q.new_empty((0,))
+    return out, lse.contiguous(), out_lo
 
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, is_causal: bool, attn_mask: Tensor | None = None,
                   dropout_p: float = 0.0, seed: Tensor | None = None,
-                  mask_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  mask_grad: bool = False,
+                  out_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.attention_bwd, FlashAttention-2's formulas with
     Z = dropout keep-mask / (1 - p) (1 without dropout): P = exp(s - lse), dV = (P Z)^T dO,
     dS = P * (dO V^T Z - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q, d(mask) = dS; dK, dV
@@ -188,7 +194,8 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     p = torch.exp(s - lse[..., None]).masked_fill(hidden, 0.0)  # rows that see no key: P = 0
     keep = _attention_dropout(seed, q, k, dropout_p)
     z = keep * _kept_scale(dropout_p) if keep is not None else 1.0
-    delta = (dof * out.float()).sum(dim=-1, keepdim=True)  # (B, Hq, L, 1)
+    out32 = out.float() + out_lo.float() if out_lo is not None and out_lo.numel() else out.float()
+    delta = (dof * out32).sum(dim=-1, keepdim=True)  # (B, Hq, L, 1)
     ds = p * (dof @ vr.transpose(-2, -1) * z - delta)
     dq = ds @ kr * scale
     dk = (ds.transpose(-2, -1) @ qf * scale).view(B, Hkv, group, S, -1).sum(dim=2)
@@ -217,29 +224,38 @@ def _sequence_seed(seed: Tensor | None, b: int) -> Tensor | None:
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                          is_causal: bool, dropout_p: float = 0.0,
-                         seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         seed: Tensor | None = None,
+                         residual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.varlen_attention_fwd: attention_fwd on each
-    sequence. out (Tq, Hq, Ev), lse (Hq, Tq)."""
+    sequence. out (Tq, Hq, Ev), lse (Hq, Tq), out_lo (as out, or empty)."""
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    keep_lo = residual and q.dtype != torch.float32 and out.numel() > 0
+    out_lo = torch.zeros_like(out) if keep_lo else q.new_empty((0,))
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     for b, (rq, rk) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
-        o, l = attention_fwd(_one_sequence(q, rq), _one_sequence(k, rk), _one_sequence(v, rk),
-                             scale, is_causal, None, dropout_p, _sequence_seed(seed, b))
+        o, l, lo = attention_fwd(_one_sequence(q, rq), _one_sequence(k, rk), _one_sequence(v, rk),
+                                 scale, is_causal, None, dropout_p, _sequence_seed(seed, b),
+                                 keep_lo)
         out[rq], lse[:, rq] = o[0].transpose(0, 1), l[0]
-    return out, lse
+        if lo.numel():
+            out_lo[rq] = lo[0].transpose(0, 1)
+    return out, lse, out_lo
 
 
 def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float = 0.0,
-                         seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                         seed: Tensor | None = None,
+                         out_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.varlen_attention_bwd: attention_bwd on each
     sequence."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    has_lo = out_lo is not None and out_lo.numel() > 0
     for b, (rq, rk) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         grads = attention_bwd(_one_sequence(do, rq), _one_sequence(q, rq), _one_sequence(k, rk),
                               _one_sequence(v, rk), _one_sequence(out, rq), lse[None, :, rq],
-                              scale, is_causal, None, dropout_p, _sequence_seed(seed, b))
+                              scale, is_causal, None, dropout_p, _sequence_seed(seed, b), False,
+                              _one_sequence(out_lo, rq) if has_lo else None)
         for grad, g, rows in zip((dq, dk, dv), grads, (rq, rk, rk)):
             grad[rows] = g[0].transpose(0, 1)
     return dq, dk, dv

@@ -141,6 +141,18 @@ def _dot_operand(x, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, DTYPE: tl.constexpr):
+    """x (fp32) rounded to DTYPE (round to nearest even, as a store rounds) and back to fp32. bf16
+    by bit arithmetic: the interpreter's bf16 conversions are not to be trusted."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _load_dot_operand(base, rows, cols, n_rows, n_cols, stride_row, stride_col, DOT_FP32: tl.constexpr):
     """_load_tile of a tile that only feeds tl.dot (q, k, v, dO): kept in its dtype on the GPU."""
     tile = _load_tile(base, rows, cols, n_rows, n_cols, stride_row, stride_col)
@@ -354,6 +366,7 @@ def _attn_fwd_kernel(
     K,  # (B, Hkv, S, D), or (Tk, Hkv, D)
     V,  # (B, Hkv, S, Dv), or (Tk, Hkv, Dv)
     Out,  # (B, Hq, L, Dv), or (Tq, Hq, Dv)
+    OutLo,  # as Out (its strides): the fp32 output's rounding residual out32 - out (STORE_LO)
     Lse,  # (B, Hq, L), or (Hq, Tq): float32, unit stride along the query rows
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
     KeyBlocks,  # (B, cdiv(S, BLOCK_N)) int32: key blocks with a visible key first (KEY_PADDING)
@@ -378,6 +391,7 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_LO: tl.constexpr,  # also write OutLo (half-precision inputs whose backward follows)
     DOT_FP32: tl.constexpr,  # cast dot operands to fp32 (interpreter only)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (no effect on fp16/bf16)
     # block sizes
@@ -444,6 +458,10 @@ def _attn_fwd_kernel(
         out = out * dropout_scale  # kept probabilities count 1 / (1 - p) times
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     _store_tile(o_base, out, offs_m, offs_dv, L, Dv, stride_ol, stride_od)
+    if STORE_LO:  # what rounding out to its dtype lost, for the backward's delta = rowsum(dO * O)
+        lo = out - _rounded(out, Out.dtype.element_ty)
+        lo_base = _head_rows(OutLo, off_b, off_h, q_start, stride_ob, stride_oh, stride_ol)
+        _store_tile(lo_base, lo, offs_m, offs_dv, L, Dv, stride_ol, stride_od)
     tl.store(lse_base + offs_m, lse, mask=offs_m < L)
 
 
@@ -456,6 +474,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     # pointers
     Out,  # (B, Hq, L, Dv), or (Tq, Hq, Dv) when IS_VARLEN
+    OutLo,  # as Out (its strides): the forward's rounding residual of Out (HAS_LO)
     dO,  # same shape as Out
     Delta,  # laid out as Lse: (B, Hq, L), or (Hq, Tq), float32
     CuSeqlensQ,  # (B + 1,) int32 (IS_VARLEN)
@@ -466,11 +485,13 @@ def _attn_bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_deltab, stride_deltah,
     # constexpr flags
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LO: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) = rowsum(P * dP), the softmax-backward correction term."""
+    """delta = rowsum(dO * O) = rowsum(P * dP), the softmax-backward correction term. O is the
+    fp32 output, Out + OutLo, when the forward stored its residual: delta from a rounded fp16 /
+    bf16 Out errs by rowsum(dO * rounding error), and every dQ / dK entry inherits that."""
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -480,6 +501,9 @@ def _attn_bwd_preprocess_kernel(
     o_base = _head_rows(Out, off_b, off_h, q_start, stride_ob, stride_oh, stride_ol)
     do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
     o = _load_tile(o_base, offs_m, offs_dv, L, Dv, stride_ol, stride_od).to(tl.float32)
+    if HAS_LO:
+        lo_base = _head_rows(OutLo, off_b, off_h, q_start, stride_ob, stride_oh, stride_ol)
+        o += _load_tile(lo_base, offs_m, offs_dv, L, Dv, stride_ol, stride_od).to(tl.float32)
     do = _load_tile(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod).to(tl.float32)
     delta = tl.sum(o * do, 1)
     delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
@@ -870,9 +894,11 @@ def _visible_key_blocks(mask: torch.Tensor, flags: dict, S: int, block_n: int,
     return ids, counts, n_blocks
 
 
-def _launch_fwd(q, k, v, out, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed,
+def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed,
                 cu_seqlens) -> None:
-    """Launch the forward kernel, padded (cu_seqlens None) or varlen (cu_seqlens (cu_q, cu_k))."""
+    """Launch the forward kernel, padded (cu_seqlens None) or varlen (cu_seqlens (cu_q, cu_k));
+    out_lo: a tensor shaped and strided as out that receives the output's rounding residual, or
+    None."""
     varlen = cu_seqlens is not None
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     cfg = attention_fwd_config(max(D, Dv), q.dtype, q.device, _has_extras(attn_mask, dropout_p))
@@ -882,20 +908,22 @@ def _launch_fwd(q, k, v, out, lse, B, L, S, scale, is_causal, attn_mask, dropout
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)
     with device_guard(q):
         _attn_fwd_kernel[grid](
-            q, k, v, out, lse, mask, blocks, counts, cu_q, cu_k,
+            q, k, v, out, out if out_lo is None else out_lo, lse, mask, blocks, counts, cu_q, cu_k,
             Hq, L, S, D, Dv, Hq // Hkv, n_blocks,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
             scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse),
-            IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
+            IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen,
+            STORE_LO=out_lo is not None, **mask_flags,
             **_dot_flags(q.dtype), **_block_dims(D, Dv), **cfg,
         )
 
 
-def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, dmask, B, L, S, scale, is_causal, attn_mask,
-                dropout_p, seed, cu_seqlens) -> None:
-    """Launch the three backward kernels, padded or varlen as _launch_fwd; dmask: a zeroed
-    (B, Hq, L, S) fp32 buffer that receives dS, or None."""
+def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale, is_causal,
+                attn_mask, dropout_p, seed, cu_seqlens) -> None:
+    """Launch the three backward kernels, padded or varlen as _launch_fwd; out_lo: the forward's
+    residual of out, or None; dmask: a zeroed (B, Hq, L, S) fp32 buffer that receives dS, or
+    None."""
     varlen = cu_seqlens is not None
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     delta = torch.empty_like(lse)
@@ -913,10 +941,10 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, dmask, B, L, S, scale, is_cau
     with device_guard(q):
         pre = cfg["preprocess"]
         _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre["BLOCK_M"]), Hq, B)](
-            out, do, delta, cu_q,
+            out, out if out_lo is None else out_lo, do, delta, cu_q,
             L, Dv,
             *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
-            IS_VARLEN=varlen, BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
+            IS_VARLEN=varlen, HAS_LO=out_lo is not None, BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
         )
         dkdv = cfg["dkdv"]
         if S > 0:
@@ -942,9 +970,21 @@ def _launch_bwd(do, q, k, v, out, lse, dq, dk, dv, dmask, B, L, S, scale, is_cau
         )
 
 
+def _residual(out: torch.Tensor, residual: bool) -> torch.Tensor | None:
+    """The buffer for out's rounding residual (shaped and strided as out), or None: asked for by
+    a forward whose backward follows, and needed for fp16 / bf16 outputs only."""
+    return torch.empty_like(out) if residual and out.dtype != torch.float32 else None
+
+
+def _residual_arg(out_lo: torch.Tensor | None) -> torch.Tensor | None:
+    """The backward's view of the forward's third output: None when it is empty (none stored)."""
+    return out_lo if out_lo is not None and out_lo.numel() > 0 else None
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool,
                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                  seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: torch.Tensor | None = None, residual: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention forward.
 
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): same dtype (fp32/fp16/bf16) and device,
@@ -953,30 +993,36 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     takes part) or float (added to the scores; -inf hides a pair); applied together with
     is_causal. dropout_p in [0, 1]: dropout on the probabilities, drawn from `seed`, a (1,) int64
     tensor on q's device that the kernels read (None when dropout_p == 0). Returns out
-    (B, Hq, L, Dv) contiguous in q.dtype and lse (B, Hq, L) float32, the natural-log logsumexp of
-    the (masked) scores per row (-inf for a row that sees no key, whose out is 0).
+    (B, Hq, L, Dv) contiguous in q.dtype, lse (B, Hq, L) float32, the natural-log logsumexp of
+    the (masked) scores per row (-inf for a row that sees no key, whose out is 0), and out_lo:
+    with residual=True (a backward follows) and an fp16 / bf16 q, out's rounding residual
+    (out32 - out, shaped as out, for an accurate delta in attention_bwd), else an empty tensor.
     """
     B, Hq, L, D = q.shape
     S, Dv = k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, L, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    none = q.new_empty((0,))
     if lse.numel() == 0:  # L == 0 (or B * Hq == 0): nothing to compute
-        return out, lse
+        return out, lse, none
     if S == 0:  # no keys: softmax over an empty set
-        return out.zero_(), lse.fill_(float("-inf"))
-    _launch_fwd(q, k, v, out, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed, None)
-    return out, lse
+        return out.zero_(), lse.fill_(float("-inf")), none
+    out_lo = _residual(out, residual)
+    _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed,
+                None)
+    return out, lse, none if out_lo is None else out_lo
 
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, scale: float, is_causal: bool,
                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                  seed: torch.Tensor | None = None, mask_grad: bool = False
+                  seed: torch.Tensor | None = None, mask_grad: bool = False,
+                  out_lo: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention backward (FlashAttention-2, deterministic: no atomics).
 
     do (B, Hq, L, Dv) any strides; q, k, v, scale, is_causal, attn_mask, dropout_p, seed as given to
-    attention_fwd; out, lse as it returned them. Returns dq (B, Hq, L, D), dk (B, Hkv, S, D),
+    attention_fwd; out, lse, out_lo as it returned them (out_lo None or empty: delta from out). Returns dq (B, Hq, L, D), dk (B, Hkv, S, D),
     dv (B, Hkv, S, Dv), contiguous, in q.dtype, and dmask: with mask_grad (a float attn_mask) the
     gradient of the additive mask, shaped and typed as attn_mask (dS summed over its broadcast dims;
     this needs a (B, Hq, L, S) fp32 buffer), else an empty tensor.
@@ -988,8 +1034,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dv = torch.empty((B, Hkv, S, Dv), dtype=q.dtype, device=q.device)
     dmask = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if mask_grad else None
     if L > 0 and S > 0 and B * Hq > 0:
-        _launch_bwd(do, q, k, v, out, lse.contiguous(), dq, dk, dv, dmask, B, L, S, scale,
-                    is_causal, attn_mask, dropout_p, seed, None)
+        _launch_bwd(do, q, k, v, out, _residual_arg(out_lo), lse.contiguous(), dq, dk, dv, dmask,
+                    B, L, S, scale, is_causal, attn_mask, dropout_p, seed, None)
     else:  # nothing attends: every gradient is 0 (or empty)
         for grad in (dq, dk, dv):
             grad.zero_()
@@ -1002,35 +1048,39 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float = 0.0,
-                         seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: torch.Tensor | None = None, residual: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention forward on packed variable-length sequences.
 
     q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv) any strides; cu_seqlens_q / _k (B + 1,) int32,
     starting at 0, non-decreasing, ending at Tq / Tk: sequence b is rows cu[b] .. cu[b + 1] - 1;
     max_seqlen_*: at least the longest sequence. Each sequence attends to its own keys only, as
     attention_fwd would on it alone (causal: top-left aligned per sequence). Returns out
-    (Tq, Hq, Dv) contiguous in q.dtype and lse (Hq, Tq) float32.
+    (Tq, Hq, Dv) contiguous in q.dtype, lse (Hq, Tq) float32 and out_lo as attention_fwd.
     """
     Tq, Hq, _ = q.shape
     out = torch.empty((Tq, Hq, v.shape[2]), dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, Tq), dtype=torch.float32, device=q.device)
+    out_lo = _residual(out, residual) if lse.numel() > 0 else None
     if lse.numel() > 0:  # then B >= 1 and max_seqlen_q >= 1
-        _launch_fwd(q, k, v, out, lse, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, scale,
-                    is_causal, None, dropout_p, seed, (cu_seqlens_q, cu_seqlens_k))
-    return out, lse
+        _launch_fwd(q, k, v, out, out_lo, lse, cu_seqlens_q.numel() - 1, max_seqlen_q,
+                    max_seqlen_k, scale, is_causal, None, dropout_p, seed,
+                    (cu_seqlens_q, cu_seqlens_k))
+    return out, lse, q.new_empty((0,)) if out_lo is None else out_lo
 
 
 def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          scale: float, is_causal: bool, dropout_p: float = 0.0,
-                         seed: torch.Tensor | None = None
+                         seed: torch.Tensor | None = None, out_lo: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of varlen_attention_fwd (same arguments; do (Tq, Hq, Dv) any strides). Returns
-    dq (Tq, Hq, D), dk (Tk, Hkv, D), dv (Tk, Hkv, Dv), contiguous, in q.dtype."""
+    """Backward of varlen_attention_fwd (same arguments; do (Tq, Hq, Dv) any strides; out_lo as
+    it returned). Returns dq (Tq, Hq, D), dk (Tk, Hkv, D), dv (Tk, Hkv, Dv), contiguous, in
+    q.dtype."""
     dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
     if lse.numel() > 0:
-        _launch_bwd(do, q, k, v, out, lse.contiguous(), dq, dk, dv, None,
+        _launch_bwd(do, q, k, v, out, _residual_arg(out_lo), lse.contiguous(), dq, dk, dv, None,
                     cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, scale, is_causal, None,
                     dropout_p, seed, (cu_seqlens_q, cu_seqlens_k))
     else:  # no queries: no key gets a gradient

@@ -139,7 +139,7 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
 
     configs.interpreting = lambda: False  # ask for the GPU's settings
     configs.arch_major = lambda device: arch // 10
-    ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "dO", "dK", "dV", "dQ")}
+    ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "OutLo", "dO", "dK", "dV", "dQ")}
     ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "dMask")})
     ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "CuSeqlensQ", "CuSeqlensK")})
     ptrs["Seed"] = "*i64"
@@ -150,6 +150,7 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
         bwd = configs.attention_bwd_config(d, torch.bfloat16, torch.device("cuda"), extras)
         base = dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False,
                     HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
+                    STORE_LO=True,  # training: the forward keeps out's rounding residual
                     BLOCK_D=d, BLOCK_DV=d)
         base.update({k: v for k, v in flags.items() if k != "MASK_GRAD"})
         mask_ptr = {"Mask": "*u8" if base["MASK_IS_BOOL"] else "*bf16"}
@@ -161,8 +162,8 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
                                             BLOCK_N=cfg["BLOCK_N"]).items() if k in fn.arg_names}
             yield fn, name, {**ptrs, **mask_ptr}, consts, _options(cfg)
         pre = bwd["preprocess"]
-        consts = {k: v for k, v in dict(IS_VARLEN=base["IS_VARLEN"], BLOCK_M=pre["BLOCK_M"],
-                                        BLOCK_DV=d).items()
+        consts = {k: v for k, v in dict(IS_VARLEN=base["IS_VARLEN"], HAS_LO=True,
+                                        BLOCK_M=pre["BLOCK_M"], BLOCK_DV=d).items()
                   if k in AT._attn_bwd_preprocess_kernel.arg_names}
         yield AT._attn_bwd_preprocess_kernel, name, ptrs, consts, _options(pre)
 

@@ -5,6 +5,8 @@ or under Triton's interpreter on the CPU."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,9 +238,21 @@ def test_custom_ops_pass_opcheck(mask_kind, device):
                                                        device, requires_grad=False)
     extra = (mask, 0.0, None) if mask is None else (mask, 0.2, torch.tensor([7], device=device))
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, (q, k, v, 0.25, True, *extra))
-    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, 0.25, True, *extra)
+    out, lse, _ = torch.ops.fastattn.attention_fwd(q, k, v, 0.25, True, *extra)
     torch.library.opcheck(torch.ops.fastattn.attention_bwd.default,
                           (do, q, k, v, out, lse, 0.25, True, *extra, mask_kind == "float"))
+
+
+def test_custom_ops_pass_opcheck_with_the_output_residual(device):
+    """fp16 with residual=True: the forward's third output (out's rounding residual) and the
+    backward that reads it."""
+    q, k, v, do = (t.detach() for t in _qkv(1, 2, 1, 5, 7, 16, torch.float16, device))
+    args = (q, k, v, 0.25, True, None, 0.0, None, True)
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args)
+    out, lse, out_lo = torch.ops.fastattn.attention_fwd(*args)
+    assert out_lo.shape == out.shape and out_lo.abs().max() <= out.abs().max() * 2**-10
+    torch.library.opcheck(torch.ops.fastattn.attention_bwd.default,
+                          (do, q, k, v, out, lse, 0.25, True, None, 0.0, None, False, out_lo))
 
 
 # ---- attn_mask ----
@@ -325,12 +339,13 @@ def test_mask_is_read_in_place(device, monkeypatch):
     original = kernels.attention_fwd
 
     def spy(q_, k_, v_, scale, is_causal, attn_mask, *args):
-        seen.append((attn_mask.data_ptr(), attn_mask.shape))
+        seen.append((attn_mask.data_ptr(), attn_mask.shape, attn_mask.stride()))
         return original(q_, k_, v_, scale, is_causal, attn_mask, *args)
 
     monkeypatch.setattr(kernels, "attention_fwd", spy)
     fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert seen == [(mask.data_ptr(), (1, 1, 19, 23))]
+    # the caller's (19, 23) storage, viewed as (B, 1, L, S) with stride 0 on the batch
+    assert seen == [(mask.data_ptr(), (2, 1, 19, 23), (0, 19 * 23, 23, 1))]
 
 
 # ---- dropout ----
@@ -431,10 +446,10 @@ def _qkv_t(device):
                 _t(1, 2, 5, 16, device=d)), ValueError, "one device"),
     (lambda d: (_t(1, 2, 4, 16, device=d).long(), _t(1, 2, 4, 16, device=d),
                 _t(1, 2, 4, 16, device=d)), TypeError, "query has dtype int64"),
-    (lambda d: (_t(4, 16, device=d), _t(4, 16, device=d), _t(4, 16, device=d)),
-     ValueError, "at least 3 dims"),
-    (lambda d: (_t(2, 2, 4, 16, device=d), _t(1, 2, 4, 16, device=d), _t(1, 2, 4, 16, device=d)),
-     ValueError, "batch dims"),
+    (lambda d: (_t(16, device=d), _t(16, device=d), _t(16, device=d)),
+     ValueError, "at least 2 dims"),
+    (lambda d: (_t(2, 2, 4, 16, device=d), _t(3, 2, 4, 16, device=d), _t(3, 2, 4, 16, device=d)),
+     ValueError, r"must broadcast together, got query \[2, 2\], key \[3, 2\]"),
     (lambda d: (*_qkv_t(d), {"attn_mask": torch.ones(3, 4, dtype=torch.bool, device=d)}),
      ValueError, r"attn_mask of shape \[3, 4\] does not broadcast"),
     (lambda d: (*_qkv_t(d), {"attn_mask": torch.ones(2, 1, 2, 4, 4, dtype=torch.bool, device=d)}),
@@ -466,3 +481,63 @@ def test_kernel_launch_with_dropout_needs_a_device_seed_tensor(seed, device):
 
     with pytest.raises(ValueError, match=r"dropout_p=0.2 needs seed: a \(1,\) int64 tensor"):
         kernels.attention_fwd(q, k, v, 0.25, False, None, 0.2, seed)
+
+
+# ---- batch dims that broadcast (as torch's function) ----
+
+# (query, key, value, attn_mask or None, enable_gqa, is_causal): the leading dims broadcast.
+BROADCAST = {
+    "2d": ((3, 8), (6, 8), (6, 8), None, False, True),
+    "q-3d-kv-4d": ((4, 3, 8), (2, 4, 6, 8), (2, 4, 6, 8), None, False, False),
+    "q-1-head": ((2, 1, 5, 16), (2, 4, 7, 16), (2, 4, 7, 16), None, False, True),
+    "kv-1-head": ((2, 4, 5, 16), (2, 1, 7, 16), (2, 1, 7, 16), (5, 7), False, False),
+    "kv-batch-1": ((3, 2, 5, 16), (1, 2, 7, 16), (3, 2, 7, 24), None, False, False),
+    "gqa-q-no-batch": ((4, 5, 16), (3, 2, 7, 16), (3, 2, 7, 16), (3, 1, 1, 7), True, False),
+    "5d-crossed": ((2, 1, 2, 5, 16), (1, 3, 2, 7, 16), (1, 3, 2, 7, 16), (2, 1, 1, 5, 7), False,
+                   False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(BROADCAST))
+def test_batch_dims_broadcast_as_torch(case, dtype, device, monkeypatch):
+    """q, k, v (and a float mask) whose leading dims broadcast: torch's output shape, values and
+    gradients (summed over the broadcast dims) within the rule, from the kernels; the launcher is
+    handed views of the caller's tensors (stride 0 on broadcast dims), never copies."""
+    q_shape, k_shape, v_shape, mask_shape, gqa, is_causal = BROADCAST[case]
+    g = torch.Generator().manual_seed(len(case))
+    tensors = [torch.randn(s, generator=g) for s in (q_shape, k_shape, v_shape)]
+    if mask_shape is not None:
+        tensors.append(torch.randn(mask_shape, generator=g))
+
+    def run(fn, dtype, cotangent=None):
+        leaves = [t.to(dtype).to(device).requires_grad_() for t in tensors]
+        q, k, v, *mask = leaves
+        kwargs = dict(attn_mask=mask[0] if mask else None, is_causal=is_causal, enable_gqa=gqa)
+        out = fn(q, k, v, **kwargs)
+        if cotangent is None:
+            return out, leaves
+        return [out, *torch.autograd.grad(out, leaves, cotangent.to(dtype).to(device))], leaves
+
+    ref_out, _ = run(F.scaled_dot_product_attention, torch.float64)
+    do = torch.randn(ref_out.shape, generator=g)
+    ref, _ = run(F.scaled_dot_product_attention, torch.float64, do)
+    theirs, _ = run(F.scaled_dot_product_attention, dtype, do)
+
+    kernels = fastattn._dispatch.kernels("attention")
+    handed = []
+    original = kernels.attention_fwd
+
+    def spy(q_, k_, v_, *args):
+        handed.append((q_.untyped_storage().data_ptr(), q_.stride()))
+        return original(q_, k_, v_, *args)
+
+    monkeypatch.setattr(kernels, "attention_fwd", spy)
+    with fastattn.record_backends() as ran:
+        ours, leaves = run(fastattn.scaled_dot_product_attention, dtype, do)
+    assert_kernels_ran(ran, ["attention_fwd", "attention_bwd"], device)
+    for label, a, t, r in zip(["out", "dq", "dk", "dv", "dmask"], ours, theirs, ref):
+        assert_within_torch_error(f"{case} {label}", a, t, r, dtype)
+    assert handed and all(ptr == leaves[0].untyped_storage().data_ptr() for ptr, _ in handed)
+    if math.prod(q_shape[:-2]) < math.prod(ref_out.shape[:-2]):  # q is broadcast: a stride-0 view
+        assert all(0 in strides for _, strides in handed), handed

@@ -44,7 +44,7 @@ def check_against_reference(B, Hq, Hkv, L, S, D, Dv, is_causal, dtype, strided=F
     scale = D**-0.5 if scale is None else scale
     mask_grad = attn_mask is not None and attn_mask.is_floating_point()
 
-    out, lse = attention.attention_fwd(q, k, v, scale, is_causal, attn_mask)
+    out, lse, _ = attention.attention_fwd(q, k, v, scale, is_causal, attn_mask)
     dq, dk, dv, dmask = attention.attention_bwd(do, q, k, v, out, lse, scale, is_causal, attn_mask,
                                                 mask_grad=mask_grad)
     assert dmask.numel() == (attn_mask.numel() if mask_grad else 0)
@@ -92,7 +92,7 @@ def test_strided_inputs(is_causal):
     strided = make_inputs(B, Hq, Hkv, L, S, D, Dv, torch.float16, strided=True)
     assert not any(t.is_contiguous() for t in strided)
     q, k, v, do = (t.contiguous() for t in strided)
-    out, lse = attention.attention_fwd(q, k, v, D**-0.5, is_causal)
+    out, lse, _ = attention.attention_fwd(q, k, v, D**-0.5, is_causal)
     want = (out, lse, *attention.attention_bwd(do, q, k, v, out, lse, D**-0.5, is_causal)[:3])
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         assert torch.equal(a, b), f"{name} differs between strided and contiguous inputs"
@@ -157,7 +157,7 @@ def test_gpu_tile_shapes_with_mask_and_dropout(arch_major, head_dim, monkeypatch
     seed = torch.tensor([1234], device=DEVICE)
 
     def dropout_run():
-        out, lse = attention.attention_fwd(q, k, v, 0.1, True, mask, 0.3, seed)
+        out, lse, _ = attention.attention_fwd(q, k, v, 0.1, True, mask, 0.3, seed)
         grads = attention.attention_bwd(do, q, k, v, out, lse, 0.1, True, mask, 0.3, seed)
         return (out, *grads[:3])
 
@@ -185,16 +185,16 @@ def test_key_padding_skips_padded_key_blocks():
     q, k, v, do = make_inputs(B, H, H, L, S, D, D, torch.float16)
     k_nan, v_nan = (t.masked_fill(whole_blocks, float("nan")) for t in (k, v))
 
-    out, lse = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, False, key_mask)
+    out, lse, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, False, key_mask)
     dq, dk, dv, _ = attention.attention_bwd(do, q, k_nan, v_nan, out, lse, D**-0.5, False, key_mask)
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert not t.isnan().any(), f"{name}: a fully padded key block was read"
     assert not dk[whole_blocks.expand_as(dk)].any() and not dv[whole_blocks.expand_as(dv)].any()
 
-    want, _ = attention.attention_fwd(q, k, v, D**-0.5, False, key_mask)  # finite padding values
+    want, _, _ = attention.attention_fwd(q, k, v, D**-0.5, False, key_mask)  # finite padding values
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     general_mask = key_mask.expand(B, 1, L, S)
-    general, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, False, general_mask)
+    general, _, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, False, general_mask)
     assert general.isnan().any(), "the general mask path should have read the NaN blocks"
 
 
@@ -212,12 +212,12 @@ def test_empty_problem_mask_gradient():
     """No queries: the gradient of a float mask is 0, shaped as the mask."""
     q, k, v, do = make_inputs(1, 2, 2, 0, 5, 16, 16, torch.float32)
     mask = torch.randn(1, 1, 0, 5, device=DEVICE)
-    out, lse = attention.attention_fwd(q, k, v, 0.25, False, mask)
+    out, lse, _ = attention.attention_fwd(q, k, v, 0.25, False, mask)
     dmask = attention.attention_bwd(do, q, k, v, out, lse, 0.25, False, mask, mask_grad=True)[3]
     assert dmask.shape == mask.shape and dmask.dtype == mask.dtype
     mask = torch.randn(3, 5, device=DEVICE)
     q, k, v, do = make_inputs(1, 2, 2, 3, 0, 16, 16, torch.float32)  # no keys
-    out, lse = attention.attention_fwd(q, k, v, 0.25, False, mask[:, :0])
+    out, lse, _ = attention.attention_fwd(q, k, v, 0.25, False, mask[:, :0])
     dmask = attention.attention_bwd(do, q, k, v, out, lse, 0.25, False, mask[:, :0],
                                     mask_grad=True)[3]
     assert dmask.shape == (3, 0)
@@ -230,7 +230,7 @@ def test_no_queries(is_causal, monkeypatch):
     for name in kernels:
         monkeypatch.setattr(attention, name, _MustNotLaunch())
     q, k, v, do = make_inputs(2, 4, 2, 0, 5, 32, 24, torch.float16)
-    out, lse = attention.attention_fwd(q, k, v, 0.2, is_causal)
+    out, lse, _ = attention.attention_fwd(q, k, v, 0.2, is_causal)
     assert out.shape == (2, 4, 0, 24) and out.dtype == torch.float16
     assert lse.shape == (2, 4, 0) and lse.dtype == torch.float32
     dq, dk, dv, _ = attention.attention_bwd(do, q, k, v, out, lse, 0.2, is_causal)

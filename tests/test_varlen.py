@@ -173,7 +173,7 @@ def test_custom_ops_pass_opcheck(device):
     seed = torch.tensor([5], device=device)
     args = (q, k, v, cu, cu, 9, 9, 0.25, True, 0.1, seed)
     torch.library.opcheck(torch.ops.fastattn.varlen_attention_fwd.default, args)
-    out, lse = torch.ops.fastattn.varlen_attention_fwd(*args)
+    out, lse, _ = torch.ops.fastattn.varlen_attention_fwd(*args)
     torch.library.opcheck(torch.ops.fastattn.varlen_attention_bwd.default,
                           (do, q, k, v, out, lse, cu, cu, 9, 9, 0.25, True, 0.1, seed))
 
