@@ -27,7 +27,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import fastattn
@@ -272,8 +272,20 @@ def torch_attention(q, k, v, mask, is_causal, scale, gqa):
                                           enable_gqa=gqa) * seen
 
 
-@examples(25)
+@examples(80)
 @given(case=attention_cases(), dtype=dtypes, seed=seeds)
+@example(  # every row sees one key: dq is exactly 0, fastattn's its rounding floor (see above)
+    case=dict(shapes={"q": [1, 1, 2, 13, 14], "k": [1, 1, 2, 1, 14], "v": [1, 1, 2, 1, 33]},
+              layouts={"q": ("contiguous", 0), "k": ("sliced", 0), "v": ("contiguous", 0)},
+              mask="float", mask_shape=[1, 1], mask_layout=("contiguous", 0), mask_grad=False,
+              hidden=0.0, is_causal=False, gqa=True, scale=1.308229667464052),
+    dtype=torch.float32, seed=0)
+@example(  # q (H, L, E) against k, v (B, H, S, E), causal, a float key-padding mask with grad
+    case=dict(shapes={"q": [2, 5, 16], "k": [3, 2, 7, 16], "v": [3, 2, 7, 8]},
+              layouts={"q": ("contiguous", 0), "k": ("transposed", 0), "v": ("expanded", 0)},
+              mask="float", mask_shape=[3, 1, 1, 7], mask_layout=("contiguous", 0),
+              mask_grad=True, hidden=0.3, is_causal=True, gqa=False, scale=None),
+    dtype=torch.float16, seed=1)
 def test_attention_matches_torch(case, dtype, seed, device):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (_leaf(_strided(_randn(g, dtype), case["shapes"][n], *case["layouts"][n], device))
@@ -351,7 +363,7 @@ def per_sequence_attention(q, k, v, lens_q, lens_k, causal, scale):
     return torch.cat(outs)
 
 
-@examples(15)
+@examples(25)
 @given(case=varlen_cases(), dtype=dtypes, seed=seeds)
 def test_varlen_attention_matches_per_sequence_torch(case, dtype, seed, device):
     g = torch.Generator().manual_seed(seed)
@@ -389,7 +401,7 @@ def test_varlen_attention_matches_per_sequence_torch(case, dtype, seed, device):
              [0.0, *floors, 0.0])
 
 
-@examples(10)
+@examples(25)
 @given(batch=st.integers(0, 3), n=_size(0, 9), heads=st.integers(1, 2), d=st.integers(1, 24),
        kind=st.sampled_from([torch.bool, torch.int64, torch.int32]), causal=st.booleans(),
        dtype=dtypes, seed=seeds)
@@ -440,6 +452,17 @@ def test_unpad_varlen_pad_matches_padded_attention(batch, n, heads, d, kind, cau
 
 NORM_OPS = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 NORM_LAYOUTS = ["contiguous", "column_stride_2", "padded_rows", "transposed", "expanded_rows"]
+PARAM_LAYOUTS = ["contiguous", "stride_2", "expanded"]
+
+
+def _param(make, shape, layout: str, device):
+    """A weight / bias of `shape`: contiguous, every other element of a longer buffer (a slice of
+    a packed parameter), or one value expanded (stride 0)."""
+    if layout == "stride_2":
+        return make([*shape[:-1], 2 * shape[-1]]).to(device)[..., ::2]
+    if layout == "expanded":
+        return make([1] * len(shape)).to(device).expand(shape)
+    return make(list(shape)).to(device)
 
 
 @st.composite
@@ -458,6 +481,7 @@ def norm_cases(draw):
     return dict(op=op, dtype=dtype, normalized=normalized, lead=lead,
                 weight=draw(st.booleans()), bias=has_bias,
                 fp32_params=dtype != torch.float32 and draw(st.booleans()), eps=eps,
+                param_layout=draw(st.sampled_from(PARAM_LAYOUTS)),
                 shift=draw(st.sampled_from([0.0, 0.5, 3.0])),
                 layout=draw(st.sampled_from(NORM_LAYOUTS)),
                 residual_layout=draw(st.sampled_from(NORM_LAYOUTS)),
@@ -480,8 +504,13 @@ def _norm_input(make, lead, normalized, layout, device):
     return make(shape).to(device)
 
 
-@examples(25)
+@examples(100)
 @given(case=norm_cases(), seed=seeds)
+@example(  # weight and bias slices of packed parameters (stride 2)
+    case=dict(op="layer_norm", dtype=torch.float32, normalized=[7], lead=[3], weight=True,
+              bias=True, fp32_params=False, eps=None, param_layout="stride_2", shift=0.0,
+              layout="contiguous", residual_layout="contiguous", dy_permuted=False),
+    seed=0)
 def test_norms_match_torch(case, seed, device):
     """layer_norm, rms_norm and add_layer_norm (LayerNorm or RMSNorm) vs F.layer_norm /
     F.rms_norm: output (and h = x + residual) and the gradients of input, residual, weight, bias.
@@ -494,9 +523,10 @@ def test_norms_match_torch(case, seed, device):
                           case["layout"], device))
     r = (_leaf(_norm_input(_randn(g, dtype), case["lead"], normalized, case["residual_layout"],
                            device)) if fused else None)
-    w = (_leaf((torch.randn(normalized, generator=g) * 0.5 + 1).to(pdt).to(device))
-         if case["weight"] else None)
-    b = _leaf(torch.randn(normalized, generator=g).to(pdt).to(device)) if case["bias"] else None
+    w = (_leaf(_param(_randn(g, pdt, scale=0.5, shift=1.0), normalized, case["param_layout"],
+                      device)) if case["weight"] else None)
+    b = (_leaf(_param(_randn(g, pdt), normalized, case["param_layout"], device))
+         if case["bias"] else None)
     shape = x.shape
     dy = torch.randn(*reversed(shape), generator=g).permute(*reversed(range(len(shape))))
     dy = (dy if case["dy_permuted"] else dy.contiguous()).to(dtype).to(device)
@@ -526,6 +556,10 @@ def test_norms_match_torch(case, seed, device):
                 return [fastattn.rms_norm(x, shape_arg, w, **eps_kw)]
             return list(fastattn.add_layer_norm(x, r, shape_arg, w, b, **eps_kw, rms=rms))
         h = x + r if fused else x
+        if w is None and b is not None and b.dtype != h.dtype:
+            # torch's backward refuses a half input with an fp32 bias and no weight ("expected
+            # scalar type Half but found Float"); a weight of ones is the same function
+            w = torch.ones_like(b)
         if rms:  # add_layer_norm's default eps is 1e-5 for RMSNorm too
             y = F.rms_norm(h, shape_arg, w, eps=eps_kw.get("eps", 1e-5 if fused else None))
         else:
@@ -558,9 +592,23 @@ def test_norms_match_torch(case, seed, device):
 INDEX_PATTERNS = ["random", "all_same", "hot", "sorted", "descending"]
 
 
-def _indices(g, pattern: str, shape, rows: int, index_dtype, device):
+INDEX_LAYOUTS = ["contiguous", "stride_2", "expanded"]
+
+
+def _indices(g, pattern: str, shape, rows: int, index_dtype, device, layout="contiguous"):
     """Indices in [0, rows) of `shape`: uniform, one index everywhere, a few hot indices repeated
-    (90% of the lookups), sorted or reverse-sorted."""
+    (90% of the lookups), sorted or reverse-sorted; contiguous, every other element of a longer
+    last dim (ids[..., ::2]), or broadcast from a size-1 first dim (stride 0)."""
+    ids = _index_values(g, pattern, shape, rows)
+    if layout == "stride_2" and len(shape) >= 1:
+        ids = torch.stack([ids, torch.randint(0, rows, ids.shape, generator=g)], dim=-1)
+        return ids.flatten(-2).to(index_dtype).to(device)[..., ::2]
+    if layout == "expanded" and len(shape) >= 1 and shape[0] > 1:
+        return ids[:1].to(index_dtype).to(device).expand(shape)
+    return ids.to(index_dtype).to(device)
+
+
+def _index_values(g, pattern: str, shape, rows: int):
     ids = torch.randint(0, rows, shape, generator=g)
     if pattern == "all_same":
         ids = torch.full(shape, int(torch.randint(0, rows, (), generator=g)))
@@ -570,7 +618,7 @@ def _indices(g, pattern: str, shape, rows: int, index_dtype, device):
         ids = torch.where(torch.rand(shape, generator=g) < 0.9, pick, ids)
     elif pattern in ("sorted", "descending"):
         ids = ids.flatten().sort(descending=pattern == "descending").values.view(shape)
-    return ids.to(index_dtype).to(device)
+    return ids
 
 
 @st.composite
@@ -584,27 +632,37 @@ def embedding_cases(draw):
                 scale_grad_by_freq=draw(st.booleans()),
                 max_norm=draw(st.one_of(st.none(), st.floats(0.1, 3.0))),
                 norm_type=draw(st.sampled_from([1.0, 2.0, 3.5])),
-                layout=draw(st.sampled_from(["contiguous", "column_stride_2", "transposed"])))
+                layout=draw(st.sampled_from(["contiguous", "column_stride_2", "transposed"])),
+                index_layout=draw(st.sampled_from(INDEX_LAYOUTS)))
 
 
-@examples(25)
+@examples(100)
 @given(case=embedding_cases(), dtype=dtypes, seed=seeds)
+@example(  # 1-D indices with stride 2 (ids[::2])
+    case=dict(V=10, D=4, shape=[5], pattern="random", index_dtype=torch.int64, padding_idx=None,
+              scale_grad_by_freq=False, max_norm=None, norm_type=2.0, layout="contiguous",
+              index_layout="stride_2"),
+    dtype=torch.float32, seed=0)
 def test_embedding_matches_torch(case, dtype, seed, device):
     """fastattn.embedding vs F.embedding: the output exactly (a gather), the weight after max_norm's
     in-place renorm exactly (on clones), the weight gradient by the parity rule (padding_idx,
     scale_grad_by_freq; half tables against torch's half accumulation)."""
     g = torch.Generator().manual_seed(seed)
     V, D = case["V"], case["D"]
-    table = torch.randn(V, D, generator=g) * 2
-    if case["layout"] == "column_stride_2":
-        w = torch.repeat_interleave(table, 2, dim=1).to(dtype).to(device)[:, ::2]
-    elif case["layout"] == "transposed":
-        w = table.t().contiguous().to(dtype).to(device).t()
-    else:
-        w = table.to(dtype).to(device)
-    w = _leaf(w)
-    w_torch = _leaf(w.detach().cpu().clone())  # torch's own op renorms its own copy
-    ids = _indices(g, case["pattern"], case["shape"], V, case["index_dtype"], device)
+    table = (torch.randn(V, D, generator=g) * 2).to(dtype)
+
+    def weight(device):
+        """The table in the drawn layout: every other column of a wider buffer, or transposed."""
+        if case["layout"] == "column_stride_2":
+            return _leaf(torch.repeat_interleave(table, 2, dim=1).to(device)[:, ::2])
+        if case["layout"] == "transposed":
+            return _leaf(table.t().contiguous().to(device).t())
+        return _leaf(table.to(device))
+
+    # torch's own op renorms its own copy, laid out alike (its renorm's rounding follows strides)
+    w, w_torch = weight(device), weight("cpu")
+    ids = _indices(g, case["pattern"], case["shape"], V, case["index_dtype"], device,
+                   case["index_layout"])
     dout = torch.randn(*case["shape"], D, generator=g).to(dtype).to(device)
     kwargs = dict(padding_idx=case["padding_idx"], scale_grad_by_freq=case["scale_grad_by_freq"])
     if case["max_norm"] is not None:
@@ -650,18 +708,25 @@ def fused_embedding_cases(draw):
                 pattern=draw(st.sampled_from(INDEX_PATTERNS)),
                 index_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
                 positions=draw(st.sampled_from(
-                    ["default", "offset", "full"] + (["broadcast"] if len(shape) >= 2 else []))))
+                    ["default", "offset", "full"] + (["broadcast"] if len(shape) >= 2 else []))),
+                index_layout=draw(st.sampled_from(INDEX_LAYOUTS)),
+                param_layout=draw(st.sampled_from(PARAM_LAYOUTS)))
 
 
-@examples(12)
+@examples(50)
 @given(case=fused_embedding_cases(), dtype=dtypes, seed=seeds)
+@example(  # a decoding step: input_ids (B, 1), default positions (a stride-0 view when flat)
+    case=dict(shape=[3, 1], V=50, P=4, D=8, pattern="random", index_dtype=torch.int64,
+              positions="default", index_layout="contiguous", param_layout="contiguous"),
+    dtype=torch.float32, seed=0)
 def test_gpt_embeddings_match_composition(case, dtype, seed, device):
     """gpt_embeddings = F.embedding(ids, wte) + F.embedding(positions, wpe), and both gradients."""
     g = torch.Generator().manual_seed(seed)
     shape, D = case["shape"], case["D"]
     wte, wpe = (_leaf(torch.randn(rows, D, generator=g).to(dtype).to(device))
                 for rows in (case["V"], case["P"]))
-    ids = _indices(g, case["pattern"], shape, case["V"], case["index_dtype"], device)
+    ids = _indices(g, case["pattern"], shape, case["V"], case["index_dtype"], device,
+                   case["index_layout"])
     pos = _position_ids(g, case["positions"], shape, shape[-1], case["P"], device)
     dout = torch.randn(*shape, D, generator=g).to(dtype).to(device)
     with fastattn.record_backends() as ran:
@@ -678,7 +743,11 @@ def test_gpt_embeddings_match_composition(case, dtype, seed, device):
     _compare("gpt_embeddings", ["out", "dwte", "dwpe"], ours, run(None), run(torch.float64), dtype)
 
 
-@examples(12)
+@examples(50)
+@example(  # input_ids (B, 1) with default positions; an ln_weight slice (stride 2)
+    case=dict(shape=[2, 1], V=20, P=3, D=8, pattern="random", index_dtype=torch.int64,
+              positions="default", index_layout="contiguous", param_layout="stride_2"),
+    types="default", n_types=2, eps=None, padding=None, dtype=torch.float32, seed=0)
 @given(case=fused_embedding_cases(), types=st.sampled_from(["default", "full", "broadcast"]),
        n_types=st.integers(1, 3), eps=st.one_of(st.none(), st.floats(1e-12, 1e-3)),
        padding=st.one_of(st.none(), st.integers(-60, 59)), dtype=dtypes, seed=seeds)
@@ -692,9 +761,11 @@ def test_bert_embeddings_match_composition(case, types, n_types, eps, padding, d
     padding = None if padding is None or not -V <= padding < V else padding
     params = [_leaf(torch.randn(rows, D, generator=g).to(dtype).to(device))
               for rows in (V, case["P"], n_types)]
-    params += [_leaf((torch.rand(D, generator=g) + 0.5).to(dtype).to(device)),
-               _leaf(torch.randn(D, generator=g).to(dtype).to(device))]
-    ids = _indices(g, case["pattern"], shape, V, case["index_dtype"], device)
+    params += [_leaf(_param(_randn(g, dtype, scale=0.3, shift=1.0), [D], case["param_layout"],
+                            device)),
+               _leaf(_param(_randn(g, dtype), [D], case["param_layout"], device))]
+    ids = _indices(g, case["pattern"], shape, V, case["index_dtype"], device,
+                   case["index_layout"])
     pos = _position_ids(g, case["positions"], shape, shape[-1], case["P"], device)
     type_ids = (None if types == "default" else
                 torch.randint(0, n_types, shape if types == "full" else (shape[-1],),
