@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .configs import device_guard, embedding_bwd_config, embedding_config
-from .layer_norm import _normalize_store
+from .layer_norm import _normalize_store, unit_stride
 # dropout_keep: Triton's interpreter resolves the globals of the imported _normalize_store here.
 from .numerics import dropout_keep, load_seed, round_to, seed_arg  # noqa: F401
 
@@ -156,6 +156,10 @@ def embedding_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns out (T, D) in the table dtype; with a norm also h (T, D), mean (T,) and rstd (T,)
     fp32 (empty otherwise)."""
+    # the kernel reads IDS + t, LN_W + d, ...: unit strides (a no-op for contiguous tensors; a
+    # (B, 1) batch's default positions arange(1).expand(B, 1) flatten to a stride-0 view)
+    ids, pos_ids, type_ids, ln_weight, ln_bias = map(
+        unit_stride, (ids, pos_ids, type_ids, ln_weight, ln_bias))
     T, D = ids.shape[0], word.shape[1]
     has_norm = ln_weight is not None
     dev = word.device

@@ -317,6 +317,12 @@ def _column_sum_kernel(
     tl.store(OUT + k * N + cols, tl.sum(acc, axis=0), mask=cols < N)
 
 
+def unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1-D tensor the kernels can index as t + i: itself when already so (no copy), else a
+    contiguous copy (a sliced or expanded parameter, a few N elements)."""
+    return t if t is None or t.stride(0) == 1 or t.numel() <= 1 else t.contiguous()
+
+
 def norm_fwd(
     x: torch.Tensor,  # (M, N), any strides
     weight: torch.Tensor | None,  # (N,)
@@ -328,6 +334,7 @@ def norm_fwd(
     """Normalize the rows of x (+ residual). Returns y (M, N) in x.dtype, h = x + residual (M, N)
     (empty without residual), mean (M,) fp32 (empty for RMSNorm) and rstd (M,) fp32."""
     M, N = x.shape
+    weight, bias = unit_stride(weight), unit_stride(bias)  # the kernels read W + cols
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     h = torch.empty((M, N) if residual is not None else (0,), dtype=x.dtype, device=x.device)
     mean = torch.empty((0,) if is_rms else (M,), dtype=torch.float32, device=x.device)
@@ -370,6 +377,7 @@ def norm_bwd(
     with dropout_seed at element row * N + col (as the fused BERT embedding does); dy is masked
     and rescaled the same way first."""
     M, N = x.shape
+    weight = unit_stride(weight)  # the kernels read W + cols
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     cfg = norm_config(N, x.device, backward=True)
     n_programs = norm_bwd_programs(triton.cdiv(M, cfg.BLOCK_M), x.device)
