@@ -1,14 +1,20 @@
-"""Which implementation runs an op, and a record of what ran.
+"""Which implementation runs an op, how it is called, and a record of what ran.
 
     CUDA tensor                          -> "triton": the compiled Triton kernel
     CPU tensor with TRITON_INTERPRET=1   -> "triton-interpreter": the same kernel, run by Triton's
                                             interpreter (how the kernels are tested without a GPU)
-    any other tensor                     -> "reference": the eager PyTorch code in fastattn.reference
+    any other tensor                     -> "torch": torch's own ops (fastattn.torch_path), with
+                                            the launchers' contract
 
 TRITON_INTERPRET must be set before Triton is first imported (torch may import it too): Triton
 decides whether a kernel, and its own library functions, are compiled or interpreted when they are
 defined. fastattn imports its kernel modules lazily, on first use, so `import fastattn` itself
 neither needs a GPU nor imports Triton.
+
+Every launch goes through run(): in eager mode it calls the launcher directly (torch.library's
+dispatch would cost tens of µs per call); while torch.compile / export trace, or under fake tensors
+or a TorchDispatchMode, it calls the custom op torch.ops.fastattn.<op>, whose body calls the same
+launcher. The two paths run the same code on the same arguments.
 
     >>> fastattn.backend(x)                  # the path ops on x take
     'triton-interpreter'
@@ -22,41 +28,59 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 import threading
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from torch import Tensor
 
 TRITON = "triton"
 INTERPRETER = "triton-interpreter"
-REFERENCE = "reference"
+TORCH = "torch"
 
 _lock = threading.Lock()
 _records: list[list[tuple[str, str]]] = []
+_replacements: list[object] = []  # see replaced_launchers
+# (device type, TRITON_INTERPRET) -> path, kept once it cannot change (see _path)
+_paths: dict[tuple[str, str | None], str] = {}
+_modules: dict[tuple[str, str], ModuleType] = {}  # (path, kernel module name) -> module
 
 
-def _interpreting() -> bool:
-    from fastattn.kernels.configs import interpreting  # configs imports no Triton
+def _interpreting(value: str | None) -> bool:
+    """Whether a TRITON_INTERPRET value turns Triton's interpreter on."""
+    return (value or "0").lower() in ("1", "true", "on", "yes")
 
-    return interpreting()
+
+def _path(device_type: str) -> str:
+    """The path for a device type under the current TRITON_INTERPRET. Cached once final: for the
+    torch path, or once Triton is imported (its mode is then fixed; a changed TRITON_INTERPRET is a
+    new key, checked again, and refused by _check_triton_mode)."""
+    env = os.environ.get("TRITON_INTERPRET")
+    path = _paths.get((device_type, env))
+    if path is not None:
+        return path
+    if device_type == "cuda":
+        path = TRITON
+    elif device_type == "cpu" and _interpreting(env):
+        path = INTERPRETER
+    else:
+        path = TORCH
+    if path != TORCH:
+        _check_triton_mode(path == INTERPRETER)
+    if path == TORCH or _triton_imported_interpreted() is not None:
+        _paths[(device_type, env)] = path
+    return path
 
 
 def backend(tensor_or_device: torch.Tensor | torch.device | str) -> str:
     """The implementation fastattn ops use for tensors on this device: "triton",
-    "triton-interpreter" or "reference". Raises RuntimeError when a Triton path is chosen but
+    "triton-interpreter" or "torch". Raises RuntimeError when a Triton path is chosen but
     Triton was imported under the other TRITON_INTERPRET setting (see _check_triton_mode)."""
     device = getattr(tensor_or_device, "device", tensor_or_device)
-    device = torch.device(device)
-    if device.type == "cuda":
-        path = TRITON
-    elif device.type == "cpu" and _interpreting():
-        path = INTERPRETER
-    else:
-        return REFERENCE
-    _check_triton_mode(path == INTERPRETER)
-    return path
+    return _path(torch.device(device).type)
 
 
 _triton_mode: list[bool] = []  # [whether Triton's library is interpreted], once Triton is imported
@@ -100,17 +124,56 @@ def kernels(name: str) -> ModuleType:
     return importlib.import_module(f"fastattn.kernels.{name}")
 
 
-def implementation(op: str, kernel_module: str, tensor: torch.Tensor) -> ModuleType:
-    """The module that runs custom op `op` for `tensor`: fastattn.kernels.<kernel_module> (Triton,
-    compiled or interpreted) or fastattn.reference; the choice is recorded. Both modules define a
-    function named `op` with the same signature."""
-    path = backend(tensor)
-    record(op, path)
-    if path == REFERENCE:
-        from fastattn import reference
+def _module(path: str, kernel_module: str) -> ModuleType:
+    module = _modules.get((path, kernel_module))
+    if module is None:
+        module = (importlib.import_module("fastattn.torch_path") if path == TORCH
+                  else kernels(kernel_module))
+        _modules[(path, kernel_module)] = module
+    return module
 
-        return reference
-    return kernels(kernel_module)
+
+def launcher(op: str, kernel_module: str, tensor: Tensor) -> Callable:
+    """The function that runs op `op` for `tensor`: fastattn.kernels.<kernel_module>.<op> (Triton,
+    compiled or interpreted) or fastattn.torch_path.<op>, which share one contract; the choice is
+    recorded. Looked up on each call, so a test may monkeypatch a launcher."""
+    path = _path(tensor.device.type)
+    if _records:
+        record(op, path)
+    if _replacements:
+        return getattr(_replacements[-1], op)
+    return getattr(_module(path, kernel_module), op)
+
+
+def _traced(tensor: Tensor) -> bool:
+    """True while torch.compile / export trace, or when the tensor is not a plain one (fake,
+    functional or another subclass) or a TorchDispatchMode is active: then ops go through
+    torch.library, as those machineries expect."""
+    return (torch.compiler.is_compiling() or type(tensor) not in _PLAIN_TYPES
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def run(op: str, kernel_module: str, tensor: Tensor, *args):
+    """Run fastattn::<op> on args (positional, as the custom op declares them); `tensor` is the
+    argument whose device picks the path. The one switch between the eager path (the launcher,
+    called directly) and the traced one (torch.ops.fastattn.<op>); see the module docstring."""
+    if _traced(tensor):
+        return getattr(torch.ops.fastattn, op)(*args)
+    return launcher(op, kernel_module, tensor)(*args)
+
+
+@contextlib.contextmanager
+def replaced_launchers(namespace: object) -> Iterator[None]:
+    """Every op runs namespace.<op> instead of its launcher inside the block (the benchmark uses
+    the ops' fake implementations to time the layers above the launchers)."""
+    _replacements.append(namespace)
+    try:
+        yield
+    finally:
+        _replacements.remove(namespace)
 
 
 def record(op: str, path: str) -> None:

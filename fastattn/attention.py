@@ -34,18 +34,19 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool
     (B, Hq, L, S) -> out (B, Hq, L, Ev), lse (B, Hq, L) fp32, out_lo: with residual (a backward
     follows) and fp16 / bf16 inputs out's rounding residual shaped as out, else empty. seed: the
     dropout seed, (1,) int64 on q's device (see _validate.dropout_seed), None when dropout_p == 0."""
-    impl = _dispatch.implementation("attention_fwd", "attention", q)
-    return impl.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed, residual)
+    return _dispatch.launcher("attention_fwd", "attention", q)(q, k, v, scale, is_causal, attn_mask, dropout_p, seed, residual)
 
 
 def _residual_like(out: Tensor, residual: bool) -> Tensor:
-    """Fake out_lo: shaped as out when the launcher stores one (see its attention_fwd)."""
-    keep = residual and out.dtype != torch.float32 and out.numel() > 0
+    """Fake out_lo: shaped as out when the launcher stores one (the Triton launchers, for fp16 /
+    bf16; see kernels/attention.py attention_fwd), else empty (fastattn.torch_path)."""
+    keep = (residual and out.dtype != torch.float32 and out.numel() > 0
+            and _dispatch.backend(out) != _dispatch.TORCH)
     return out.new_empty(out.shape if keep else (0,))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None, residual=False):
+def _attention_fwd_fake(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None, residual=False):
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]))
     if k.shape[2] == 0:  # no keys: the launcher stores no residual
@@ -62,13 +63,12 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     """do, out (B, Hq, L, Ev); lse (B, Hq, L); out_lo as attention_fwd returned it -> dq, dk, dv
     shaped as q, k, v, and the gradient of the float attn_mask (shaped as it) when mask_grad,
     else an empty tensor."""
-    impl = _dispatch.implementation("attention_bwd", "attention", q)
-    return impl.attention_bwd(do, q, k, v, out, lse, scale, is_causal, attn_mask, dropout_p, seed,
+    return _dispatch.launcher("attention_bwd", "attention", q)(do, q, k, v, out, lse, scale, is_causal, attn_mask, dropout_p, seed,
                               mask_grad, out_lo)
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None,
+def _attention_bwd_fake(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None,
       mask_grad=False, out_lo=None):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
@@ -81,13 +81,12 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          residual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev), cu_seqlens (B + 1,) int32 ->
     out (Tq, Hq, Ev), lse (Hq, Tq) fp32, out_lo (as attention_fwd)."""
-    impl = _dispatch.implementation("varlen_attention_fwd", "attention", q)
-    return impl.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    return _dispatch.launcher("varlen_attention_fwd", "attention", q)(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, scale, is_causal, dropout_p, seed, residual)
 
 
 @varlen_attention_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
       dropout_p, seed, residual=False):
     Tq, Hq, _ = q.shape
     out = q.new_empty((Tq, Hq, v.shape[-1]))
@@ -102,14 +101,13 @@ def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """do, out (Tq, Hq, Ev); lse (Hq, Tq); out_lo as the forward returned it -> dq, dk, dv shaped
     as q, k, v."""
-    impl = _dispatch.implementation("varlen_attention_bwd", "attention", q)
-    return impl.varlen_attention_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    return _dispatch.launcher("varlen_attention_bwd", "attention", q)(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                      max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p, seed,
                                      out_lo)
 
 
 @varlen_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+def _varlen_attention_bwd_fake(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
       is_causal, dropout_p, seed, out_lo=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -126,8 +124,8 @@ class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, scale, is_causal, dropout_p, seed):
         needs_grad = any(ctx.needs_input_grad[:4])
-        out, lse, out_lo = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal, attn_mask,
-                                                            dropout_p, seed, needs_grad)
+        out, lse, out_lo = _dispatch.run("attention_fwd", "attention", q, q, k, v, scale,
+                                         is_causal, attn_mask, dropout_p, seed, needs_grad)
         ctx.mark_non_differentiable(lse)
         ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
         ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
@@ -139,8 +137,8 @@ class _AttentionFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, attn_mask, seed, out_lo = ctx.saved_tensors
-        dq, dk, dv, dmask = torch.ops.fastattn.attention_bwd(
-            dout, q, k, v, out, lse, ctx.scale, ctx.is_causal, attn_mask, ctx.dropout_p, seed,
+        dq, dk, dv, dmask = _dispatch.run(
+            "attention_bwd", "attention", q, dout, q, k, v, out, lse, ctx.scale, ctx.is_causal, attn_mask, ctx.dropout_p, seed,
             ctx.mask_grad, out_lo)
         return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None
 
@@ -153,8 +151,8 @@ class _VarlenAttentionFn(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                 is_causal, dropout_p, seed):
         needs_grad = any(ctx.needs_input_grad[:3])
-        out, lse, out_lo = torch.ops.fastattn.varlen_attention_fwd(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+        out, lse, out_lo = _dispatch.run(
+            "varlen_attention_fwd", "attention", q, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
             dropout_p, seed, needs_grad)
         ctx.mark_non_differentiable(lse)
         ctx.args = (max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p)
@@ -166,8 +164,8 @@ class _VarlenAttentionFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, out_lo = ctx.saved_tensors
-        dq, dk, dv = torch.ops.fastattn.varlen_attention_bwd(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, seed, out_lo)
+        dq, dk, dv = _dispatch.run(
+            "varlen_attention_bwd", "attention", q, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, seed, out_lo)
         return dq, dk, dv, *([None] * 8)
 
 

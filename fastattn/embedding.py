@@ -30,13 +30,12 @@ def embedding_fwd(ids: Tensor, word: Tensor, pos_ids: Optional[Tensor], pos: Opt
                   seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ids, pos_ids, type_ids (T,); tables (rows, D); ln_* (D,) -> out (T, D), and with a norm
     h (T, D), mean (T,), rstd (T,) (empty otherwise)."""
-    impl = _dispatch.implementation("embedding_fwd", "embedding", word)
-    return impl.embedding_fwd(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps,
+    return _dispatch.launcher("embedding_fwd", "embedding", word)(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps,
                               dropout_p, seed)
 
 
 @embedding_fwd.register_fake
-def _(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps, dropout_p, seed):
+def _embedding_fwd_fake(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps, dropout_p, seed):
     T, D = ids.shape[0], word.shape[1]
     norm = ln_weight is not None
     stat = word.new_empty((T,) if norm else (0,), dtype=torch.float32)
@@ -49,12 +48,11 @@ def embedding_bwd(ids: Tensor, dout: Tensor, num_embeddings: int, dtype: torch.d
                   padding_idx: int, scale_grad_by_freq: bool) -> Tensor:
     """ids (T,), dout (T, D) -> the (num_embeddings, D) table gradient in dtype; padding_idx -1:
     none."""
-    impl = _dispatch.implementation("embedding_bwd", "embedding", dout)
-    return impl.embedding_bwd(ids, dout, num_embeddings, dtype, padding_idx, scale_grad_by_freq)
+    return _dispatch.launcher("embedding_bwd", "embedding", dout)(ids, dout, num_embeddings, dtype, padding_idx, scale_grad_by_freq)
 
 
 @embedding_bwd.register_fake
-def _(ids, dout, num_embeddings, dtype, padding_idx, scale_grad_by_freq):
+def _embedding_bwd_fake(ids, dout, num_embeddings, dtype, padding_idx, scale_grad_by_freq):
     return dout.new_empty((num_embeddings, dout.shape[1]), dtype=dtype)
 
 
@@ -69,8 +67,9 @@ class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps,
                 dropout_p, seed, padding_idx, scale_grad_by_freq):
-        out, h, mean, rstd = torch.ops.fastattn.embedding_fwd(
-            ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps, dropout_p, seed)
+        out, h, mean, rstd = _dispatch.run(
+            "embedding_fwd", "embedding", word, ids, word, pos_ids, pos, type_ids, type_,
+            ln_weight, ln_bias, eps, dropout_p, seed)
         ctx.tables = [(t.shape[0], t.dtype) if t is not None else None for t in (word, pos, type_)]
         ctx.dropout_p = dropout_p
         ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
@@ -84,9 +83,9 @@ class _EmbeddingFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         dln_weight = dln_bias = None
         if ln_weight is not None:  # through dropout and the LayerNorm to the summed embedding h
-            dh, dln_weight, dln_bias = torch.ops.fastattn.norm_bwd(
-                dout, h, ln_weight, ln_bias, mean, rstd, None, False, need[6],
-                need[7] and ln_bias is not None, ctx.dropout_p, seed)
+            dh, dln_weight, dln_bias = _dispatch.run(
+                "norm_bwd", "layer_norm", h, dout, h, ln_weight, ln_bias, mean, rstd, None, False,
+                need[6], need[7] and ln_bias is not None, ctx.dropout_p, seed)
         else:
             dh = dout
         grads = []
@@ -94,8 +93,9 @@ class _EmbeddingFn(torch.autograd.Function):
                 (ids, ctx.tables[0], ctx.padding_idx, need[1]),
                 (pos_ids, ctx.tables[1], -1, need[3]),
                 (type_ids, ctx.tables[2], -1, need[5])):
-            grads.append(torch.ops.fastattn.embedding_bwd(
-                index, dh, table[0], table[1], padding, ctx.scale_grad_by_freq)
+            grads.append(_dispatch.run(
+                "embedding_bwd", "embedding", dh, index, dh, table[0], table[1], padding,
+                ctx.scale_grad_by_freq)
                 if needed else None)
         return (None, grads[0], None, grads[1], None, grads[2],
                 dln_weight if need[6] else None, dln_bias if need[7] else None,

@@ -24,12 +24,11 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual (M, N); weight, bias (N,) -> y (M, N), h = x + residual (M, N) or empty,
     mean (M,) fp32 or empty (RMSNorm), rstd (M,) fp32."""
-    impl = _dispatch.implementation("norm_fwd", "layer_norm", x)
-    return impl.norm_fwd(x, weight, bias, residual, eps, is_rms)
+    return _dispatch.launcher("norm_fwd", "layer_norm", x)(x, weight, bias, residual, eps, is_rms)
 
 
 @norm_fwd.register_fake
-def _(x, weight, bias, residual, eps, is_rms):
+def _norm_fwd_fake(x, weight, bias, residual, eps, is_rms):
     M, N = x.shape
     stat = x.new_empty((M,), dtype=torch.float32)
     return (x.new_empty((M, N)), x.new_empty((M, N) if residual is not None else (0,)),
@@ -44,13 +43,12 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     """dy, x, dh (M, N); mean, rstd (M,) -> dx (M, N), dweight (N,) or empty, dbias (N,) or empty.
     dropout_p > 0: the normalized output went through dropout drawn with dropout_seed, a (1,)
     int64 tensor on x's device."""
-    impl = _dispatch.implementation("norm_bwd", "layer_norm", x)
-    return impl.norm_bwd(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight,
+    return _dispatch.launcher("norm_bwd", "layer_norm", x)(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight,
                          compute_dbias, dropout_p, dropout_seed)
 
 
 @norm_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight, compute_dbias, dropout_p=0.0,
+def _norm_bwd_fake(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight, compute_dbias, dropout_p=0.0,
       dropout_seed=None):
     N = x.shape[1]
     return (x.new_empty(x.shape),
@@ -66,7 +64,8 @@ class _NormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, is_rms):
-        y, h, mean, rstd = torch.ops.fastattn.norm_fwd(x, weight, bias, residual, eps, is_rms)
+        y, h, mean, rstd = _dispatch.run("norm_fwd", "layer_norm", x, x, weight, bias, residual,
+                                         eps, is_rms)
         ctx.set_materialize_grads(False)
         ctx.is_rms = is_rms
         ctx.has_residual = residual is not None
@@ -82,8 +81,8 @@ class _NormFn(torch.autograd.Function):
             dy = torch.zeros_like(x)
         if not ctx.has_residual:  # h is an empty placeholder (torch.compile may still pass a grad)
             dh = None
-        dx, dweight, dbias = torch.ops.fastattn.norm_bwd(
-            dy, x, weight, bias, mean, rstd, dh, ctx.is_rms,
+        dx, dweight, dbias = _dispatch.run(
+            "norm_bwd", "layer_norm", x, dy, x, weight, bias, mean, rstd, dh, ctx.is_rms,
             ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         return (dx,
                 dweight if ctx.needs_input_grad[1] else None,
