@@ -3,6 +3,7 @@ drop-ins for torch's own functions. See README.md for what is supported."""
 
 from . import nn
 from ._dispatch import backend, record_backends
+from ._validate import checking
 from .attention import pad, scaled_dot_product_attention, unpad, varlen_attention
 from .embedding import bert_embeddings, embedding, gpt_embeddings
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
@@ -37,6 +38,6 @@ def unpatch(model):
     return _unpatch(model)
 
 
-__all__ = ["add_layer_norm", "backend", "bert_embeddings", "embedding", "gpt_embeddings",
+__all__ = ["add_layer_norm", "backend", "bert_embeddings", "checking", "embedding", "gpt_embeddings",
            "integrations", "layer_norm", "models", "nn", "pad", "patch", "record_backends", "rms_norm",
            "scaled_dot_product_attention", "unpad", "unpatch", "varlen_attention"]

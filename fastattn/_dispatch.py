@@ -45,7 +45,7 @@ _lock = threading.Lock()
 _records: list[list[tuple[str, str]]] = []
 _replacements: list[object] = []  # see replaced_launchers
 # (device type, TRITON_INTERPRET) -> path, kept once it cannot change (see _path)
-_paths: dict[tuple[str, str | None], str] = {}
+_paths: dict[tuple[str, str | bytes | None], str] = {}
 _modules: dict[tuple[str, str], ModuleType] = {}  # (path, kernel module name) -> module
 
 
@@ -54,17 +54,31 @@ def _interpreting(value: str | None) -> bool:
     return (value or "0").lower() in ("1", "true", "on", "yes")
 
 
+def _env() -> str | bytes | None:
+    """TRITON_INTERPRET's raw value: a lookup in os.environ's own dict (os.environ.get decodes
+    and costs about a µs, on every call), os.environ.get where that dict is not available."""
+    if _ENVIRON is None:
+        return os.environ.get("TRITON_INTERPRET")
+    return _ENVIRON.get(_ENV_KEY)
+
+
+try:  # CPython's os.environ keeps the encoded variables in a dict, _data (os.py)
+    _ENVIRON, _ENV_KEY = os.environ._data, os.environ.encodekey("TRITON_INTERPRET")
+except AttributeError:
+    _ENVIRON = _ENV_KEY = None
+
+
 def _path(device_type: str) -> str:
     """The path for a device type under the current TRITON_INTERPRET. Cached once final: for the
     torch path, or once Triton is imported (its mode is then fixed; a changed TRITON_INTERPRET is a
     new key, checked again, and refused by _check_triton_mode)."""
-    env = os.environ.get("TRITON_INTERPRET")
+    env = _env()
     path = _paths.get((device_type, env))
     if path is not None:
         return path
     if device_type == "cuda":
         path = TRITON
-    elif device_type == "cpu" and _interpreting(env):
+    elif device_type == "cpu" and _interpreting(os.environ.get("TRITON_INTERPRET")):
         path = INTERPRETER
     else:
         path = TORCH
@@ -163,6 +177,13 @@ def run(op: str, kernel_module: str, tensor: Tensor, *args):
     if _traced(tensor):
         return getattr(torch.ops.fastattn, op)(*args)
     return launcher(op, kernel_module, tensor)(*args)
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an op on these tensors (None entries ignored). When it would
+    not, the public functions call the forward launcher without their autograd.Function (its
+    apply costs tens of µs), as torch's own ops build no graph then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,10 @@ and the rule, so bad input never reaches a kernel."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Iterator
+
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,12 +37,39 @@ def check_same_dtype(**tensors) -> None:
         raise TypeError(f"expected one dtype, got {what}")
 
 
-def skip_device_reads() -> bool:
-    """Checks that read values back from the device (index ranges, cu_seqlens) cost a host sync:
-    they are skipped while torch.compile traces or a CUDA graph is being captured, where a sync is
-    not allowed (each check's docstring says what an unchecked bad value then does)."""
-    return torch.compiler.is_compiling() or (
-        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+_checking = [os.environ.get("FASTATTN_CHECKS", "0").lower() in ("1", "true", "on", "yes")]
+
+
+@contextlib.contextmanager
+def checking(enabled: bool = True) -> Iterator[None]:
+    """Checking mode for CUDA tensors: inside the block (or for the whole process with the
+    environment variable FASTATTN_CHECKS=1, read at import) the checks that read values back from
+    the GPU run, at the cost of a host sync per call: embedding indices in range (IndexError) and
+    varlen cu_seqlens well-formed (ValueError). By default they do not run on CUDA: a bad index
+    gives a zero row and no gradient, a bad cu_seqlens is clamped to the packed rows, and nothing
+    is read or written out of bounds. On the CPU the checks always run (no sync to save).
+
+        >>> with fastattn.checking():
+        ...     out = fastattn.embedding(ids, weight)  # IndexError for an out-of-range id
+    """
+    previous = _checking[0]
+    _checking[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _checking[0] = previous
+
+
+def read_device_values(t: torch.Tensor) -> bool:
+    """Whether a check may read t's values back to the host: on the CPU always, on other devices
+    (a host sync each) in checking mode only; never while torch.compile traces or a CUDA graph is
+    being captured, where a sync is not allowed (each check's docstring says what an unchecked
+    bad value then does)."""
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cpu":
+        return True
+    return _checking[0] and not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def check_dropout_p(dropout_p) -> None:

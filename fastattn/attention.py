@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _dispatch
 from ._validate import (check_dropout_p, check_same_device, check_same_dtype, check_tensor,
-                        dropout_seed, skip_device_reads)
+                        dropout_seed, read_device_values)
 
 MAX_HEAD_DIM = 256
 
@@ -115,6 +115,12 @@ def _varlen_attention_bwd_fake(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
 # ---- autograd ----
 
 
+def _attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed, residual):
+    """fastattn::attention_fwd (see _dispatch.run), argument order as _AttentionFn's."""
+    return _dispatch.run("attention_fwd", "attention", q, q, k, v, scale, is_causal, attn_mask,
+                         dropout_p, seed, residual)
+
+
 class _AttentionFn(torch.autograd.Function):
     """out, lse = attention(q, k, v, attn_mask) on (B, H, N, D) tensors. Saves q, k, v, out, lse,
     the mask and (fp16 / bf16) out's rounding residual, from which the backward's delta is exact;
@@ -124,8 +130,8 @@ class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, scale, is_causal, dropout_p, seed):
         needs_grad = any(ctx.needs_input_grad[:4])
-        out, lse, out_lo = _dispatch.run("attention_fwd", "attention", q, q, k, v, scale,
-                                         is_causal, attn_mask, dropout_p, seed, needs_grad)
+        out, lse, out_lo = _attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed,
+                                          needs_grad)
         ctx.mark_non_differentiable(lse)
         ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
         ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
@@ -180,8 +186,10 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor, packed: bool) -> None:
         check_tensor(name, t)
         if t.dim() != 3 if packed else t.dim() < 2:
             raise ValueError(f"{name} must have {layout}, got shape {list(t.shape)}")
-    check_same_device(query=query, key=key, value=value)
-    check_same_dtype(query=query, key=key, value=value)
+    if not query.device == key.device == value.device:
+        check_same_device(query=query, key=key, value=value)
+    if not query.dtype == key.dtype == value.dtype:
+        check_same_dtype(query=query, key=key, value=value)
 
 
 def _check_heads(E: int, Ek: int, Ev: int, Hq: int, Hk: int, Hv: int, enable_gqa: bool) -> None:
@@ -211,13 +219,20 @@ def _check_scale(scale, head_dim: int) -> float:
 
 
 def _broadcast(what: str, shapes: dict[str, tuple[int, ...]], hint: str = "") -> tuple[int, ...]:
-    """torch's broadcast of the given dims, or a ValueError naming every tensor's dims."""
-    try:
-        return tuple(torch.broadcast_shapes(*shapes.values()))
-    except RuntimeError:
-        given = ", ".join(f"{name} {list(s)}" for name, s in shapes.items())
-        raise ValueError(f"the {what} of query, key and value must broadcast together, got "
-                         f"{given}{hint}") from None
+    """torch's broadcast of the given dims (in plain Python: torch.broadcast_shapes costs tens of
+    µs), or a ValueError naming every tensor's dims."""
+    first, *rest = shapes.values()
+    if all(s == first for s in rest):
+        return tuple(first)
+    out = [1] * max(len(s) for s in shapes.values())
+    for s in shapes.values():
+        for i, n in enumerate(s, len(out) - len(s)):
+            if n != out[i] and n != 1 and out[i] != 1:
+                given = ", ".join(f"{name} {list(s)}" for name, s in shapes.items())
+                raise ValueError(f"the {what} of query, key and value must broadcast together, "
+                                 f"got {given}{hint}")
+            out[i] = n if out[i] == 1 else out[i]
+    return tuple(out)
 
 
 def _attention_shapes(query: Tensor, key: Tensor, value: Tensor,
@@ -227,12 +242,12 @@ def _attention_shapes(query: Tensor, key: Tensor, value: Tensor,
     head. Without enable_gqa every dim before the last two broadcasts (heads too, Hq == Hkv after
     it); with it the heads are dim -3 (Hq a multiple of Hkv) and the dims before them broadcast."""
     _check_qkv(query, key, value, packed=False)
-    if key.shape[-2] != value.shape[-2]:
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if ks[-2] != vs[-2]:
         raise ValueError(f"key and value must have the same sequence length, got key "
-                         f"{key.shape[-2]} and value {value.shape[-2]}")
+                         f"{ks[-2]} and value {vs[-2]}")
     # (N, D) -> (1, N, D): one head
-    shapes = {name: t.shape[:-2] if t.dim() > 2 else (1,)
-              for name, t in (("query", query), ("key", key), ("value", value))}
+    shapes = {"query": qs[:-2] or (1,), "key": ks[:-2] or (1,), "value": vs[:-2] or (1,)}
     if enable_gqa:
         batch = _broadcast("batch dims (before the heads)", {n: s[:-1] for n, s in shapes.items()})
         Hq, Hk, Hv = (s[-1] for s in shapes.values())
@@ -241,7 +256,7 @@ def _attention_shapes(query: Tensor, key: Tensor, value: Tensor,
                           " (query heads a multiple of key/value heads need enable_gqa=True)")
         batch, Hq = lead[:-1], lead[-1]
         Hk = Hv = Hq
-    _check_heads(query.shape[-1], key.shape[-1], value.shape[-1], Hq, Hk, Hv, True)
+    _check_heads(qs[-1], ks[-1], vs[-1], Hq, Hk, Hv, True)
     return batch, Hq, Hk
 
 
@@ -264,7 +279,12 @@ def _attention_mask(attn_mask: Optional[Tensor], query: Tensor,
         raise ValueError(f"attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
                          f"(..., Hq, L, S) = {list(full)}")
     mask = attn_mask[(None,) * (len(full) - attn_mask.dim())]  # one dim per dim of `full`
-    return mask.expand(*full[:-3], *mask.shape[-3:])
+    return _expand(mask, (*full[:-3], *mask.shape[-3:]))
+
+
+def _expand(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """t.expand(shape), or t itself when it has that shape already (an expand costs µs)."""
+    return t if t.shape == shape else t.expand(shape)
 
 
 def _merge_batch(t: Tensor, n_batch: int) -> Optional[Tensor]:
@@ -284,10 +304,18 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_batch:
     (*batch, Hq, L, Ev), lse (*batch, Hq, L). One launch over the merged batch when the batch
     dims' strides merge for every tensor; else one call per index of the first batch dim."""
     batch = q.shape[:n_batch]
-    merged = [_merge_batch(t, n_batch) if t is not None else None for t in (q, k, v, mask)]
+    if n_batch == 1:  # already (B, H, N, D)
+        merged = [q, k, v, mask]
+    else:
+        merged = [_merge_batch(t, n_batch) if t is not None else None for t in (q, k, v, mask)]
     if all(m is not None for m, t in zip(merged, (q, k, v, mask)) if t is not None):
-        seed = dropout_seed(dropout_p, q.device)
-        out, lse = _AttentionFn.apply(*merged, scale, is_causal, dropout_p, seed)
+        seed = dropout_seed(dropout_p, q.device) if dropout_p else None
+        if _dispatch.needs_grad(*merged):
+            out, lse = _AttentionFn.apply(*merged, scale, is_causal, dropout_p, seed)
+        else:
+            out, lse, _ = _attention_fwd(*merged, scale, is_causal, dropout_p, seed, False)
+        if n_batch == 1:
+            return out, lse
         # (B, Hq, L, Ev) -> (*batch, Hq, L, Ev)
         return out.view(*batch, *out.shape[1:]), lse.view(*batch, *lse.shape[1:])
     parts = [_attention(q[i], k[i], v[i], None if mask is None else mask[i], n_batch - 1, scale,
@@ -342,9 +370,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     mask = _attention_mask(attn_mask, query, (*batch, Hq, L, S))
     check_dropout_p(dropout_p)  # the seed is drawn per launch
     # (..., N, D) -> (*batch, H, N, D): stride-0 views on the broadcast dims
-    q = query.expand(*batch, Hq, L, query.shape[-1])
-    k = key.expand(*batch, Hkv, S, key.shape[-1])
-    v = value.expand(*batch, Hkv, S, value.shape[-1])
+    q = _expand(query, (*batch, Hq, L, query.shape[-1]))
+    k = _expand(key, (*batch, Hkv, S, key.shape[-1]))
+    v = _expand(value, (*batch, Hkv, S, value.shape[-1]))
     out, lse = _attention(q, k, v, mask, len(batch), scale, bool(is_causal), float(dropout_p))
     if max(query.dim(), key.dim(), value.dim()) == 2:  # (1, L, Ev) -> (L, Ev), as torch
         out, lse = out[0], lse[0]
@@ -357,9 +385,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_name: str, max_seqlen,
                       query: Tensor) -> None:
     """cu_seqlens: int32 (B + 1,) on query's device, from 0, non-decreasing, ending at `total`;
-    max_seqlen an int >= its longest sequence. Reads cu_seqlens (one device sync); skipped as
-    _validate.skip_device_reads says (under torch.compile or CUDA-graph capture), where the caller
-    vouches for cu_seqlens, as with flash-attn's varlen functions."""
+    max_seqlen an int >= its longest sequence. Reading cu_seqlens costs a host sync on the GPU: there
+    it runs in checking mode only (fastattn.checking; see _validate.read_device_values), and the
+    caller vouches for cu_seqlens, as with flash-attn's varlen functions. Unchecked, the kernels
+    clamp each sequence to the packed rows (nothing is read or written out of bounds; a wrong
+    cu_seqlens gives wrong rows, and rows past max_seqlen are not computed)."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -370,7 +400,7 @@ def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_name: str, max_seql
     check_same_device(query=query, **{name: cu_seqlens})
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
         raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if skip_device_reads():
+    if not read_device_values(cu_seqlens):
         return
     offsets = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(offsets, offsets[1:])]

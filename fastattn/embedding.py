@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _dispatch
 from ._validate import (check_same_device, check_same_dtype, check_tensor, dropout_seed,
-                        skip_device_reads)
+                        read_device_values)
 from .layer_norm import norm_bwd  # noqa: F401  (registers fastattn::norm_bwd)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -59,6 +59,24 @@ def _embedding_bwd_fake(ids, dout, num_embeddings, dtype, padding_idx, scale_gra
 # ---- autograd ----
 
 
+def _embedding_fwd(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps, dropout_p,
+                   seed):
+    """fastattn::embedding_fwd (see _dispatch.run)."""
+    return _dispatch.run("embedding_fwd", "embedding", word, ids, word, pos_ids, pos, type_ids,
+                         type_, ln_weight, ln_bias, eps, dropout_p, seed)
+
+
+def _embed(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps, dropout_p, seed,
+           padding_idx, scale_grad_by_freq) -> Tensor:
+    """_EmbeddingFn.apply (same arguments), or the forward launcher alone when no gradient is
+    needed (see _dispatch.needs_grad)."""
+    if _dispatch.needs_grad(word, pos, type_, ln_weight, ln_bias):
+        return _EmbeddingFn.apply(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias,
+                                  eps, dropout_p, seed, padding_idx, scale_grad_by_freq)
+    return _embedding_fwd(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps,
+                          dropout_p, seed)[0]
+
+
 class _EmbeddingFn(torch.autograd.Function):
     """out = [dropout(layer_norm(]word[ids] + pos[pos_ids] + type[type_ids][))] on flat indices (T,).
 
@@ -67,9 +85,8 @@ class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps,
                 dropout_p, seed, padding_idx, scale_grad_by_freq):
-        out, h, mean, rstd = _dispatch.run(
-            "embedding_fwd", "embedding", word, ids, word, pos_ids, pos, type_ids, type_,
-            ln_weight, ln_bias, eps, dropout_p, seed)
+        out, h, mean, rstd = _embedding_fwd(ids, word, pos_ids, pos, type_ids, type_, ln_weight,
+                                            ln_bias, eps, dropout_p, seed)
         ctx.tables = [(t.shape[0], t.dtype) if t is not None else None for t in (word, pos, type_)]
         ctx.dropout_p = dropout_p
         ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
@@ -106,18 +123,20 @@ class _EmbeddingFn(torch.autograd.Function):
 
 
 def _check_indices(name: str, ids: Tensor, num_rows: int, table: str) -> None:
-    """Integer indices in [0, num_rows). Costs one device sync on the GPU (reading min and max);
-    skipped as _validate.skip_device_reads says, when an index out of range gives a zero row and no
-    gradient instead of an IndexError (the kernels read nothing outside the table)."""
+    """Integer indices in [0, num_rows). Reading min and max costs a host sync on the GPU: there
+    it runs in checking mode only (fastattn.checking; see _validate.read_device_values). Unchecked,
+    an index out of range gives a zero row and no gradient (the kernels read and write nothing
+    outside the table)."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must hold int32 or int64 indices, got dtype "
                         f"{str(ids.dtype).removeprefix('torch.')}")
-    if ids.numel() == 0 or skip_device_reads():
+    if ids.numel() == 0 or not read_device_values(ids):
         return
     lo, hi = torch.aminmax(ids)
-    lo, hi = torch.stack([lo, hi]).tolist()
+    # one read of both on a GPU (one sync); on the CPU two .item() calls are cheaper
+    lo, hi = (lo.item(), hi.item()) if ids.is_cpu else torch.stack([lo, hi]).tolist()
     if lo < 0 or hi >= num_rows:
         raise IndexError(f"{name} holds index {lo if lo < 0 else hi}, out of range for {table} "
                          f"with {num_rows} rows (valid: 0 .. {num_rows - 1})")
@@ -162,7 +181,7 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: Optional[int] = None,
         with torch.no_grad():
             torch.embedding_renorm_(weight, input.contiguous(), max_norm, norm_type)
     ids = input.reshape(-1)  # (*) -> (T,)
-    out = _EmbeddingFn.apply(ids, weight, None, None, None, None, None, None, 0.0, 0.0, None,
+    out = _embed(ids, weight, None, None, None, None, None, None, 0.0, 0.0, None,
                              padding_idx, bool(scale_grad_by_freq))
     return out.view(*input.shape, D)  # (T, D) -> (*, D)
 
@@ -195,7 +214,7 @@ def gpt_embeddings(input_ids: Tensor, wte: Tensor, wpe: Tensor,
     pos = _positions("position_ids", position_ids, input_ids)
     _check_indices("position_ids", pos, wpe.shape[0], "wpe")
     check_same_device(input_ids=input_ids, position_ids=pos, wte=wte, wpe=wpe)
-    out = _EmbeddingFn.apply(input_ids.reshape(-1), wte, pos.reshape(-1), wpe, None, None, None,
+    out = _embed(input_ids.reshape(-1), wte, pos.reshape(-1), wpe, None, None, None,
                              None, 0.0, 0.0, None, -1, False)
     return out.view(*input_ids.shape, wte.shape[1])
 
@@ -247,7 +266,7 @@ def bert_embeddings(input_ids: Tensor, word_weight: Tensor, position_weight: Ten
     _check_indices("token_type_ids", types, token_type_weight.shape[0], "token_type_weight")
     check_same_device(input_ids=input_ids, token_type_ids=types, position_ids=pos,
                       word_weight=word_weight, ln_weight=ln_weight)
-    out = _EmbeddingFn.apply(input_ids.reshape(-1), word_weight, pos.reshape(-1), position_weight,
+    out = _embed(input_ids.reshape(-1), word_weight, pos.reshape(-1), position_weight,
                              types.reshape(-1), token_type_weight, ln_weight, ln_bias, float(eps),
                              float(dropout_p), seed, padding_idx, False)
     return out.view(*input_ids.shape, D)

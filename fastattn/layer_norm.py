@@ -59,13 +59,17 @@ def _norm_bwd_fake(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight,
 # ---- autograd ----
 
 
+def _norm_fwd(x, weight, bias, residual, eps, is_rms):
+    """fastattn::norm_fwd (see _dispatch.run)."""
+    return _dispatch.run("norm_fwd", "layer_norm", x, x, weight, bias, residual, eps, is_rms)
+
+
 class _NormFn(torch.autograd.Function):
     """y, h = norm(x + residual); rows of x (M, N). Saves h (or x), weight, bias, mean, rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, is_rms):
-        y, h, mean, rstd = _dispatch.run("norm_fwd", "layer_norm", x, x, weight, bias, residual,
-                                         eps, is_rms)
+        y, h, mean, rstd = _norm_fwd(x, weight, bias, residual, eps, is_rms)
         ctx.set_materialize_grads(False)
         ctx.is_rms = is_rms
         ctx.has_residual = residual is not None
@@ -143,12 +147,17 @@ def _norm(x: Tensor, normalized_shape: _Shape, weight: Optional[Tensor], bias: O
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):  # any float, as torch
         raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
 
-    n = math.prod(shape)
+    n = shape[0] if len(shape) == 1 else math.prod(shape)
     x2d = x.reshape(-1, n)  # (*, *normalized_shape) -> (M, N); a view when the strides allow
     r2d = residual.reshape(-1, n) if residual is not None else None
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    y, h = _NormFn.apply(x2d, w, b, r2d, float(eps), is_rms)
+    w = weight.reshape(n) if weight is not None and weight.dim() != 1 else weight  # (N,)
+    b = bias.reshape(n) if bias is not None and bias.dim() != 1 else bias
+    if _dispatch.needs_grad(x2d, w, b, r2d):
+        y, h = _NormFn.apply(x2d, w, b, r2d, float(eps), is_rms)
+    else:
+        y, h, _, _ = _norm_fwd(x2d, w, b, r2d, float(eps), is_rms)
+    if x.dim() == 2 and len(shape) == 1:  # already (M, N)
+        return y, h
     return y.view(x.shape), (h.view(x.shape) if residual is not None else h)
 
 

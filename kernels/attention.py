@@ -162,10 +162,12 @@ def _load_dot_operand(base, rows, cols, n_rows, n_cols, stride_row, stride_col, 
 @triton.jit
 def _sequence(CuSeqlens, off_b, n, IS_VARLEN: tl.constexpr):
     """(first row, length) of batch entry off_b: with IS_VARLEN its rows cu_seqlens[b] ..
-    cu_seqlens[b + 1] - 1 of the packed tensor (first row as int64), else (0, n)."""
+    cu_seqlens[b + 1] - 1 of the packed tensor of n rows (first row as int64), clamped to rows
+    0 .. n - 1 (on CUDA cu_seqlens is not read back on the host: a bad one must not reach outside
+    the tensor); else (0, n)."""
     if IS_VARLEN:
-        start = tl.load(CuSeqlens + off_b)
-        length = tl.load(CuSeqlens + off_b + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(CuSeqlens + off_b), 0), n)
+        length = tl.minimum(tl.maximum(tl.load(CuSeqlens + off_b + 1), start), n) - start
         start = start.to(tl.int64)
     else:
         start = 0
@@ -373,7 +375,7 @@ def _attn_fwd_kernel(
     KeyBlockCounts,  # (B, cdiv(S, BLOCK_N) + 1) int32: visible blocks before each (KEY_PADDING)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
     # sizes
-    Hq, L, S, D, Dv,  # L, S: the (largest) sequence lengths
+    Hq, L, S, D, Dv,  # L, S: the sequence lengths (varlen: the packed row counts)
     GROUP,  # Hq // Hkv
     N_KEY_BLOCKS,  # cdiv(S, BLOCK_N) (KEY_PADDING)
     # strides (batch strides 0 when IS_VARLEN)
@@ -894,6 +896,13 @@ def _visible_key_blocks(mask: torch.Tensor, flags: dict, S: int, block_n: int,
     return ids, counts, n_blocks
 
 
+def _kernel_lengths(q, k, L, S, varlen: bool) -> tuple[int, int]:
+    """The kernels' L, S arguments: the sequence lengths, or with varlen the packed row counts
+    Tq, Tk, to which each sequence is clamped (_sequence). L, S themselves (max_seqlen_q / _k with
+    varlen) size the grid."""
+    return (q.shape[0], k.shape[0]) if varlen else (L, S)
+
+
 def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed,
                 cu_seqlens) -> None:
     """Launch the forward kernel, padded (cu_seqlens None) or varlen (cu_seqlens (cu_q, cu_k));
@@ -909,7 +918,7 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
     with device_guard(q):
         _attn_fwd_kernel[grid](
             q, k, v, out, out if out_lo is None else out_lo, lse, mask, blocks, counts, cu_q, cu_k,
-            Hq, L, S, D, Dv, Hq // Hkv, n_blocks,
+            Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv, n_blocks,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
             scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse),
@@ -934,7 +943,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
                  **_dot_flags(q.dtype), **_block_dims(D, Dv))
     qkv_strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
                    *_strides4(do, varlen))
-    sizes = (Hq, L, S, D, Dv, Hq // Hkv)
+    sizes = (Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv)
     scalars = (scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse))
     stat_strides = _row_stat_strides(lse, varlen)
 
@@ -942,7 +951,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
         pre = cfg["preprocess"]
         _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre["BLOCK_M"]), Hq, B)](
             out, out if out_lo is None else out_lo, do, delta, cu_q,
-            L, Dv,
+            sizes[1], Dv,
             *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
             IS_VARLEN=varlen, HAS_LO=out_lo is not None, BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
         )
