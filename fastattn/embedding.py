@@ -15,6 +15,7 @@ from torch import Tensor
 from . import _dispatch
 from ._validate import (check_same_device, check_same_dtype, check_tensor, dropout_seed,
                         read_device_values)
+from .kernels.configs import EMBEDDING_MAX_NORM_DIM  # configs imports no Triton
 from .layer_norm import norm_bwd  # noqa: F401  (registers fastattn::norm_bwd)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -235,8 +236,6 @@ def bert_embeddings(input_ids: Tensor, word_weight: Tensor, position_weight: Ten
     gets no gradient (HF's pad_token_id). Returns (*, N, D); gradients for all five parameters
     (the backward reuses the summed embedding saved by the forward).
     """
-    from fastattn.kernels.configs import EMBEDDING_MAX_NORM_DIM
-
     tables = {"word_weight": word_weight, "position_weight": position_weight,
               "token_type_weight": token_type_weight}
     for name, t in tables.items():
