@@ -1,24 +1,30 @@
 """The main job: does fastattn match torch, and is it faster, on this device?
 
-    python -m bench                      # parity, ceilings and the full sweep
-    python -m bench --quick              # fewer parity shapes and a small sweep
+    python -m bench                      # parity, host overhead, ceilings and the full sweep
+    python -m bench --quick              # fewer parity shapes and a smaller sweep
+    python -m bench --host               # the host-overhead table only (quick)
     python -m bench --parity-only        # parity only
     python -m bench --filter 'norm'      # only the ops whose name matches the regex
     python -m bench --out DIR            # the output folder (bench/results/<date>_<device>)
 
 1. Says what the device is (GPU, torch, triton, CUDA; or CPU with Triton's interpreter).
 2. Parity: every op forward and backward on odd shapes, fp32 / fp16 / bf16, against float64, by the
-   DESIGN.md rule: pass / fail with the error and the bound.
-3. Ceilings: this device's copy bandwidth and bf16 matmul rate, measured in the same run.
-4. Sweep: each case against its peers (torch SDPA's backends and FlexAttention; F.layer_norm /
+   rule of fastattn.testing.parity: pass / fail with the error and the bound.
+3. Host overhead: µs per call of every public op at tiny shapes, fastattn against torch, and the
+   layers above the launchers alone (bench/host.py), against their targets.
+4. Ceilings (GPU): this device's copy bandwidth and bf16 matmul rate, measured in the same run.
+5. Sweep: each case against its peers (torch SDPA's backends and FlexAttention; F.layer_norm /
    F.rms_norm and their torch.compile'd versions; F.embedding and the eager compositions): ms
-   (median, p20-p80), TFLOP/s or GB/s, % of the ceiling, speedup over each peer, peak memory.
-5. Targets: the issue-8 goals as ratios from this run, and how far each falls short.
-6. Writes DIR/summary.md (what is printed), results.json and results.csv (the records; schema in
-   bench/report.py) and DIR/<family>.png plots.
+   (median, p20-p80), TFLOP/s or GB/s, % of the ceiling, speedup over each peer (~ where the two
+   timings' spreads overlap), peak memory.
+6. Targets: fastattn's performance targets as ratios from this run, and how far each falls short.
+7. Writes DIR/summary.md (what is printed, with every column of the tables), results.json and
+   results.csv (the records; schema in bench/report.py) and DIR/<family>.png plots.
 
-Without a GPU the kernels run under Triton's interpreter: parity is checked as on a GPU, and a tiny
-sweep runs whose figures are labelled CPU / interpreter figures everywhere they appear.
+The terminal gets tables of at most 120 columns; summary.md has them whole. Without a GPU the
+kernels run under Triton's interpreter: parity is checked as on a GPU, and a sweep of
+interpreter-sized shapes runs whose figures are labelled CPU / interpreter figures everywhere they
+appear; the host table is measured on fastattn's torch path in a child process.
 Exit status 1 when a parity check fails, or fastattn errs or disagrees with torch in the sweep.
 """
 
@@ -30,18 +36,20 @@ import sys
 import time
 from pathlib import Path
 
-from . import HAS_CUDA, cases, measure, parity, report, targets
+from . import HAS_CUDA, cases, host, measure, parity, report, targets
 
 # Seconds the sweep may take (0: no limit), and how they are shared among the families.
-DEFAULT_BUDGET_S = {"full": 240, "quick": 90, "cpu": 0}
+DEFAULT_BUDGET_S = {"full": 240, "quick": 90, "cpu": 0, "cpu-quick": 0}
 SHARES = {"attention": 0.55, "norm": 0.3, "embedding": 0.15}
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer parity shapes, a small sweep")
+    p.add_argument("--quick", action="store_true", help="fewer parity shapes, a smaller sweep")
+    p.add_argument("--host", action="store_true", help="the host-overhead table only")
     p.add_argument("--out", type=Path, help="output folder (default bench/results/<date>_<device>)")
-    p.add_argument("--parity-only", action="store_true", help="parity only: no ceilings, no sweep")
+    p.add_argument("--parity-only", action="store_true",
+                   help="parity only: no host table, no ceilings, no sweep")
     p.add_argument("--filter", default="", metavar="REGEX", help="only ops whose name matches")
     p.add_argument("--budget-s", type=float, metavar="S",
                    help="time limit of the sweep in seconds, 0 for none (default: "
@@ -58,8 +66,8 @@ def _sweep(sweep: list[cases.Case], ceilings: dict[str, float], device: str, pro
            budget_s: float, say, save) -> list[dict]:
     """Every case, family by family within the time budget; each family's table printed (say) and
     the records so far saved (save) as soon as it is done."""
-    heavy_note = {"full": None, "quick": "n/a: compiled peers skipped by --quick",
-                  "cpu": "n/a: compiled peers not run on the CPU"}[profile]
+    heavy_note = ("n/a: compiled peers not run on the CPU" if profile.startswith("cpu")
+                  else "n/a: compiled peers skipped by --quick" if profile == "quick" else None)
     budget = measure.Budget(budget_s, {c.op.family: SHARES[c.op.family] for c in sweep})
     records: list[dict] = []
     for family in cases.FAMILIES:
@@ -86,20 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _args(argv)
     info = measure.device_info()
-    profile = "cpu" if not HAS_CUDA else "quick" if args.quick else "full"
+    profile = (("quick" if args.quick else "full") if HAS_CUDA
+               else "cpu-quick" if args.quick else "cpu")
     out = args.out or Path(__file__).parent / "results" / info["slug"]
     out.mkdir(parents=True, exist_ok=True)
     device = info["device"]
     text: list[str] = []
 
-    def say(block: str) -> None:  # print, and keep for summary.md
-        print(block, flush=True)
-        text.append(block)
+    def say(parts: list) -> None:  # print (at most 120 columns), and keep whole for summary.md
+        print(report.render(parts, terminal=True), flush=True)
+        text.append(report.render(parts, terminal=False))
 
     def wanted(case: cases.Case) -> bool:
         return re.search(args.filter, case.op.name) is not None
 
-    say(report.header(info, profile, argv))
+    say(report.header(info, "none (--host)" if args.host else profile, argv))
     run = report.record(kind="run", device=device, note=info["detail"], args=argv,
                         profile=profile, seconds={},
                         **{k: info[k] for k in ("date", "torch", "triton", "cuda", "python",
@@ -107,14 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     records = [run]
     started = time.monotonic()
 
-    checks = [c for c in cases.parity_cases(args.quick) if wanted(c)]
-    for case in report.progress(checks, "parity", _name):
-        records += parity.check(case, device)
-    run["seconds"]["parity"] = round(time.monotonic() - started, 1)
-    say(report.parity_section(records))
+    if not args.host:
+        checks = [c for c in cases.parity_cases(args.quick) if wanted(c)]
+        for case in report.progress(checks, "parity", _name):
+            records += parity.check(case, device)
+        run["seconds"]["parity"] = round(time.monotonic() - started, 1)
+        say(report.parity_section(records))
+
+    if not args.parity_only:
+        t0 = time.monotonic()
+        records += host.records(args.filter)
+        run["seconds"]["host"] = round(time.monotonic() - t0, 1)
+        say(host.section(records))
 
     ceilings: dict[str, float] = {}
-    if not args.parity_only:
+    if not args.parity_only and not args.host:
         t0 = time.monotonic()
         ceilings, ceiling_records = measure.ceilings(device)
         records += ceiling_records
@@ -123,24 +139,27 @@ def main(argv: list[str] | None = None) -> int:
         budget_s = DEFAULT_BUDGET_S[profile] if args.budget_s is None else args.budget_s
         records += _sweep(sweep, ceilings, device, profile, budget_s, say,
                           lambda done: report.write_json(records + done, out))
+        beaten = measure.beaten_ceilings(records, ceilings)
+        if beaten:
+            say(beaten + [""])
         run["seconds"]["sweep"] = round(time.monotonic() - t0, 1)
         target_records = targets.evaluate(records, judged=HAS_CUDA)
         records += target_records
         say(targets.section(target_records, judged=HAS_CUDA))
 
     files = [report.write_json(records, out), report.write_csv(records, out)]
-    if not args.no_plots and not args.parity_only:
+    if not args.no_plots and not args.parity_only and not args.host:
         try:
             files += report.plot(records, ceilings, out, device)
         except ImportError:
-            say("(no plots: matplotlib is not installed; pip install -e '.[bench]')\n")
+            say(["(no plots: matplotlib is not installed; pip install -e '.[bench]')", ""])
         except Exception as exc:  # noqa: BLE001  (plots are the last thing: keep the rest)
-            say(f"(no plots: {type(exc).__name__}: {report.describe(exc)})\n")
+            say([f"(no plots: {type(exc).__name__}: {report.describe(exc)})", ""])
     run["seconds"]["total"] = round(time.monotonic() - started, 1)
     failed = [r for r in records if r["impl"] == "fastattn" and r["kind"] in ("parity", "sweep")
               and (r["pass"] is False or (r["note"] or "").startswith("error"))]
-    say(f"{len(failed)} fastattn failure(s); {run['seconds']} s; wrote "
-        + ", ".join(str(f) for f in [*files, out / "summary.md"]) + "\n")
+    say([f"{len(failed)} fastattn failure(s); {run['seconds']} s; wrote "
+         + ", ".join(str(f) for f in [*files, out / "summary.md"]), ""])
     report.write_json(records, out)  # again, with the total time
     (out / "summary.md").write_text("\n".join(text))
     return 1 if failed else 0

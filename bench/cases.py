@@ -381,32 +381,42 @@ def _norm_size(n: int) -> dict:
     return dict(M=NORM_ELEMENTS // n, N=n)
 
 
+CPU_SIZES = {  # per op family, three sizes along the plots' x axis (interpreter-sized)
+    "attention": [dict(B=1, H=2, Hkv=2, L=n, S=n, D=32) for n in (32, 64, 128)],
+    "norm": [dict(M=16, N=n) for n in (256, 1024, 4096)],
+    "embedding": [dict(B=2, N=16, V=256, D=d) for d in (32, 128, 512)],
+}
+PROFILES = ("full", "quick", "cpu", "cpu-quick")
+
+
 def sweep_cases(profile: str) -> list[Case]:
     """The sweep, family by family, each family's headline cases (the README targets) first.
     profile: "full" (GPU: 29 attention, 13 norm and 7 embedding cases, about 4 minutes with
-    compiles), "quick" (GPU: a small sweep without compiled peers) or "cpu" (one tiny shape per op,
-    for the interpreter)."""
+    compiles), "quick" (GPU: 2 or 3 sizes of fewer ops, without compiled peers), "cpu" (every op
+    at three interpreter-sized shapes) or "cpu-quick" (one op per family at those shapes). Every
+    plotted series has several sizes."""
     bf16, fp16 = torch.bfloat16, torch.float16
-    if profile == "cpu":
-        tiny = dict(B=2, H=2, Hkv=2, L=64, S=64, D=64)
-        return ([Case(op, tiny, bf16) for op in (ATTENTION, ATTENTION_CAUSAL, ATTENTION_MASK)]
-                + [Case(ATTENTION_GQA, dict(tiny, H=4), bf16)]
-                + [Case(op, dict(M=64, N=768), bf16) for op in (LAYER_NORM, RMS_NORM,
-                                                                ADD_LAYER_NORM)]
-                + [Case(op, dict(B=2, N=32, V=512, D=64), bf16)
-                   for op in (EMBEDDING, GPT_EMBEDDINGS, BERT_EMBEDDINGS)])
+    if profile in ("cpu", "cpu-quick"):
+        ops = (OPS if profile == "cpu"
+               else (ATTENTION, LAYER_NORM, EMBEDDING))
+        return [Case(op, dict(size, H=4) if op is ATTENTION_GQA else size, bf16)
+                for op in ops for size in CPU_SIZES[op.family]]
     if profile == "quick":
         return ([Case(op, _attention_size(n, 128), bf16)
-                 for op in (ATTENTION, ATTENTION_CAUSAL) for n in (1024, 4096)]
-                + [Case(ATTENTION_MASK, _attention_size(2048, 128), bf16),
-                   Case(ATTENTION_GQA, _attention_size(4096, 128, gqa=True), bf16)]
+                 for op in (ATTENTION, ATTENTION_CAUSAL) for n in (1024, 2048, 4096)]
+                + [Case(ATTENTION_MASK, _attention_size(n, 128), bf16) for n in (1024, 2048)]
+                + [Case(ATTENTION_GQA, _attention_size(n, 128, gqa=True), bf16)
+                   for n in (2048, 4096)]
                 + [Case(op, _norm_size(n), bf16) for op in (LAYER_NORM, RMS_NORM, ADD_LAYER_NORM)
-                   for n in (1024, 4096)]
-                + [Case(EMBEDDING, dict(B=64, N=1024, V=50257, D=1024), bf16),
-                   Case(GPT_EMBEDDINGS, dict(B=64, N=1024, V=50257, D=768), bf16),
-                   Case(BERT_EMBEDDINGS, dict(B=128, N=512, V=30522, D=768), bf16)])
+                   for n in (1024, 4096, 16384)]
+                + [Case(EMBEDDING, dict(B=64, N=1024, V=50257, D=d), bf16)
+                   for d in (768, 2048, 4096)]
+                + [Case(GPT_EMBEDDINGS, dict(B=64, N=1024, V=50257, D=d), bf16)
+                   for d in (768, 1600)]
+                + [Case(BERT_EMBEDDINGS, dict(B=128, N=512, V=30522, D=d), bf16)
+                   for d in (768, 1024)])
     if profile != "full":
-        raise ValueError(f"profile {profile!r} is not one of full, quick, cpu")
+        raise ValueError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
     attention = (
         [Case(op, _attention_size(n, 128), bf16, flex=op is ATTENTION and n == 4096)
          for op in (ATTENTION, ATTENTION_CAUSAL) for n in SEQS]

@@ -1,9 +1,11 @@
 """Measuring: the device and its versions, timing (CUDA-synchronised), peak memory, this device's
 ceilings (copy bandwidth, bf16 matmul rate), and one sweep case against its peers.
 
-On the GPU times come from triton.testing.do_bench (CUDA events, L2 flushed before each rep; median
-with the 20th and 80th percentiles). On the CPU the kernels run under Triton's interpreter: those
-times are wall-clock Python figures that say nothing about a GPU, and every record says so.
+On the GPU times come from triton.testing.do_bench (CUDA events, L2 flushed before each rep); on
+the CPU from torch.utils.benchmark, warmed up, fastattn and every peer alike (see time_ms); median
+with the 20th and 80th percentiles. On the CPU the kernels run under Triton's interpreter: those
+times are wall-clock Python figures that say nothing about a GPU, and every record says so. No
+ceiling is given on the CPU (none measured there bounds torch's own CPU kernels).
 """
 
 from __future__ import annotations
@@ -51,25 +53,43 @@ class Timing:
     hi: float  # 80th percentile
 
 
-CPU_REPS = 2  # interpreter calls are slow (and compile nothing): two timed calls, no warm-up
+MIN_SAMPLES = 5  # CPU: timed blocks at the least, however slow one call is
 
 
 def time_ms(fn, warmup_ms: int = 10, rep_ms: int = 50) -> Timing:
-    """Time fn(): on CUDA by do_bench (events around each call, so the GPU work is waited for);
-    on the CPU by the wall clock."""
+    """Time fn(), warmed up, median and p20-p80: on CUDA by do_bench (events around each call, so
+    the GPU work is waited for); on the CPU by torch.utils.benchmark (one thread): fn called
+    until warmup_ms have passed (once at the least), then Timer.adaptive_autorange, blocks of
+    calls until they add up to rep_ms and MIN_SAMPLES calls (an interpreted kernel takes longer
+    than rep_ms a call) and their spread is under 10% of the median, or a time limit passes."""
     if HAS_CUDA:
         import triton.testing
 
         return Timing(*triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
                                                quantiles=[0.5, 0.2, 0.8]))
-    times = []
-    for _ in range(CPU_REPS):
-        start = time.perf_counter()
+    from torch.utils.benchmark import Timer
+
+    calls, start = 0, time.perf_counter()
+    while not calls or time.perf_counter() - start < warmup_ms / 1e3:
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8],
-                                                                       dtype=torch.float64))
-    return Timing(*q.tolist())
+        calls += 1
+    per_call = (time.perf_counter() - start) / calls
+    least = max(rep_ms / 1e3, (MIN_SAMPLES - 0.5) * per_call)
+    m = Timer("fn()", globals={"fn": fn}).adaptive_autorange(
+        threshold=0.1, min_run_time=least, max_run_time=max(10 * rep_ms / 1e3, 1.3 * least))
+    return Timing(*quantiles([t * 1e3 for t in m.times]))
+
+
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) of the samples."""
+    q = torch.tensor(samples, dtype=torch.float64).quantile(
+        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return tuple(q.tolist())
+
+
+def overlaps(a: dict, b: dict) -> bool:
+    """Whether two timed records' p20-p80 ranges overlap: their ratio is within the noise."""
+    return max(a["ms_lo"], b["ms_lo"]) < min(a["ms_hi"], b["ms_hi"])
 
 
 def peak_mib(fn) -> float | None:
@@ -85,9 +105,12 @@ def peak_mib(fn) -> float | None:
 
 
 def ceilings(device_label: str) -> tuple[dict[str, float], list[dict]]:
-    """This device's copy bandwidth (GB/s, bytes read + written) and bf16 matmul rate (TFLOP/s),
-    measured now: {"copy": ..., "matmul": ...} and their records."""
-    n_bytes, m = (2**30, 8192) if HAS_CUDA else (2**26, 256)
+    """This GPU's copy bandwidth (GB/s, bytes read + written) and bf16 matmul rate (TFLOP/s),
+    measured now: {"copy": ..., "matmul": ...} and their records. None on the CPU ({}, []): a
+    CPU copy or matmul rate measured here is no bound on what torch's CPU kernels reach."""
+    if not HAS_CUDA:
+        return {}, []
+    n_bytes, m = 2**30, 8192
     src = torch.ones(n_bytes, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     copy = time_ms(lambda: dst.copy_(src), 25, 100)
@@ -104,6 +127,24 @@ def ceilings(device_label: str) -> tuple[dict[str, float], list[dict]]:
                note="a @ b, 2·m·n·k / time"),
     ]
     return values, records
+
+
+def beaten_ceilings(records: list[dict], ceilings: dict[str, float]) -> list[str]:
+    """A ceiling must bound every implementation: drop (from `ceilings`, and every sweep record's
+    % of it) each one that a sweep record of this run exceeds, and say which beat it."""
+    lines = []
+    for family, name in CEILINGS.items():
+        rows = [r for r in records if r["kind"] == "sweep" and r["family"] == family
+                and r["metric"] is not None]
+        best = max(rows, key=lambda r: r["metric"], default=None)
+        if name not in ceilings or best is None or best["metric"] <= ceilings[name]:
+            continue
+        lines.append(f"The measured {name} ceiling ({ceilings.pop(name):.3g} {best['unit']}) is no "
+                     f"upper bound: {best['impl']} reached {best['metric']:.3g} on {best['op']} "
+                     f"{best['shape']} {best['mode']}; no % of it is given for {family}.")
+        for r in rows:
+            r["ceiling_pct"] = None
+    return lines
 
 
 def agrees(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -164,7 +205,8 @@ def _measure_impl(case: Case, impl: str, fn: Fn | str, inputs: Inputs, ref: torc
 def measure_case(case: Case, ceiling: dict[str, float], device_label: str,
                  heavy_note: str | None) -> list[dict]:
     """fastattn and each peer on one case, every mode: time (median and spread), metric, % of
-    the ceiling, fastattn's speedup over each, peak memory, and whether its output agrees with
+    the ceiling (where there is one), fastattn's speedup over each (flagged noisy where the two
+    timings' spreads overlap), peak memory, and whether its output agrees with
     torch's. heavy_note: None to run compiled peers (torch.compile, FlexAttention), else why not."""
     op = case.op
     inputs = op.make(case.size, case.dtype, DEVICE, 0)
@@ -185,14 +227,17 @@ def measure_case(case: Case, ceiling: dict[str, float], device_label: str,
         if r["ms"] is None:
             continue
         r["metric"] = work[r["mode"]] / r["ms"] / scale
-        r["ceiling_pct"] = 100 * r["metric"] / ceiling[CEILINGS[op.family]]
+        if CEILINGS[op.family] in ceiling:
+            r["ceiling_pct"] = 100 * r["metric"] / ceiling[CEILINGS[op.family]]
         if ours[r["mode"]]["ms"] is not None:
             r["ratio"] = r["ms"] / ours[r["mode"]]["ms"]
+            r["noisy"] = r["impl"] != "fastattn" and overlaps(r, ours[r["mode"]])
     for mode, r in ours.items():
         peers = [p for p in rows if p["mode"] == mode and p["impl"] != "fastattn" and p["ms"]]
         if r["ms"] is not None and peers:
             best = min(peers, key=lambda p: p["ms"])
-            r["best_peer"], r["vs_best"] = best["impl"], best["ms"] / r["ms"]
+            r["best_peer"], r["vs_best"], r["noisy"] = (best["impl"], best["ms"] / r["ms"],
+                                                        best["noisy"])
     return rows
 
 

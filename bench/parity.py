@@ -1,5 +1,5 @@
 """Parity: every op, forward and backward, against the float64 oracle, with torch's own op in the
-same dtype as the yardstick (the DESIGN.md rule, fastattn.testing.parity):
+same dtype as the yardstick (the rule of fastattn.testing.parity):
 
     max|ours - ref64| <= 2 * max|torch - ref64| + atol[dtype] * max(1, max|ref64|)
 

@@ -1,34 +1,46 @@
-"""What the runner writes: the records (one schema for results.json and results.csv), the terminal
-tables (markdown, also saved as summary.md), PNG plots, and a progress bar.
+"""What the runner writes: the records (one schema for results.json and results.csv), the tables
+(aligned text on the terminal, at most 120 columns; markdown with every column in summary.md),
+PNG plots, and a progress bar.
 
 A record is a flat dict with every key of RECORD_KEYS (None where it does not apply):
 
     kind         "run" (first record: device, versions, arguments, seconds per phase), "parity",
-                 "ceiling", "sweep" or "target"
+                 "host", "ceiling", "sweep" or "target"
     op           "attention", "attention_causal", "attention_padding_mask", "attention_gqa",
                  "layer_norm", "rms_norm", "add_layer_norm", "embedding", "gpt_embeddings",
-                 "bert_embeddings"; for ceilings "copy" / "matmul"
+                 "bert_embeddings"; for ceilings "copy" / "matmul"; host records: the public
+                 function ("scaled_dot_product_attention", "varlen_attention", ...)
     family       "attention" | "norm" | "embedding"
     mode         "fwd" | "bwd" | "fwd+bwd" (parity: "fwd" for out, "bwd" for gradients)
     impl         "fastattn" for ours; peers "torch flash", "torch efficient", "torch cudnn",
-                 "torch math", "torch flex", "torch", "torch compile"
+                 "torch math", "torch flex", "torch", "torch compile"; host records also
+                 "above-launcher" (fastattn with no-op launchers)
     shape, size  the shape as printed ("B8 H16 N2048 D128", "M174762 N768", ...) and as a dict
     dtype        "bfloat16", "float16", "float32"
-    device       the GPU's name, or "CPU, Triton interpreter" (those figures are not GPU figures)
-    pass         parity: within the DESIGN.md rule; sweep: output agrees with torch's own op at this
-                 size (None for torch's op itself); target: met (None when not judged, on a CPU)
+    device       the GPU's name, or "CPU, Triton interpreter" (those figures are not GPU figures);
+                 host records on a CPU: "CPU"
+    pass         parity: within the parity rule (fastattn.testing.parity); sweep: output agrees
+                 with torch's own op at this size (None for torch's op itself); target: met (None
+                 when not judged, on a CPU); host above-launcher: within its goal
     ms, ms_lo, ms_hi   median time and its 20th / 80th percentiles
     metric, unit       TFLOP/s (attention) or GB/s (memory-bound ops), by the formulas of cases.py;
-                       ceilings: the measured rate; targets: the judged value (% or x)
-    ceiling_pct  metric as % of this run's measured ceiling (matmul for attention, copy otherwise)
-    ratio        sweep: this impl's time / fastattn's (fastattn's speedup over it; 1.0 for
-                 fastattn); parity: err / bound (<= 1 passes); target: value / goal
+                       ceilings: the measured rate; targets: the judged value (% or x); host:
+                       µs per call (median)
+    ceiling_pct  metric as % of this run's measured ceiling (matmul for attention, copy
+                 otherwise; none on a CPU)
+    ratio        sweep and host: this impl's time / fastattn's (fastattn's speedup over it; 1.0
+                 for fastattn); parity: err / bound (<= 1 passes); target: value / goal
     vs_best, best_peer  fastattn records: the fastest peer and fastattn's speedup over it
+    noisy        sweep and host: the ratio (vs_best for fastattn) compares two timings whose
+                 p20-p80 ranges overlap, so it is within the noise (printed with a ~)
     peak_mib     peak memory the timed call allocates above its inputs (CUDA)
     output, err, torch_err, bound, backend   parity: which output, max |error| of fastattn and of
-                 torch against float64, the bound, and the fastattn path that ran
-    target, goal target records: the target's name and the value it asks for
-    note         why a figure is missing ("n/a: ..."; "error: ..." is a fastattn failure)
+                 torch against float64, the bound, and the fastattn path that ran; host: the
+                 path fastattn took ("no-op launchers" for above-launcher)
+    target, goal target records: the target's name and the value it asks for; host
+                 above-launcher: the goal in µs
+    note         why a figure is missing ("n/a: ..."; "error: ..." is a fastattn failure); host
+                 torch records: what torch's column times
 """
 
 from __future__ import annotations
@@ -36,7 +48,9 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TypeVar
 
@@ -44,8 +58,8 @@ CPU_LABEL = "CPU, Triton interpreter"  # the device of a run without a GPU: neve
 
 RECORD_KEYS = ("kind", "op", "family", "mode", "impl", "shape", "dtype", "device", "pass", "ms",
                "ms_lo", "ms_hi", "metric", "unit", "ceiling_pct", "ratio", "vs_best", "best_peer",
-               "peak_mib", "output", "err", "torch_err", "bound", "backend", "target", "goal",
-               "note", "size")
+               "noisy", "peak_mib", "output", "err", "torch_err", "bound", "backend", "target",
+               "goal", "note", "size")
 
 
 def record(**fields) -> dict:
@@ -75,25 +89,73 @@ def fmt(v) -> str:
     return str(v)
 
 
+def _cells(rows: list[dict], cols: list[str]) -> list[list[str]]:
+    return [cols] + [[fmt(r[c]) for c in cols] for r in rows]
+
+
 def markdown_table(rows: list[dict]) -> str:
+    """Every column, aligned (summary.md)."""
     if not rows:
         return "(no rows)\n"
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    cells = _cells(rows, list(rows[0]))
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines) + "\n"
 
 
-def header(info: dict, profile: str, argv: list[str]) -> str:
-    lines = [f"# fastattn bench: {info['date']}, {info['device']}", "",
-             f"- device: {info['detail']}",
-             f"- fastattn {info['fastattn']} ({info['backend']} path), torch {info['torch']}, "
-             f"triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}",
-             f"- sweep: {profile}; arguments: {' '.join(argv) or '(none)'}", ""]
-    return "\n".join(lines)
+def text_table(rows: list[dict], cols: tuple[str, ...] | None = None, width: int = 120) -> str:
+    """The columns `cols` (default all), aligned with two spaces between them and no more than
+    `width` characters a line: the widest column's cells are cut (ending in ~) until it fits."""
+    if not rows:
+        return "(no rows)\n"
+    cells = _cells(rows, list(cols or rows[0]))
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    while sum(widths) + 2 * (len(widths) - 1) > width and max(widths) > 8:
+        widths[widths.index(max(widths))] -= 1
+    def cut(c: str, w: int) -> str:
+        return c if len(c) <= w else c[:w - 1] + "~"
+    lines = ["  ".join(cut(c, w).ljust(w) for c, w in zip(row, widths)).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
 
 
-def parity_section(records: list[dict]) -> str:
+@dataclass
+class Table:
+    rows: list[dict]
+    terminal: tuple[str, ...] | None = None  # the columns printed (None: all); summary.md: all
+
+
+TERMINAL_WIDTH = 120
+
+
+def render(parts: list, terminal: bool) -> str:
+    """A section (strings and Tables) as text: for the terminal (the tables' terminal columns,
+    prose wrapped, no line over TERMINAL_WIDTH) or for summary.md (markdown, every column)."""
+    out = []
+    for part in parts:
+        if isinstance(part, Table):
+            out.append(text_table(part.rows, part.terminal, TERMINAL_WIDTH) if terminal
+                       else markdown_table(part.rows))
+        elif terminal:
+            out += [textwrap.fill(line, TERMINAL_WIDTH, subsequent_indent="  "
+                                  if line.startswith("- ") else "", break_on_hyphens=False)
+                    if line else "" for line in part.splitlines() or [""]]
+        else:
+            out.append(part)
+    return "\n".join(out)
+
+
+def header(info: dict, profile: str, argv: list[str]) -> list:
+    return [f"# fastattn bench: {info['date']}, {info['device']}", "",
+            f"- device: {info['detail']}",
+            f"- fastattn {info['fastattn']} ({info['backend']} path), torch {info['torch']}, "
+            f"triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}",
+            f"- sweep: {profile}; arguments: {' '.join(argv) or '(none)'}", ""]
+
+
+def parity_section(records: list[dict]) -> list:
     rows = [r for r in records if r["kind"] == "parity"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -111,36 +173,52 @@ def parity_section(records: list[dict]) -> str:
                         "path": worst["backend"] if worst else None})
     failed = [r for r in rows if r["pass"] is False]
     n = sum(r["pass"] is not None for r in rows)
-    text = ["## Parity: fwd and bwd against float64", "",
-            "pass: max|fastattn - ref64| <= 2 x max|torch - ref64| + atol[dtype] x max(1, |ref64|) "
-            "(DESIGN.md, fastattn.testing)", "", markdown_table(summary),
-            f"{n - len(failed)} of {n} outputs pass" + (" (FAILURES below)" if failed else ""), ""]
+    parts = ["## Parity: fwd and bwd against float64", "",
+             "pass: max|fastattn - ref64| <= 2 x max|torch - ref64| + atol[dtype] x "
+             "max(1, |ref64|) (fastattn.testing.parity)", "", Table(summary),
+             f"{n - len(failed)} of {n} outputs pass" + (" (FAILURES below)" if failed else ""),
+             ""]
     if failed:
         keys = ("op", "shape", "dtype", "output", "err", "torch_err", "bound", "note")
-        text += [markdown_table([{k: r[k] for k in keys} for r in failed])]
-    return "\n".join(text)
+        parts.append(Table([{k: r[k] for k in keys} for r in failed]))
+    return parts
 
 
-def ceiling_section(records: list[dict]) -> str:
+def ceiling_section(records: list[dict]) -> list:
     rows = [{"ceiling": r["op"], "rate": f"{fmt(r['metric'])} {r['unit']}", "shape": r["shape"],
              "ms": r["ms"], "how": r["note"]} for r in records if r["kind"] == "ceiling"]
-    return "\n".join(["## Ceilings measured in this run", "", markdown_table(rows)])
+    if not rows:
+        return ["## Ceilings", "", "None on the CPU: nothing measured here bounds what torch's "
+                "own CPU kernels reach, so no % of a ceiling is given.", ""]
+    return ["## Ceilings measured in this run", "", Table(rows)]
 
 
 def _peer_name(impl: str) -> str:
     return impl.removeprefix("torch ") if impl != "torch" else impl
 
 
-def sweep_section(records: list[dict], family: str, device: str) -> str:
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+NOISE_NOTE = ("~: the two timings' p20-p80 ranges overlap: the ratio is within the noise of "
+              "this run and says nothing either way.")
+
+
+def speedup(r: dict, key: str = "ratio") -> str:
+    """A ratio as printed: "1.5x", or "~1.5x" when it is within the noise (see NOISE_NOTE)."""
+    return ("~" if r["noisy"] else "") + f"{fmt(r[key])}x"
+
+
+def sweep_section(records: list[dict], family: str, device: str) -> list:
     """One row per (op, shape, dtype, mode): fastattn's figures and its speedup over each peer."""
     rows = [r for r in records if r["kind"] == "sweep" and r["family"] == family]
     if not rows:
-        return ""
+        return []
     cases: dict[tuple, list[dict]] = {}
     for r in rows:
         cases.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
     unit = rows[0]["unit"]
     ceiling = "matmul" if family == "attention" else "copy"
+    has_ceiling = any(r["ceiling_pct"] is not None for r in rows)
+    has_peak = any(r["peak_mib"] is not None for r in rows)
     table, notes = [], {}
     for (op, shape, dtype, mode), rs in cases.items():
         ours = next(r for r in rs if r["impl"] == "fastattn")
@@ -148,33 +226,42 @@ def sweep_section(records: list[dict], family: str, device: str) -> str:
         for p in rs:
             if p["impl"] == "fastattn":
                 continue
-            figure = (f"{fmt(p['ratio'])}x" if p["ratio"] is not None
+            figure = (speedup(p) if p["ratio"] is not None
                       else "n/a" if p["ms"] is None else f"{fmt(p['ms'])}ms")
             peers.append(f"{_peer_name(p['impl'])} {figure}")
             if p["note"]:
                 notes.setdefault((p["impl"], p["note"]), []).append(op)
         if ours["note"]:
             notes.setdefault(("fastattn", ours["note"]), []).append(op)
-        table.append({
-            "op": op, "shape": shape, "dtype": dtype, "mode": mode,
-            "fastattn ms (p20-p80)":
-                f"{fmt(ours['ms'])} ({fmt(ours['ms_lo'])}-{fmt(ours['ms_hi'])})"
-                if ours["ms"] is not None else ours["note"],
-            unit: ours["metric"], f"% {ceiling}": ours["ceiling_pct"], "peak MiB": ours["peak_mib"],
-            "agrees": ours["pass"],
-            "vs best peer": (f"{fmt(ours['vs_best'])}x {_peer_name(ours['best_peer'])}"
-                             if ours["vs_best"] else None),
-            "fastattn speedup over each peer": ", ".join(peers)})
+        row = {"op": op, "shape": shape, "dtype": SHORT_DTYPES.get(dtype, dtype), "mode": mode,
+               "fastattn ms (p20-p80)":
+                   f"{fmt(ours['ms'])} ({fmt(ours['ms_lo'])}-{fmt(ours['ms_hi'])})"
+                   if ours["ms"] is not None else ours["note"],
+               unit: ours["metric"]}
+        if has_ceiling:
+            row[f"% {ceiling}"] = ours["ceiling_pct"]
+        if has_peak:
+            row["peak MiB"] = ours["peak_mib"]
+        row.update({"agrees": ours["pass"],
+                    "vs best peer": (f"{speedup(ours, 'vs_best')} {_peer_name(ours['best_peer'])}"
+                                     if ours["vs_best"] else None),
+                    "fastattn speedup over each peer": ", ".join(peers)})
+        table.append(row)
     title = {"attention": "Attention", "norm": "LayerNorm / RMSNorm", "embedding": "Embeddings"}
-    text = [f"## {title[family]}: {unit}, % of the measured {ceiling} ceiling, speedup over peers"
-            + (" (CPU, Triton interpreter: not GPU figures)" if device == CPU_LABEL else ""), "",
-            markdown_table(table)]
+    parts = [f"## {title[family]}: {unit}"
+             + (f", % of the measured {ceiling} ceiling" if has_ceiling else "")
+             + ", speedup over peers"
+             + (" (CPU, Triton interpreter: not GPU figures)" if device == CPU_LABEL else ""), "",
+             Table(table, ("op", "shape", "dtype", "mode", "fastattn ms (p20-p80)", unit,
+                           "agrees", "vs best peer")),
+             (NOISE_NOTE + " " if any(r["noisy"] for r in rows) else "")
+             + "Every peer's figure: summary.md.", ""]
     if notes:
-        text += ["Missing figures:", ""]
-        text += [f"- {impl}: {note} ({', '.join(sorted(set(ops)))})"
-                 for (impl, note), ops in notes.items()]
-        text.append("")
-    return "\n".join(text)
+        parts += ["Missing figures:", ""]
+        parts += [f"- {impl}: {note} ({', '.join(sorted(set(ops)))})"
+                  for (impl, note), ops in notes.items()]
+        parts.append("")
+    return parts
 
 
 # ---- files ----
@@ -205,7 +292,9 @@ PLOT_COLORS = {"fastattn": "black", "torch": "C0", "torch flash": "C0", "torch c
 
 def plot(records: list[dict], ceilings: dict[str, float], out: Path, device: str) -> list[Path]:
     """One PNG per op family: metric against size, a line per implementation, a panel per (op,
-    dtype, series) and mode, the measured ceiling dashed. Needs matplotlib (the "bench" extra)."""
+    dtype, series) and mode, the measured ceiling dashed where there is one (a GPU's, unless the
+    run beat it); a log y axis where the values span more than 10x. Needs matplotlib (the "bench"
+    extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,6 +329,9 @@ def plot(records: list[dict], ceilings: dict[str, float], out: Path, device: str
                     ax.axhline(ceiling, linestyle="--", color="grey", label="measured ceiling")
                 if len({r["size"][x_key] for r in rs}) > 1:
                     ax.set_xscale("log", base=2)
+                values = [r["metric"] for r in rs if r["mode"] == mode]
+                if values and max(values) > 10 * min(values):  # spans decades
+                    ax.set_yscale("log")
                 ax.set_title(f"{' '.join(key)} {mode}", fontsize=9)
                 ax.set_xlabel(x_key)
                 ax.set_ylabel(rs[0]["unit"])

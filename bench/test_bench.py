@@ -6,21 +6,38 @@ mode. Not part of the test suite (`pytest tests`); run them on their own:
 
 On a GPU the cases are the --quick sweep's and each timed call ends with torch.cuda.synchronize(),
 so the timer sees the kernels finish, not just their launch. On the CPU they are the CPU sweep's
-tiny cases under Triton's interpreter, two rounds each (interpreter figures, not GPU figures).
+smallest case of each op under Triton's interpreter, two rounds each (interpreter figures, not GPU
+figures). The runner's own tests (its outputs, the host table, the timing method) follow; they
+assert what is written, never how fast anything is.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import pytest
 import torch
 
-from . import DEVICE, HAS_CUDA
+import fastattn
+
+from . import DEVICE, HAS_CUDA, host, measure, report
 from .__main__ import main
 from .cases import MODES, sweep_cases, step
 
-CASES = sweep_cases("quick" if HAS_CUDA else "cpu")
+
+
+def _first_per_op(cases):
+    first = {}
+    for case in cases:
+        first.setdefault(case.op.name, case)
+    return list(first.values())
+
+
+# GPU: the quick sweep; CPU: each op's smallest CPU case (the CPU sweep has three sizes per op)
+CASES = sweep_cases("quick") if HAS_CUDA else _first_per_op(sweep_cases("cpu"))
+WIDTH = report.TERMINAL_WIDTH
 
 
 def _synchronized(fn):
@@ -52,18 +69,103 @@ def test_case(benchmark, case, impl, mode):
         benchmark.pedantic(run, rounds=2, iterations=1)
 
 
-def test_runner_writes_its_outputs(tmp_path):
-    """`python -m bench` end to end on one op: exit 0, every file, the documented records."""
+def test_runner_writes_its_outputs(tmp_path, capsys):
+    """`python -m bench` end to end on one op: exit 0, every file, the documented records, and
+    a terminal output of at most 120 columns."""
     assert main(["--quick", "--filter", "^layer_norm$", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert max(len(line) for line in printed.splitlines()) <= WIDTH
     records = json.loads((tmp_path / "results.json").read_text())
-    assert {r["kind"] for r in records} == {"run", "parity", "ceiling", "sweep", "target"}
-    for key in ("op", "impl", "shape", "dtype", "pass", "ms", "metric", "ratio"):
+    kinds = {"run", "parity", "host", "sweep", "target"} | ({"ceiling"} if HAS_CUDA else set())
+    assert {r["kind"] for r in records} == kinds
+    for key in ("op", "impl", "shape", "dtype", "pass", "ms", "metric", "ratio", "noisy"):
         assert all(key in r for r in records), key
     ours = [r for r in records if r["kind"] == "sweep" and r["impl"] == "fastattn"]
     assert {r["mode"] for r in ours} == set(MODES)
     assert all(r["pass"] and r["ms"] > 0 and r["metric"] > 0 and r["ratio"] == 1.0 for r in ours)
-    assert all(r["op"] == "layer_norm" for r in records if r["kind"] in ("parity", "sweep"))
+    assert all(r["ms_lo"] <= r["ms"] <= r["ms_hi"] for r in records if r["ms"] is not None)
+    assert all(r["op"] == "layer_norm" for r in records if r["kind"] in ("parity", "sweep", "host"))
+    if not HAS_CUDA:  # no ceiling on the CPU, so no % of one
+        assert all(r["ceiling_pct"] is None for r in records)
+    assert len({r["size"]["N"] for r in ours}) >= 3  # several points per plotted series
     assert (tmp_path / "results.csv").read_text().startswith("kind,op,")
-    assert "## Parity" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Parity" in summary and "## Host overhead" in summary
+    assert "fastattn speedup over each peer" in summary  # the wide column: summary.md only
+    assert "fastattn speedup over each peer" not in printed
     pytest.importorskip("matplotlib")
     assert (tmp_path / "norm.png").stat().st_size > 0
+
+
+PUBLIC_OPS = {"scaled_dot_product_attention", "varlen_attention", "layer_norm", "rms_norm",
+              "add_layer_norm", "embedding", "gpt_embeddings", "bert_embeddings"}
+
+
+def test_public_ops_are_these():
+    """The host table covers fastattn's public ops: a new one must be added to bench/host.py."""
+    op_modules = set(host.LAUNCHERS)  # the modules whose functions launch kernels
+    public = {name for name in fastattn.__all__
+              if getattr(getattr(fastattn, name), "__module__", None) in op_modules}
+    assert public - {"pad", "unpad"} == PUBLIC_OPS  # pad / unpad: indexing helpers, no kernel
+    assert {case.op for case in host.CASES} == PUBLIC_OPS
+
+
+def test_host_table_with_no_op_launchers():
+    """Every public op, fwd and fwd+bwd, timed in this process with no-op launchers and torch:
+    finite positive figures with a spread, judged against the goals, in a table that fits the
+    terminal. (The fastattn column needs the torch path: left out under the interpreter.)"""
+    interpreting = fastattn.backend(DEVICE) == "triton-interpreter"
+    rows = host.measure(full_call=not interpreting, rounds=3, block_s=0.002)
+    timed = [r for r in rows if r["metric"] is not None]
+    assert {(r["op"], r["mode"]) for r in timed if r["impl"] == "above-launcher"} == {
+        (op, mode) for op in PUBLIC_OPS for mode in host.MODES}
+    assert {r["impl"] for r in timed} >= {"above-launcher", "torch"}
+    for r in timed:
+        assert math.isfinite(r["metric"]) and r["metric"] > 0, r
+        assert r["ms_lo"] <= r["ms"] <= r["ms_hi"], r
+    for r in timed:
+        if r["impl"] == "above-launcher":
+            assert r["goal"] == host.GOAL_US[r["mode"]] and r["pass"] == (r["metric"] <= r["goal"])
+    text = report.render(host.section(rows), terminal=True)
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
+    assert all(op in text for op in PUBLIC_OPS)
+
+
+def test_host_fakes_replace_every_launcher():
+    """Under the no-op launchers no kernel runs: nothing is recorded on a real path."""
+    fakes = host.no_op_launchers()
+    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    with fastattn.record_backends() as ran, fastattn._dispatch.replaced_launchers(fakes):
+        y = fastattn.layer_norm(x, (8,))
+        y.sum().backward()
+    assert [op for op, _ in ran] == ["norm_fwd", "norm_bwd"]
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU timing method (the GPU's is do_bench)")
+def test_cpu_timing_warms_up_and_takes_several_samples():
+    """A call slower than the repetition time is still timed MIN_SAMPLES times after a warm-up,
+    and the spread brackets the median."""
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    t = measure.time_ms(slow, warmup_ms=1, rep_ms=5)
+    assert len(calls) >= 1 + measure.MIN_SAMPLES
+    assert t.lo <= t.ms <= t.hi and t.ms >= 20
+
+
+def test_noisy_ratios_are_marked():
+    """A ratio between timings whose p20-p80 ranges overlap is printed with a ~."""
+    a, b = dict(ms_lo=1.0, ms_hi=2.0), dict(ms_lo=1.5, ms_hi=3.0)
+    assert measure.overlaps(a, b) and not measure.overlaps(a, dict(ms_lo=2.5, ms_hi=3.0))
+    assert report.speedup(dict(ratio=1.5, noisy=True)) == "~1.5x"
+    assert report.speedup(dict(ratio=1.5, noisy=False)) == "1.5x"
+
+
+def test_text_table_fits_the_width():
+    rows = [{"a": "x" * 100, "b": "y" * 80, "c": 1.0}]
+    lines = report.text_table(rows, width=WIDTH).splitlines()
+    assert max(len(line) for line in lines) <= WIDTH and lines[2].endswith("1")
