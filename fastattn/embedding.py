@@ -69,35 +69,43 @@ def _embedding_fwd(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias,
 
 def _embed(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps, dropout_p, seed,
            padding_idx, scale_grad_by_freq) -> Tensor:
-    """_EmbeddingFn.apply (same arguments), or the forward launcher alone when no gradient is
-    needed (see _dispatch.needs_grad)."""
+    """ids, pos_ids, type_ids (*) (one shape, or None) -> out (*, D): _EmbeddingFn.apply on the
+    flat indices, or the forward launcher alone when no gradient is needed (see
+    _dispatch.needs_grad)."""
+    shape = (*ids.shape, word.shape[1])
+    ids, pos_ids, type_ids = (t if t is None or t.dim() == 1 else t.reshape(-1)  # (*) -> (T,)
+                              for t in (ids, pos_ids, type_ids))
     if _dispatch.needs_grad(word, pos, type_, ln_weight, ln_bias):
         return _EmbeddingFn.apply(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias,
-                                  eps, dropout_p, seed, padding_idx, scale_grad_by_freq)
-    return _embedding_fwd(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps,
-                          dropout_p, seed)[0]
+                                  eps, dropout_p, seed, padding_idx, scale_grad_by_freq, shape)
+    out = _embedding_fwd(ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps,
+                         dropout_p, seed)[0]
+    return out.view(shape)
 
 
 class _EmbeddingFn(torch.autograd.Function):
-    """out = [dropout(layer_norm(]word[ids] + pos[pos_ids] + type[type_ids][))] on flat indices (T,).
+    """out = [dropout(layer_norm(]word[ids] + pos[pos_ids] + type[type_ids][))] on flat indices (T,),
+    returned as `shape` (*, D) (viewed here, outside autograd's graph: a view node there costs as
+    much as this op's backward on small inputs).
 
     Saves the indices, and with a norm h, the norm parameters, mean and rstd."""
 
     @staticmethod
     def forward(ctx, ids, word, pos_ids, pos, type_ids, type_, ln_weight, ln_bias, eps,
-                dropout_p, seed, padding_idx, scale_grad_by_freq):
+                dropout_p, seed, padding_idx, scale_grad_by_freq, shape):
         out, h, mean, rstd = _embedding_fwd(ids, word, pos_ids, pos, type_ids, type_, ln_weight,
                                             ln_bias, eps, dropout_p, seed)
         ctx.tables = [(t.shape[0], t.dtype) if t is not None else None for t in (word, pos, type_)]
         ctx.dropout_p = dropout_p
         ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
         ctx.save_for_backward(ids, pos_ids, type_ids, h, ln_weight, ln_bias, mean, rstd, seed)
-        return out
+        return out.view(shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         ids, pos_ids, type_ids, h, ln_weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
+        dout = dout if dout.dim() == 2 else dout.reshape(-1, dout.shape[-1])  # (*, D) -> (T, D)
         need = ctx.needs_input_grad
         dln_weight = dln_bias = None
         if ln_weight is not None:  # through dropout and the LayerNorm to the summed embedding h
@@ -117,7 +125,7 @@ class _EmbeddingFn(torch.autograd.Function):
                 if needed else None)
         return (None, grads[0], None, grads[1], None, grads[2],
                 dln_weight if need[6] else None, dln_bias if need[7] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 # ---- public functions ----
@@ -172,7 +180,7 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: Optional[int] = None,
     is a deterministic sort + segment reduction in fp32. sparse=True is refused.
     """
     _check_table("weight", weight)
-    V, D = weight.shape
+    V = weight.shape[0]
     check_same_device(input=input, weight=weight)
     _check_indices("input", input, V, "weight")
     if sparse:
@@ -181,21 +189,28 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: Optional[int] = None,
     if max_norm is not None:  # torch's in-place renorm of the rows input touches, as F.embedding
         with torch.no_grad():
             torch.embedding_renorm_(weight, input.contiguous(), max_norm, norm_type)
-    ids = input.reshape(-1)  # (*) -> (T,)
-    out = _embed(ids, weight, None, None, None, None, None, None, 0.0, 0.0, None,
-                             padding_idx, bool(scale_grad_by_freq))
-    return out.view(*input.shape, D)  # (T, D) -> (*, D)
+    return _embed(input, weight, None, None, None, None, None, None, 0.0, 0.0, None, padding_idx,
+                  bool(scale_grad_by_freq))
 
 
-def _positions(name: str, position_ids: Optional[Tensor], input_ids: Tensor) -> Tensor:
-    """position_ids broadcast to input_ids' shape; default 0 .. N-1 along the last dim."""
-    if position_ids is None:
-        n = input_ids.shape[-1] if input_ids.dim() else 1
+def _indices_like(name: str, ids: Optional[Tensor], input_ids: Tensor, num_rows: int,
+                  table: str, default: str) -> Tensor:
+    """ids broadcast to input_ids' shape and checked as _check_indices does; None gives the
+    default, "positions" (0 .. N-1 along the last dim) or "zeros", checked from its size alone
+    (no device read)."""
+    if ids is None:
+        n = 1 if default == "zeros" else input_ids.shape[-1] if input_ids.dim() else 1
+        if input_ids.numel() and n > num_rows:
+            raise IndexError(f"{name} holds index {n - 1} (the default), out of range for {table} "
+                             f"with {num_rows} rows (valid: 0 .. {num_rows - 1})")
+        if default == "zeros":
+            return torch.zeros_like(input_ids)
         return torch.arange(n, device=input_ids.device).expand(input_ids.shape)
+    _check_indices(name, ids, num_rows, table)  # before the broadcast: the same values
     try:
-        return position_ids.expand(input_ids.shape)
+        return ids.expand(input_ids.shape)
     except RuntimeError:
-        raise ValueError(f"{name} of shape {list(position_ids.shape)} does not broadcast to "
+        raise ValueError(f"{name} of shape {list(ids.shape)} does not broadcast to "
                          f"input_ids' shape {list(input_ids.shape)}") from None
 
 
@@ -212,12 +227,9 @@ def gpt_embeddings(input_ids: Tensor, wte: Tensor, wpe: Tensor,
     if wpe.shape[1] != wte.shape[1]:
         raise ValueError(f"wpe embedding dim {wpe.shape[1]} must equal wte's {wte.shape[1]}")
     _check_indices("input_ids", input_ids, wte.shape[0], "wte")
-    pos = _positions("position_ids", position_ids, input_ids)
-    _check_indices("position_ids", pos, wpe.shape[0], "wpe")
+    pos = _indices_like("position_ids", position_ids, input_ids, wpe.shape[0], "wpe", "positions")
     check_same_device(input_ids=input_ids, position_ids=pos, wte=wte, wpe=wpe)
-    out = _embed(input_ids.reshape(-1), wte, pos.reshape(-1), wpe, None, None, None,
-                             None, 0.0, 0.0, None, -1, False)
-    return out.view(*input_ids.shape, wte.shape[1])
+    return _embed(input_ids, wte, pos, wpe, None, None, None, None, 0.0, 0.0, None, -1, False)
 
 
 def bert_embeddings(input_ids: Tensor, word_weight: Tensor, position_weight: Tensor,
@@ -258,14 +270,11 @@ def bert_embeddings(input_ids: Tensor, word_weight: Tensor, position_weight: Ten
     seed = dropout_seed(dropout_p, word_weight.device)
     padding_idx = _padding_index(padding_idx, word_weight.shape[0])
     _check_indices("input_ids", input_ids, word_weight.shape[0], "word_weight")
-    pos = _positions("position_ids", position_ids, input_ids)
-    _check_indices("position_ids", pos, position_weight.shape[0], "position_weight")
-    types = (torch.zeros_like(input_ids) if token_type_ids is None
-             else _positions("token_type_ids", token_type_ids, input_ids))
-    _check_indices("token_type_ids", types, token_type_weight.shape[0], "token_type_weight")
+    pos = _indices_like("position_ids", position_ids, input_ids, position_weight.shape[0],
+                        "position_weight", "positions")
+    types = _indices_like("token_type_ids", token_type_ids, input_ids, token_type_weight.shape[0],
+                          "token_type_weight", "zeros")
     check_same_device(input_ids=input_ids, token_type_ids=types, position_ids=pos,
                       word_weight=word_weight, ln_weight=ln_weight)
-    out = _embed(input_ids.reshape(-1), word_weight, pos.reshape(-1), position_weight,
-                             types.reshape(-1), token_type_weight, ln_weight, ln_bias, float(eps),
-                             float(dropout_p), seed, padding_idx, False)
-    return out.view(*input_ids.shape, D)
+    return _embed(input_ids, word_weight, pos, position_weight, types, token_type_weight,
+                  ln_weight, ln_bias, float(eps), float(dropout_p), seed, padding_idx, False)

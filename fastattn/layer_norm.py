@@ -59,19 +59,38 @@ def _norm_bwd_fake(dy, x, weight, bias, mean, rstd, dh, is_rms, compute_dweight,
 # ---- autograd ----
 
 
-def _norm_fwd(x, weight, bias, residual, eps, is_rms):
-    """fastattn::norm_fwd (see _dispatch.run)."""
-    return _dispatch.run("norm_fwd", "layer_norm", x, x, weight, bias, residual, eps, is_rms)
+def _rows(t: Optional[Tensor], n: int) -> Optional[Tensor]:
+    """t (*, *normalized_shape) as rows (M, N) (a view when the strides allow); None stays None."""
+    return t if t is None or (t.dim() == 2 and t.shape[1] == n) else t.reshape(-1, n)
+
+
+def _flat(t: Optional[Tensor], n: int) -> Optional[Tensor]:
+    """A parameter of shape normalized_shape as (N,); None stays None."""
+    return t if t is None or t.dim() == 1 else t.reshape(n)
+
+
+def _shaped(t: Tensor, shape: torch.Size) -> Tensor:
+    return t if t.shape == shape else t.view(shape)
+
+
+def _norm_fwd(x, weight, bias, residual, eps, is_rms, n):
+    """fastattn::norm_fwd (see _dispatch.run) on x, residual (*, *normalized_shape) as rows
+    (M, N = n) -> y, h shaped as x (h empty without a residual), mean, rstd (M,)."""
+    y, h, mean, rstd = _dispatch.run("norm_fwd", "layer_norm", x, _rows(x, n), _flat(weight, n),
+                                     _flat(bias, n), _rows(residual, n), eps, is_rms)
+    return _shaped(y, x.shape), _shaped(h, x.shape) if residual is not None else h, mean, rstd
 
 
 class _NormFn(torch.autograd.Function):
-    """y, h = norm(x + residual); rows of x (M, N). Saves h (or x), weight, bias, mean, rstd."""
+    """y, h = norm(x + residual) over the trailing normalized_shape (n elements) of x. The
+    reshapes to rows happen inside, outside autograd's graph (a view node in the graph costs as
+    much as this op's backward on small inputs). Saves h (or x), weight, bias, mean, rstd."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, is_rms):
-        y, h, mean, rstd = _norm_fwd(x, weight, bias, residual, eps, is_rms)
+    def forward(ctx, x, weight, bias, residual, eps, is_rms, n):
+        y, h, mean, rstd = _norm_fwd(x, weight, bias, residual, eps, is_rms, n)
         ctx.set_materialize_grads(False)
-        ctx.is_rms = is_rms
+        ctx.is_rms, ctx.n = is_rms, n
         ctx.has_residual = residual is not None
         if any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
@@ -85,14 +104,17 @@ class _NormFn(torch.autograd.Function):
             dy = torch.zeros_like(x)
         if not ctx.has_residual:  # h is an empty placeholder (torch.compile may still pass a grad)
             dh = None
+        n, need = ctx.n, ctx.needs_input_grad
+        x2d = _rows(x, n)
         dx, dweight, dbias = _dispatch.run(
-            "norm_bwd", "layer_norm", x, dy, x, weight, bias, mean, rstd, dh, ctx.is_rms,
-            ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+            "norm_bwd", "layer_norm", x2d, _rows(dy, n), x2d, _flat(weight, n), _flat(bias, n),
+            mean, rstd, _rows(dh, n), ctx.is_rms, need[1], need[2])
+        dx = _shaped(dx, x.shape)
         return (dx,
-                dweight if ctx.needs_input_grad[1] else None,
-                dbias if ctx.needs_input_grad[2] else None,
-                dx if ctx.has_residual and ctx.needs_input_grad[3] else None,
-                None, None)
+                _shaped(dweight, weight.shape) if need[1] else None,
+                _shaped(dbias, bias.shape) if need[2] else None,
+                dx if ctx.has_residual and need[3] else None,
+                None, None, None)
 
 
 # ---- public functions ----
@@ -117,7 +139,7 @@ def _normalized_shape(normalized_shape: _Shape) -> tuple[int, ...]:
 
 def _norm(x: Tensor, normalized_shape: _Shape, weight: Optional[Tensor], bias: Optional[Tensor],
           residual: Optional[Tensor], eps: float, is_rms: bool) -> tuple[Tensor, Tensor]:
-    """Validate, flatten x (*, *normalized_shape) to rows (M, N), run, and restore the shape."""
+    """Validate, then norm over the trailing normalized_shape of x: (y, h) shaped as x."""
     shape = _normalized_shape(normalized_shape)
     check_tensor("input", x)
     for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
@@ -148,17 +170,9 @@ def _norm(x: Tensor, normalized_shape: _Shape, weight: Optional[Tensor], bias: O
         raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
 
     n = shape[0] if len(shape) == 1 else math.prod(shape)
-    x2d = x.reshape(-1, n)  # (*, *normalized_shape) -> (M, N); a view when the strides allow
-    r2d = residual.reshape(-1, n) if residual is not None else None
-    w = weight.reshape(n) if weight is not None and weight.dim() != 1 else weight  # (N,)
-    b = bias.reshape(n) if bias is not None and bias.dim() != 1 else bias
-    if _dispatch.needs_grad(x2d, w, b, r2d):
-        y, h = _NormFn.apply(x2d, w, b, r2d, float(eps), is_rms)
-    else:
-        y, h, _, _ = _norm_fwd(x2d, w, b, r2d, float(eps), is_rms)
-    if x.dim() == 2 and len(shape) == 1:  # already (M, N)
-        return y, h
-    return y.view(x.shape), (h.view(x.shape) if residual is not None else h)
+    if _dispatch.needs_grad(x, weight, bias, residual):
+        return _NormFn.apply(x, weight, bias, residual, float(eps), is_rms, n)
+    return _norm_fwd(x, weight, bias, residual, float(eps), is_rms, n)[:2]
 
 
 def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
