@@ -1,8 +1,9 @@
 """The main job: does fastattn match torch, and is it faster, on this device?
 
-    python -m bench                      # parity, host overhead, ceilings and the full sweep
+    python -m bench                      # parity, host overhead, CPU path, ceilings, the sweep
     python -m bench --quick              # fewer parity shapes and a smaller sweep
     python -m bench --host               # the host-overhead table only (quick)
+    python -m bench --cpu-path           # the CPU-path table only (CPU; under a minute)
     python -m bench --parity-only        # parity only
     python -m bench --filter 'norm'      # only the ops whose name matches the regex
     python -m bench --out DIR            # the output folder (bench/results/<date>_<device>)
@@ -12,19 +13,22 @@
    rule of fastattn.testing.parity: pass / fail with the error and the bound.
 3. Host overhead: µs per call of every public op at tiny shapes, fastattn against torch, and the
    layers above the launchers alone (bench/host.py), against their targets.
-4. Ceilings (GPU): this device's copy bandwidth and bf16 matmul rate, measured in the same run.
-5. Sweep: each case against its peers (torch SDPA's backends and FlexAttention; F.layer_norm /
+4. CPU path (no GPU): fastattn without the interpreter (its torch path) against torch's own ops at
+   model sizes, fp32, fwd and fwd+bwd: time and peak-memory ratios, and import + first call in a
+   fresh process, against their targets (bench/cpu_path.py).
+5. Ceilings (GPU): this device's copy bandwidth and bf16 matmul rate, measured in the same run.
+6. Sweep: each case against its peers (torch SDPA's backends and FlexAttention; F.layer_norm /
    F.rms_norm and their torch.compile'd versions; F.embedding and the eager compositions): ms
    (median, p20-p80), TFLOP/s or GB/s, % of the ceiling, speedup over each peer (~ where the two
    timings' spreads overlap), peak memory.
-6. Targets: fastattn's performance targets as ratios from this run, and how far each falls short.
-7. Writes DIR/summary.md (what is printed, with every column of the tables), results.json and
+7. Targets: fastattn's performance targets as ratios from this run, and how far each falls short.
+8. Writes DIR/summary.md (what is printed, with every column of the tables), results.json and
    results.csv (the records; schema in bench/report.py) and DIR/<family>.png plots.
 
 The terminal gets tables of at most 120 columns; summary.md has them whole. Without a GPU the
 kernels run under Triton's interpreter: parity is checked as on a GPU, and a sweep of
 interpreter-sized shapes runs whose figures are labelled CPU / interpreter figures everywhere they
-appear; the host table is measured on fastattn's torch path in a child process.
+appear; the host and CPU-path tables are measured on fastattn's torch path in a child process.
 Exit status 1 when a parity check fails, or fastattn errs or disagrees with torch in the sweep.
 """
 
@@ -36,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import HAS_CUDA, cases, host, measure, parity, report, targets
+from . import HAS_CUDA, cases, cpu_path, host, measure, parity, report, targets
 
 # Seconds the sweep may take (0: no limit), and how they are shared among the families.
 DEFAULT_BUDGET_S = {"full": 240, "quick": 90, "cpu": 0, "cpu-quick": 0}
@@ -47,9 +51,11 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer parity shapes, a smaller sweep")
     p.add_argument("--host", action="store_true", help="the host-overhead table only")
+    p.add_argument("--cpu-path", action="store_true",
+                   help="the CPU-path table only (fastattn's torch path vs torch; nothing on CUDA)")
     p.add_argument("--out", type=Path, help="output folder (default bench/results/<date>_<device>)")
     p.add_argument("--parity-only", action="store_true",
-                   help="parity only: no host table, no ceilings, no sweep")
+                   help="parity only: no host or CPU-path table, no ceilings, no sweep")
     p.add_argument("--filter", default="", metavar="REGEX", help="only ops whose name matches")
     p.add_argument("--budget-s", type=float, metavar="S",
                    help="time limit of the sweep in seconds, 0 for none (default: "
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     def wanted(case: cases.Case) -> bool:
         return re.search(args.filter, case.op.name) is not None
 
-    say(report.header(info, "none (--host)" if args.host else profile, argv))
+    only = [flag for flag, on in (("--host", args.host), ("--cpu-path", args.cpu_path)) if on]
+    say(report.header(info, f"none ({', '.join(only)})" if only else profile, argv))
     run = report.record(kind="run", device=device, note=info["detail"], args=argv,
                         profile=profile, seconds={},
                         **{k: info[k] for k in ("date", "torch", "triton", "cuda", "python",
@@ -116,21 +123,27 @@ def main(argv: list[str] | None = None) -> int:
     records = [run]
     started = time.monotonic()
 
-    if not args.host:
+    if not only:
         checks = [c for c in cases.parity_cases(args.quick) if wanted(c)]
         for case in report.progress(checks, "parity", _name):
             records += parity.check(case, device)
         run["seconds"]["parity"] = round(time.monotonic() - started, 1)
         say(report.parity_section(records))
 
-    if not args.parity_only:
+    if not args.parity_only and (args.host or not only):
         t0 = time.monotonic()
         records += host.records(args.filter)
         run["seconds"]["host"] = round(time.monotonic() - t0, 1)
         say(host.section(records))
 
+    if not args.parity_only and not HAS_CUDA and (args.cpu_path or not only):
+        t0 = time.monotonic()
+        records += cpu_path.records(args.filter)
+        run["seconds"]["cpu-path"] = round(time.monotonic() - t0, 1)
+        say(cpu_path.section(records))
+
     ceilings: dict[str, float] = {}
-    if not args.parity_only and not args.host:
+    if not args.parity_only and not only:
         t0 = time.monotonic()
         ceilings, ceiling_records = measure.ceilings(device)
         records += ceiling_records
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         say(targets.section(target_records, judged=HAS_CUDA))
 
     files = [report.write_json(records, out), report.write_csv(records, out)]
-    if not args.no_plots and not args.parity_only and not args.host:
+    if not args.no_plots and not args.parity_only and not only:
         try:
             files += report.plot(records, ceilings, out, device)
         except ImportError:

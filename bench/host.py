@@ -54,7 +54,7 @@ from . import DEVICE, HAS_CUDA
 from .cases import (ADD_LAYER_NORM, ATTENTION, BERT_EMBEDDINGS, EMBEDDING, GPT_EMBEDDINGS,
                     LAYER_NORM, RMS_NORM, Inputs, Op, step)
 from .measure import overlaps, quantiles
-from .report import Table, fmt, progress, record
+from .report import Table, by_case, fmt, progress, record
 
 NO_GRAD = "fwd, no grad"
 MODES = (NO_GRAD, "fwd", "fwd+bwd")
@@ -63,6 +63,7 @@ IMPLS = ("fastattn", "torch", "above-launcher", "autograd floor")
 ROUNDS = 9
 BLOCK_S = 0.02  # seconds per block of calls
 DTYPE = torch.float32
+ROOT = Path(__file__).resolve().parent.parent  # the repository: where `python -m bench` runs
 
 # The launchers of every op (the custom ops' names) and the module holding their fakes.
 LAUNCHERS = {"fastattn.attention": ("attention_fwd", "attention_bwd", "varlen_attention_fwd",
@@ -259,11 +260,16 @@ def records(pattern: str = "") -> list[dict]:
     on the CPU with the interpreter on, in a child process on fastattn's torch path."""
     if HAS_CUDA or fastattn.backend(DEVICE) != _dispatch.INTERPRETER:
         return measure(pattern)
+    return on_torch_path("bench.host", pattern)
+
+
+def on_torch_path(module: str, *args: str) -> list[dict]:
+    """The records `python -m MODULE OUT.json *ARGS` writes into OUT.json, run in a child process
+    with TRITON_INTERPRET=0: fastattn's torch path, whatever Triton's mode in this process."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "host.json"
-        env = {**os.environ, "TRITON_INTERPRET": "0"}
-        subprocess.run([sys.executable, "-m", "bench.host", str(out), pattern], env=env,
-                       cwd=Path(__file__).resolve().parent.parent, check=True)
+        out = Path(tmp) / "records.json"
+        subprocess.run([sys.executable, "-m", module, str(out), *args], cwd=ROOT, check=True,
+                       env={**os.environ, "TRITON_INTERPRET": "0"})
         return json.loads(out.read_text())
 
 
@@ -278,11 +284,8 @@ def section(records_: list[dict]) -> list:
     rows = [r for r in records_ if r["kind"] == "host"]
     if not rows:
         return []
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        by_case.setdefault((r["op"], r["mode"]), {})[r["impl"]] = r
     table, misses = [], 0
-    for (op, mode), rs in by_case.items():
+    for (op, mode), rs in by_case(rows, "host").items():
         ours, theirs, above = rs["fastattn"], rs["torch"], rs["above-launcher"]
         floor = rs.get("autograd floor")
         extra = None

@@ -10,9 +10,12 @@ ceiling is given on the CPU (none measured there bounds torch's own CPU kernels)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import platform
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -102,6 +105,39 @@ def peak_mib(fn) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 sent to /dev/null (the profiler's C++ side logs its start and stop
+    there, whatever KINETO_LOG_LEVEL says)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def cpu_peak_mib(fn) -> float:
+    """Peak memory one fn() call allocates on the CPU, MiB: the highest running sum of the bytes
+    allocated (+) and freed (-) in torch.profiler's allocation events of that call, in the order
+    they happened. What was allocated before the call is not counted; its frees may be (they
+    only lower the running sum)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                     profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # stable: ties keep the record order
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak / 2**20
 
 
 def ceilings(device_label: str) -> tuple[dict[str, float], list[dict]]:

@@ -5,42 +5,49 @@ PNG plots, and a progress bar.
 A record is a flat dict with every key of RECORD_KEYS (None where it does not apply):
 
     kind         "run" (first record: device, versions, arguments, seconds per phase), "parity",
-                 "host", "ceiling", "sweep" or "target"
+                 "host", "cpu-path" (bench/cpu_path.py, CPU only), "ceiling", "sweep" or "target"
     op           "attention", "attention_causal", "attention_padding_mask", "attention_gqa",
                  "layer_norm", "rms_norm", "add_layer_norm", "embedding", "gpt_embeddings",
                  "bert_embeddings"; for ceilings "copy" / "matmul"; host records: the public
-                 function ("scaled_dot_product_attention", "varlen_attention", ...)
+                 function ("scaled_dot_product_attention", "varlen_attention", ...); cpu-path
+                 records: the sweep op's name
     family       "attention" | "norm" | "embedding"
-    mode         "fwd" | "bwd" | "fwd+bwd" (parity: "fwd" for out, "bwd" for gradients)
+    mode         "fwd" | "bwd" | "fwd+bwd" (parity: "fwd" for out, "bwd" for gradients);
+                 cpu-path also "first call" (import fastattn + the first forward, fresh process)
     impl         "fastattn" for ours; peers "torch flash", "torch efficient", "torch cudnn",
                  "torch math", "torch flex", "torch", "torch compile"; host records also
                  "above-launcher" (fastattn with no-op launchers)
     shape, size  the shape as printed ("B8 H16 N2048 D128", "M174762 N768", ...) and as a dict
     dtype        "bfloat16", "float16", "float32"
     device       the GPU's name, or "CPU, Triton interpreter" (those figures are not GPU figures);
-                 host records on a CPU: "CPU"
+                 host and cpu-path records on a CPU: "CPU"
     pass         parity: within the parity rule (fastattn.testing.parity); sweep: output agrees
                  with torch's own op at this size (None for torch's op itself); target: met (None
-                 when not judged, on a CPU); host above-launcher: within its goal
+                 when not judged, on a CPU); host above-launcher: within its goal; cpu-path
+                 fastattn: time and peak memory ratios within goal, first call within goal (s)
     ms, ms_lo, ms_hi   median time and its 20th / 80th percentiles
     metric, unit       TFLOP/s (attention) or GB/s (memory-bound ops), by the formulas of cases.py;
                        ceilings: the measured rate; targets: the judged value (% or x); host:
-                       µs per call (median)
+                       µs per call (median); cpu-path: ms (first call: s)
     ceiling_pct  metric as % of this run's measured ceiling (matmul for attention, copy
                  otherwise; none on a CPU)
     ratio        sweep and host: this impl's time / fastattn's (fastattn's speedup over it; 1.0
-                 for fastattn); parity: err / bound (<= 1 passes); target: value / goal
+                 for fastattn); parity: err / bound (<= 1 passes); target: value / goal;
+                 cpu-path fastattn records: fastattn's time / torch's (the other way round)
     vs_best, best_peer  fastattn records: the fastest peer and fastattn's speedup over it
-    noisy        sweep and host: the ratio (vs_best for fastattn) compares two timings whose
-                 p20-p80 ranges overlap, so it is within the noise (printed with a ~)
-    peak_mib     peak memory the timed call allocates above its inputs (CUDA)
+    noisy        sweep, host and cpu-path: the ratio (vs_best for fastattn) compares two timings
+                 whose p20-p80 ranges overlap, so it is within the noise (printed with a ~)
+    peak_mib     peak memory the timed call allocates above its inputs (CUDA; cpu-path: CPU,
+                 from torch.profiler's allocation events, measure.cpu_peak_mib)
+    peak_ratio   cpu-path fastattn records: fastattn's peak_mib / torch's
     output, err, torch_err, bound, backend   parity: which output, max |error| of fastattn and of
                  torch against float64, the bound, and the fastattn path that ran; host: the
                  path fastattn took ("no-op launchers" for above-launcher)
     target, goal target records: the target's name and the value it asks for; host
-                 above-launcher: the goal in µs
+                 above-launcher: the goal in µs; cpu-path: the ratio's (x) or the first call's (s)
     note         why a figure is missing ("n/a: ..."; "error: ..." is a fastattn failure); host
-                 torch records: what torch's column times
+                 and cpu-path torch records: what torch's column times; cpu-path first call:
+                 its import and call times
 """
 
 from __future__ import annotations
@@ -58,8 +65,8 @@ CPU_LABEL = "CPU, Triton interpreter"  # the device of a run without a GPU: neve
 
 RECORD_KEYS = ("kind", "op", "family", "mode", "impl", "shape", "dtype", "device", "pass", "ms",
                "ms_lo", "ms_hi", "metric", "unit", "ceiling_pct", "ratio", "vs_best", "best_peer",
-               "noisy", "peak_mib", "output", "err", "torch_err", "bound", "backend", "target",
-               "goal", "note", "size")
+               "noisy", "peak_mib", "peak_ratio", "output", "err", "torch_err", "bound", "backend",
+               "target", "goal", "note", "size")
 
 
 def record(**fields) -> dict:
@@ -67,6 +74,15 @@ def record(**fields) -> dict:
     if unknown and fields.get("kind") != "run":
         raise KeyError(f"not record keys: {sorted(unknown)}")
     return {**dict.fromkeys(RECORD_KEYS), **fields}
+
+
+def by_case(records: list[dict], kind: str) -> dict[tuple[str, str], dict[str, dict]]:
+    """The records of a kind, grouped: (op, mode) -> impl -> record, in the records' order."""
+    cases: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in records:
+        if r["kind"] == kind:
+            cases.setdefault((r["op"], r["mode"]), {})[r["impl"]] = r
+    return cases
 
 
 def describe(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ import torch
 
 import fastattn
 
-from . import DEVICE, HAS_CUDA, host, measure, report
+from . import DEVICE, HAS_CUDA, cpu_path, host, measure, report
 from .__main__ import main
 from .cases import MODES, sweep_cases, step
 
@@ -76,7 +76,8 @@ def test_runner_writes_its_outputs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert max(len(line) for line in printed.splitlines()) <= WIDTH
     records = json.loads((tmp_path / "results.json").read_text())
-    kinds = {"run", "parity", "host", "sweep", "target"} | ({"ceiling"} if HAS_CUDA else set())
+    kinds = {"run", "parity", "host", "sweep", "target"} | ({"ceiling"} if HAS_CUDA
+                                                           else {"cpu-path"})
     assert {r["kind"] for r in records} == kinds
     for key in ("op", "impl", "shape", "dtype", "pass", "ms", "metric", "ratio", "noisy"):
         assert all(key in r for r in records), key
@@ -84,13 +85,15 @@ def test_runner_writes_its_outputs(tmp_path, capsys):
     assert {r["mode"] for r in ours} == set(MODES)
     assert all(r["pass"] and r["ms"] > 0 and r["metric"] > 0 and r["ratio"] == 1.0 for r in ours)
     assert all(r["ms_lo"] <= r["ms"] <= r["ms_hi"] for r in records if r["ms"] is not None)
-    assert all(r["op"] == "layer_norm" for r in records if r["kind"] in ("parity", "sweep", "host"))
+    assert all(r["op"] == "layer_norm" for r in records
+               if r["kind"] in ("parity", "sweep", "host", "cpu-path"))
     if not HAS_CUDA:  # no ceiling on the CPU, so no % of one
         assert all(r["ceiling_pct"] is None for r in records)
     assert len({r["size"]["N"] for r in ours}) >= 3  # several points per plotted series
     assert (tmp_path / "results.csv").read_text().startswith("kind,op,")
     summary = (tmp_path / "summary.md").read_text()
     assert "## Parity" in summary and "## Host overhead" in summary
+    assert ("## CPU path" in summary) != HAS_CUDA
     assert "fastattn speedup over each peer" in summary  # the wide column: summary.md only
     assert "fastattn speedup over each peer" not in printed
     pytest.importorskip("matplotlib")
@@ -140,6 +143,65 @@ def test_host_fakes_replace_every_launcher():
         y.sum().backward()
     assert [op for op, _ in ran] == ["norm_fwd", "norm_bwd"]
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+CPU_PATH_SIZES = {"attention": dict(B=2, H=3, Hkv=3, L=17, S=29, D=8), "norm": dict(M=5, N=24),
+                  "embedding": dict(B=2, N=7, V=50, D=16)}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path section runs without a GPU only")
+def test_cpu_path_section():
+    """At small shapes, through the child process on the torch path: fastattn and torch timed in
+    every case and mode with finite times and peak memory, a first-call row per case, each row
+    judged against its goal, in tables that fit the terminal."""
+    rows = cpu_path.records(sizes=CPU_PATH_SIZES, rounds=2, block_s=0.001)
+    ops = {case.op.name for case in cpu_path.CASES}
+    timed = [r for r in rows if r["mode"] in cpu_path.MODES]
+    assert {(r["op"], r["mode"], r["impl"]) for r in timed} == {
+        (op, mode, impl) for op in ops for mode in cpu_path.MODES for impl in ("fastattn", "torch")}
+    assert len(timed) == 2 * len(ops) * len(cpu_path.MODES)
+    for r in timed:
+        assert r["kind"] == "cpu-path" and r["dtype"] == "float32", r
+        assert math.isfinite(r["ms"]) and 0 < r["ms_lo"] <= r["ms"] <= r["ms_hi"], r
+        assert math.isfinite(r["peak_mib"]) and r["peak_mib"] > 0, r
+    for r in timed:
+        if r["impl"] == "fastattn":
+            assert r["backend"] == "torch" and r["goal"] == cpu_path.GOAL_RATIO, r
+            assert r["pass"] == (max(r["ratio"], r["peak_ratio"]) <= r["goal"]), r
+    first = [r for r in rows if r["mode"] == "first call"]
+    assert sorted(r["op"] for r in first) == sorted(ops)
+    for r in first:
+        assert 0 < r["metric"] < 60 and r["pass"] == (r["metric"] <= cpu_path.GOAL_FIRST_S), r
+    assert {r["shape"] for r in rows if r["op"] == "layer_norm"} == {"M5 N24"}
+    text = report.render(cpu_path.section(rows), terminal=True)
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
+    assert all(op in text for op in ops) and text.count("first call") >= len(ops)
+
+
+@pytest.mark.parametrize("case", cpu_path.CASES, ids=lambda c: c.op.name)
+def test_cpu_path_first_call_source_is_the_op(case, monkeypatch):
+    """The first-call process runs each case's call as source: it is the sweep op's own call
+    (compared on the torch path, whatever Triton's mode in this process)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    inputs = case.op.make(CPU_PATH_SIZES[case.op.family], torch.float32, "cpu", 0)
+    ours = eval(case.call, {"fastattn": fastattn, "t": inputs.t})
+    torch.testing.assert_close(ours, case.op.ours(inputs.t), rtol=0, atol=0)
+
+
+def test_cpu_peak_memory_reads_known_allocations():
+    """One 4 MiB allocation reads 4 MiB; 4 MiB and 2 MiB held, the 4 freed, 4 more: 6 MiB at the
+    peak; a tensor allocated before the call is not counted."""
+    held_before = torch.ones(1 << 22)
+
+    def two_at_a_time():
+        a = torch.empty(1 << 20)  # 4 MiB
+        b = torch.empty(1 << 19)  # 2 MiB
+        del a
+        c = torch.empty(1 << 20)
+        return b, c, held_before
+
+    assert measure.cpu_peak_mib(lambda: torch.empty(1 << 20)) == 4.0
+    assert measure.cpu_peak_mib(two_at_a_time) == 6.0
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU timing method (the GPU's is do_bench)")
