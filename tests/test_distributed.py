@@ -58,6 +58,7 @@ def _worker(rank, world, init_file, wrap, out_file):
             state = {k: v.full_tensor() for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(state, out_file)
+        dist.barrier()  # both done before either tears gloo down (a teardown race aborted one)
     finally:
         dist.destroy_process_group()
 
