@@ -63,6 +63,12 @@ def _pad_head(t: Tensor, d: int) -> Tensor:
     return t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1]))
 
 
+def _positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
+    """(q, scale) with scale >= 0: q.k * s == (-q).k * (-s). torch's fused CPU op returns NaN for
+    a negative scale with is_causal (torch 2.13); the gradient through -q is minus dq."""
+    return (q.neg(), -scale) if scale < 0 else (q, scale)
+
+
 def _no_keys(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """out 0, lse -inf: attention with L == 0 or S == 0 (the fused op refuses empty sizes)."""
     B, Hq, L, _ = q.shape
@@ -84,6 +90,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool
         out, lse = _Composed(q, k, v, scale, is_causal, attn_mask, dropout_p, seed).forward()
         return out, lse, q.new_empty((0,))
     d = max(q.shape[-1], Ev)
+    q, scale = _positive_scale(q, scale)
     out, lse = _FLASH_FWD(_pad_head(q, d), _pad_head(k, d), _pad_head(v, d), 0.0, is_causal,
                           attn_mask=_additive(attn_mask, q.dtype), scale=scale)
     if attn_mask is not None:  # the fused op gives such rows out 0 but lse 0
@@ -111,6 +118,8 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     if attn_mask is not None:  # rows that see no key: the fused op's own lse 0 (P = exp(-inf) = 0)
         lse = lse.masked_fill(lse == _NEG_INF, 0.0)
     mask = _additive(attn_mask, q.dtype)
+    sign = -1.0 if scale < 0 else 1.0
+    q, scale = _positive_scale(q, scale)
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     G = q.shape[1] // k.shape[1]
     for b, h in _pieces(*k.shape[:2]):  # (batch, kv head) pieces: see _pieces
@@ -122,6 +131,8 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
                            lse[b, qh], 0.0, is_causal, attn_mask=m, scale=scale)
         for grad, part, rows in zip(grads, parts, (qh, h, h)):
             grad[b, rows] = part[..., :grad.shape[-1]]
+    if sign < 0:  # the gradient of the flipped q (see _positive_scale)
+        grads[0].neg_()
     return (*grads, q.new_empty((0,)))
 
 

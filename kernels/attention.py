@@ -339,17 +339,22 @@ def _attn_fwd_inner(
         offs_n = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N) + tl.arange(0, BLOCK_N)
         kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
         v = _load_dot_operand(v_base, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
-        s, visible = _scores(q, kT, offs_m[:, None], offs_n[None, :], L, S, qk_scale,
-                             mask_base, stride_ml, stride_ms,
-                             MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                             DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
         if MASKED or HAS_MASK:
+            s, visible = _scores(q, kT, offs_m[:, None], offs_n[None, :], L, S, qk_scale,
+                                 mask_base, stride_ml, stride_ms,
+                                 MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                                 DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far has m_new = _MASKED_SCORE and would get p = 1 on its
             # hidden entries: force them to 0 so such a row keeps l = 0.
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(visible, tl.exp2(s - m_new[:, None]), 0.0)
+        else:
+            # Raw scores: qk_scale >= 0 (the launcher makes it so), so the row max of the scaled
+            # scores is the scaled row max, and the scale folds into exp2's argument: one FFMA
+            # per score instead of a multiply and a subtract.
+            qk = tl.dot(q, kT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old row max
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:  # l keeps every probability; only those that multiply V are dropped
@@ -909,6 +914,8 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
     out_lo: a tensor shaped and strided as out that receives the output's rounding residual, or
     None."""
     varlen = cu_seqlens is not None
+    if scale < 0:  # the kernel takes scale >= 0 (see _attn_fwd_inner): q.k * s == (-q).k * (-s)
+        q, scale = q.neg(), -scale
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     cfg = attention_fwd_config(max(D, Dv), q.dtype, q.device, _has_extras(attn_mask, dropout_p))
     mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)

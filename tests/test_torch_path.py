@@ -164,6 +164,23 @@ def test_fully_masked_rows_give_zero(dtype, kind):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_attention_negative_scale(is_causal):
+    """A negative scale (torch's fused CPU op gives NaN for one with is_causal): out and every
+    gradient as the float64 reference's."""
+    q, k, v, do = _qkv(2, 4, 2, 33, 33, 16, torch.float32, seed=3)
+    with fastattn.record_backends() as ran:
+        out = fastattn.scaled_dot_product_attention(q, k, v, scale=-0.6, is_causal=is_causal,
+                                                    enable_gqa=True)
+        ours = [out, *torch.autograd.grad(out, [q, k, v], do)]
+    _assert_torch_ran(ran, ["attention_fwd", "attention_bwd"])
+    r = _leaves([q, k, v], torch.float64)
+    r_out = reference.scaled_dot_product_attention(*r, is_causal, -0.6)[0]
+    ref = [r_out, *torch.autograd.grad(r_out, r, do.double())]
+    for a, want in zip(ours, ref):
+        torch.testing.assert_close(a, want.float(), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("L,S", [(0, 5), (7, 0)])
 def test_attention_empty_lengths(L, S):
     q, k, v, do = _qkv(2, 2, 1, L, S, 16, torch.float16, seed=1)
