@@ -127,20 +127,24 @@ def device_guard(tensor: torch.Tensor):
 # GPU. The widest row also serves head dims past the table.
 
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per loop step.
-_ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 16, 8, 2))
+# Hopper rows give every warpgroup (4 warps) its own 64 rows of the MMA tiles, so no wgmma work is
+# done twice (a 64-row tile over 8 warps was, and an n8 wgmma with it): d256 64 x 32 on 4 warps;
+# d128 on 128-wide key blocks (issue:TC of its main loop 0.80 -> 0.64, sm_90 compile, Triton 3.6).
+_ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 128, 8, 2), (256, 64, 32, 4, 2))
 _ATTN_FWD_AMPERE = ((64, 64, 64, 8, 2), (128, 64, 64, 4, 2), (256, 32, 32, 4, 1))
 _ATTN_FWD_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 32, 16, 8, 1))
 
 # Backward dK/dV: a fixed block of BLOCK_N keys keeps k, v and the fp32 dk, dv accumulators in
 # registers while BLOCK_M query rows stream past; from d64 on that needs 8 warps (4 spill), and the
 # streamed block shrinks as the head dim grows.
-_ATTN_BWD_DKDV_HOPPER = ((64, 32, 128, 8, 3), (128, 16, 64, 8, 2), (256, 16, 32, 8, 2))
+_ATTN_BWD_DKDV_HOPPER = ((64, 32, 128, 8, 3), (128, 32, 128, 8, 2), (256, 16, 32, 8, 2))
 _ATTN_BWD_DKDV_AMPERE = ((64, 32, 32, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
 _ATTN_BWD_DKDV_FP32 = ((64, 32, 32, 4, 1), (128, 16, 32, 4, 1), (256, 16, 16, 4, 1))
 
 # Backward dQ: a fixed block of BLOCK_M query rows (q, dO and the fp32 dq accumulator) while BLOCK_N
-# keys stream past.
-_ATTN_BWD_DQ_HOPPER = ((64, 128, 32, 4, 3), (128, 128, 32, 8, 2), (256, 32, 32, 8, 2))
+# keys stream past. Hopper d256: 128 rows on 8 warps, wgmma (32 rows on 8 warps fell back to
+# mma.sync); the Hopper dK/dV d128 row keeps 128 keys on 8 warps (16 x 64 computed S and dP twice).
+_ATTN_BWD_DQ_HOPPER = ((64, 128, 32, 4, 3), (128, 128, 32, 8, 2), (256, 128, 32, 8, 2))
 _ATTN_BWD_DQ_AMPERE = ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 _ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1))
 
