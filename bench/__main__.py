@@ -4,6 +4,7 @@
     python -m bench --quick              # fewer parity shapes and a smaller sweep
     python -m bench --host               # the host-overhead table only (quick)
     python -m bench --cpu-path           # the CPU-path table only (CPU; under a minute)
+    python -m bench --static             # the static Hopper table only (no GPU needed; minutes)
     python -m bench --parity-only        # parity only
     python -m bench --filter 'norm'      # only the ops whose name matches the regex
     python -m bench --out DIR            # the output folder (bench/results/<date>_<device>)
@@ -40,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import HAS_CUDA, cases, cpu_path, host, measure, parity, report, targets
+from . import HAS_CUDA, cases, cpu_path, host, measure, parity, report, static, targets
 
 # Seconds the sweep may take (0: no limit), and how they are shared among the families.
 DEFAULT_BUDGET_S = {"full": 240, "quick": 90, "cpu": 0, "cpu-quick": 0}
@@ -53,6 +54,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", action="store_true", help="the host-overhead table only")
     p.add_argument("--cpu-path", action="store_true",
                    help="the CPU-path table only (fastattn's torch path vs torch; nothing on CUDA)")
+    p.add_argument("--static", action="store_true",
+                   help="the static Hopper table only: every attention kernel compiled for sm_90 "
+                        "and read from its SASS (bench/static.py; no GPU needed)")
     p.add_argument("--out", type=Path, help="output folder (default bench/results/<date>_<device>)")
     p.add_argument("--parity-only", action="store_true",
                    help="parity only: no host or CPU-path table, no ceilings, no sweep")
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     def wanted(case: cases.Case) -> bool:
         return re.search(args.filter, case.op.name) is not None
 
-    only = [flag for flag, on in (("--host", args.host), ("--cpu-path", args.cpu_path)) if on]
+    only = [flag for flag, on in (("--host", args.host), ("--cpu-path", args.cpu_path),
+                                  ("--static", args.static)) if on]
     say(report.header(info, f"none ({', '.join(only)})" if only else profile, argv))
     run = report.record(kind="run", device=device, note=info["detail"], args=argv,
                         profile=profile, seconds={},
@@ -141,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         records += cpu_path.records(args.filter)
         run["seconds"]["cpu-path"] = round(time.monotonic() - t0, 1)
         say(cpu_path.section(records))
+
+    if args.static:
+        t0 = time.monotonic()
+        records += static.records()
+        run["seconds"]["static"] = round(time.monotonic() - t0, 1)
+        say(static.section(records))
 
     ceilings: dict[str, float] = {}
     if not args.parity_only and not only:

@@ -14,8 +14,22 @@ counts are pessimistic.
     python tests/sm90_compile.py [arch=90] [--all-rows]
 --all-rows: only the attention kernels, at every head dim of configs.py's tables (64, 128, 256) and
 in more feature combinations (the check behind the tables' "no spills" note).
+
+    python tests/sm90_compile.py 90 --static [--jobs N] [--head-dims 64,128]
+
+--static: the static Hopper check (tests/test_hopper_static.py, python -m bench --static). Every
+attention kernel the public launchers run, at STATIC_HEAD_DIMS x STATIC_FEATURES, bf16, is compiled
+through Triton's own launch binder (a stand-in driver reports an sm_90 GPU and launches nothing: the
+binder specialises the arguments of contiguous CPU tensors as a GPU launch does, configs.py answers
+as on Hopper), then read from ptxas's log, the TTGIR and the SASS (nvdisasm). One JSON line per
+kernel: resources, occupancy, MMA kind and shapes, loads and wgmma waits of the main loop,
+instructions per score, issue:TC, and "gate": the static Hopper rules it breaks (see hopper_gate).
 """
 
+import collections
+import contextlib
+import inspect
+import io
 import itertools
 import json
 import os
@@ -24,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.pop("TRITON_INTERPRET", None)
+if __name__ == "__main__":  # the kernels must be defined with TRITON_INTERPRET unset
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -168,9 +183,348 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
         yield AT._attn_bwd_preprocess_kernel, name, ptrs, consts, _options(pre)
 
 
+# ---- The static Hopper check (--static) ----
+#
+# Head dims and features of the kernels checked: each feature alone on top of the plain call, at
+# every head dim configs.py has a Hopper row for, and a ragged one (80, padded to BLOCK_D 128).
+STATIC_HEAD_DIMS = (64, 80, 128, 256)
+STATIC_FEATURES = {
+    "plain": {},
+    "causal": dict(is_causal=True),
+    "mask": dict(mask=True),  # a bool (L, S) attn_mask (not the key-padding fast path)
+    "dropout": dict(dropout_p=0.1),
+    "varlen": dict(varlen=True),  # two packed sequences
+    "gqa": dict(group=4),  # Hq = 4 * Hkv
+}
+# The kernels a forward + backward launches, by their short names in the check's records.
+STATIC_KERNELS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_preprocess_kernel": "preprocess",
+                  "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+# The launch: (B, Hq, L = S); sizes a model uses (16-divisible, so the binder marks them so).
+STATIC_SHAPE = (2, 16, 2048)
+
+# Hopper (H200) per SM: 64K registers in 4 sub-partitions, 228 KB shared memory (1 KB of it kept
+# per CTA), 64 warps, 32 CTAs; 4 warp schedulers; dense bf16 tensor-core rate 2048 FMA per clock.
+_REGS_PER_SUBPARTITION, _SMEM_PER_SM, _SMEM_PER_CTA_RESERVED = 16384, 233472, 1024
+_WARPS_PER_SM, _CTAS_PER_SM, _SCHEDULERS, _TC_FMA_PER_CLOCK = 64, 32, 4, 2048
+_SASS_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_SERIALISED = re.compile(r"warning[^\n]*\((C7515|C7512)\)[^\n]*")
+
+
+class _StandInDriver:
+    """Triton's active driver as an sm_90 GPU that launches nothing: `kernel[grid](...)` binds and
+    specialises its arguments (ints == 1 constant, 16-divisible ints and 16-byte aligned pointers
+    marked) and compiles, as on the GPU; the arguments are CPU tensors that are never read."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        import torch
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        import torch
+        return torch.cuda
+
+    def get_empty_cache_for_benchmark(self):
+        raise RuntimeError("the stand-in driver launches nothing")
+
+
+def _stand_in_launches(arch: int) -> list:
+    """Make every `kernel[grid](...)` of this process compile for `arch` without launching, and
+    configs.py answer as on that GPU; returns the list that receives (kernel name, launch keyword
+    arguments, CompiledKernel, ptxas log) per launch."""
+    import torch
+    from triton import knobs
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # never Triton's disk cache: ptxas's log is wanted
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v (registers, spills, warnings) printed: captured
+    driver.set_active(_StandInDriver(arch))
+    launches, logs, run = [], {}, JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        with contextlib.redirect_stdout(io.StringIO()) as log:
+            kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        logs.setdefault(id(kernel), log.getvalue())  # a kernel met again is not recompiled
+        launches.append((self.fn.__name__, kwargs, kernel, logs[id(kernel)]))
+        return kernel
+
+    JITFunction.run = compile_only
+    configs.arch_major = lambda device: arch // 10
+    configs.sm_count = lambda device: 132
+    gpu = torch.device("cuda", 0)
+    for name, fn in list(vars(AT).items()):  # the launchers' copies of configs.py's functions
+        if name in ("arch_major", "sm_count"):
+            setattr(AT, name, getattr(configs, name))
+        elif (inspect.isfunction(fn) and fn.__module__ == configs.__name__
+              and "device" in inspect.signature(fn).parameters):
+            setattr(AT, name, _on_device(fn, gpu))
+    return launches
+
+
+def _on_device(fn, device):
+    """fn with its `device` argument replaced by `device` (configs.py then picks that GPU's row)."""
+    signature = inspect.signature(fn)
+
+    def wrapped(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["device"] = device
+        return fn(*bound.args, **bound.kwargs)
+    return wrapped
+
+
+def _launch_attention(head_dim: int, is_causal=False, mask=False, dropout_p=0.0, varlen=False,
+                      group=1) -> None:
+    """A training step's launches, forward (keeping out's residual) then backward, through the
+    public launchers on contiguous bf16 CPU tensors (B, H, N, D), or packed (B * N, H, D)."""
+    import torch
+
+    B, Hq, N = STATIC_SHAPE
+    Hkv, scale = Hq // group, head_dim ** -0.5
+    seed = torch.zeros(1, dtype=torch.int64) if dropout_p else None
+    attn_mask = torch.ones(N, N, dtype=torch.bool) if mask else None  # (L, S)
+    if varlen:
+        q, k, v = (torch.empty(B * N, h, head_dim, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+        cu = torch.arange(0, B * N + 1, N, dtype=torch.int32)  # (B + 1,)
+        out, lse, lo = AT.varlen_attention_fwd(q, k, v, cu, cu, N, N, scale, is_causal, dropout_p,
+                                               seed, residual=True)
+        AT.varlen_attention_bwd(torch.empty_like(out), q, k, v, out, lse, cu, cu, N, N, scale,
+                                is_causal, dropout_p, seed, out_lo=lo)
+        return
+    q, k, v = (torch.empty(B, h, N, head_dim, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    out, lse, lo = AT.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed,
+                                    residual=True)
+    AT.attention_bwd(torch.empty_like(out), q, k, v, out, lse, scale, is_causal, attn_mask,
+                     dropout_p, seed, out_lo=lo)
+
+
+def _sass_loops(sass: str) -> list[list[str]]:
+    """The innermost loops of a kernel's SASS (nvdisasm), each as its instructions, in address
+    order: the bodies of backward branches that hold no other loop. The out-of-line wait stubs
+    ptxas puts after the last EXIT are not loops of the kernel."""
+    insns, labels = [], {}
+    for line in sass.splitlines():
+        if m := _SASS_LABEL.match(line):
+            labels[m.group(1)] = len(insns)
+        elif m := _SASS_INSN.search(line):
+            insns.append(m.group(1).strip())
+    exits = [i for i, ins in enumerate(insns) if _opcode(ins) == "EXIT"]
+    code = insns[:max(exits, default=0) + 1]
+    spans = sorted({(labels[m.group(1)], i) for i, ins in enumerate(code)
+                    if _opcode(ins).startswith("BRA") and (m := _SASS_TARGET.search(ins))
+                    and labels.get(m.group(1), i + 1) <= i})
+    inner = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b)
+                                                 for c, d in spans)]
+    return [insns[a:b + 1] for a, b in inner]
+
+
+def _opcode(ins: str) -> str:
+    """The opcode of a SASS instruction, without its predicate: "HGMMA.64x64x16.F32.BF16"."""
+    ins = re.sub(r"^@!?U?P[T0-9]+\s+", "", ins)
+    return ins.split()[0] if ins else ""
+
+
+def _mma_fma(op: str, warps: int) -> int:
+    """FMAs one SASS MMA instruction does across the CTA: a wgmma (HGMMA.MxNxK) is issued by the
+    four warps of each warpgroup together, an mma.sync (HMMA.MNK: 16816 = m16n8k16) by each warp."""
+    if m := re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op):
+        return int(m[1]) * int(m[2]) * int(m[3]) * (warps // 4)
+    if m := re.match(r"HMMA\.(16)(8)(8|16)", op):
+        return int(m[1]) * int(m[2]) * int(m[3]) * warps
+    return 0
+
+
+def _loop_summary(body: list[str], warps: int, tile_scores: int) -> dict:
+    """Counts of one SASS loop (one iteration): MMAs and their shapes, loads by kind, wgmma waits,
+    exp2s; instr/score = SASS instructions x warps / scores in the tile (BLOCK_M x BLOCK_N);
+    issue:TC = issue clocks (instructions x warps / 4 schedulers) / tensor-core clocks (the
+    loop's MMA FMAs / 2048 per clock)."""
+    ops = [_opcode(ins) for ins in body]
+    shapes = collections.Counter(re.sub(r"\.(F32|F16|BF16).*", "", o).split(".", 1)[1]
+                                 for o in ops if o.startswith(("HGMMA", "HMMA")))
+    loads = collections.Counter(
+        "TMA" if o.startswith("UTMALDG") else "cp.async" if o.startswith("LDGSTS") else "LDG"
+        for o in ops if o.startswith(("UTMALDG", "LDGSTS"))
+        or (o.startswith("LDG") and not o.startswith("LDGDEPBAR")))
+    fma = sum(_mma_fma(o, warps) for o in ops)
+    issue_clocks = len(ops) * warps / _SCHEDULERS
+    return {"insns": len(ops), "hgmma": sum(o.startswith("HGMMA") for o in ops),
+            "hmma": sum(o.startswith("HMMA") for o in ops), "mma_shapes": dict(shapes),
+            "loads": dict(loads), "depbar": sum(o.startswith("WARPGROUP.DEPBAR") for o in ops),
+            "ex2": sum(o == "MUFU.EX2" for o in ops),
+            "spill_insns": sum(o.startswith(("LDL", "STL")) for o in ops),
+            "instr_per_score": round(len(ops) * warps / tile_scores, 3),
+            "issue_tc": round(issue_clocks / (fma / _TC_FMA_PER_CLOCK), 3) if fma else None}
+
+
+def _ttgir_dots(ttgir: str) -> list[dict]:
+    """Every dot of the TTGIR: its M x N x K, the MMA layout of its result (version, warpsPerCTA,
+    instrShape) and how many times its warps compute each output element (`dup`: above 1 when the
+    layout's warps cover more rows or columns than the tile has, e.g. a 64-row tile on
+    warpsPerCTA [8, 1]: both warpgroups compute the same m64 rows)."""
+    layouts = {m[1]: (int(m[2]), [int(x) for x in m[3].split(",")],
+                      [int(x) for x in m[4].split(",")])
+               for m in re.finditer(r"^(#\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+),.*?"
+                                    r"warpsPerCTA = \[([\d, ]+)\].*?instrShape = \[([\d, ]+)\]",
+                                    ttgir, re.M)}
+    dots = []
+    for m in re.finditer(r"= (ttng\.warp_group_dot|tt\.dot) (.*?) : (.*?) -> tensor<(\d+)x(\d+)x"
+                         r"\w+, (#\w+)>", ttgir):
+        M, N, layout = int(m[4]), int(m[5]), m[6]
+        K = int(re.search(r"<\d+x(\d+)x", m[3])[1])
+        version, warps, instr = layouts.get(layout, (0, [1, 1], [16, 8]))
+        rows, cols = warps[0] * 16, warps[1] * instr[1]  # 16 rows per warp, instrShape[1] columns
+        dots.append({"shape": f"{M}x{N}x{K}", "mma": f"v{version}", "warps": warps,
+                     "dup": max(1, rows // M) * max(1, cols // N)})
+    return dots
+
+
+def hopper_gate(r: dict) -> list[str]:
+    """The static Hopper rules a kernel record breaks (none: it passes): it compiles; every MMA is
+    a wgmma (HGMMA), none an mma.sync (HMMA); ptxas serialises no wgmma (warnings C7515 / C7512);
+    no MMA work is duplicated across warps (a dot's layout covers its tile once); no spills."""
+    if r.get("error"):
+        return [f"compile error: {r['error']}"]
+    if not r["regs"]:
+        return ["no ptxas report: registers and spills unknown"]
+    why = []
+    if r["hmma"] or (r["dots"] and not r["hgmma"]):
+        why.append(f"mma.sync: {r['hmma']} HMMA, {r['hgmma']} HGMMA in the SASS")
+    if r["serialised"]:
+        why.append("serialised wgmma: ptxas " + "; ".join(r["serialised"]))
+    for dot in r["dots"]:
+        if dot["dup"] > 1:
+            why.append(f"duplicated MMA: {dot['shape']} dot on warpsPerCTA {dot['warps']} "
+                       f"computed {dot['dup']}x")
+    if r["spill_store"] or r["spill_load"]:
+        why.append(f"spills: {r['spill_store']} B stored, {r['spill_load']} B loaded")
+    return list(dict.fromkeys(why))
+
+
+def analyse_compiled(kernel, log: str, warps: int, tile_scores: int) -> dict:
+    """A compiled kernel's static figures: from ptxas's log (registers, spills, wgmma warnings),
+    its metadata (shared memory), TTGIR (dots) and SASS (loops; the main loop is the leanest loop
+    with MMAs: the unmasked one where a kernel splits its loop)."""
+    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
+    smem = kernel.metadata.shared
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", cubin], capture_output=True,
+                              text=True, check=True).stdout
+    loops = [_loop_summary(body, warps, tile_scores) for body in _sass_loops(sass)]
+    mma_loops = [lp for lp in loops if lp["hgmma"] or lp["hmma"]]
+    main = min(mma_loops, key=lambda lp: lp["insns"]) if mma_loops else None
+    ops = [_opcode(line) for line in _SASS_INSN.findall(sass)]
+    hgmma, hmma = sum(o.startswith("HGMMA") for o in ops), sum(o.startswith("HMMA") for o in ops)
+    per_warp_regs = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in 256s
+    by = {"regs": 4 * (_REGS_PER_SUBPARTITION // per_warp_regs) // warps,
+          "smem": _SMEM_PER_SM // (smem + _SMEM_PER_CTA_RESERVED),
+          "warps": _WARPS_PER_SM // warps}
+    spills = {kind: max((int(x) for x in re.findall(rf"(\d+) bytes spill {kind}s", log)), default=0)
+              for kind in ("store", "load")}
+    return {"regs": regs, "spill_store": spills["store"], "spill_load": spills["load"],
+            "smem": smem, "ctas_per_sm": min(*by.values(), _CTAS_PER_SM), "ctas_by": by,
+            "serialised": sorted(set(m[0].strip() for m in _SERIALISED.finditer(log))),
+            "hgmma": hgmma, "hmma": hmma,
+            "mma_kind": ("wgmma" if hgmma and not hmma else "mma.sync" if hmma and not hgmma
+                         else "wgmma+mma.sync" if hmma else "-"),
+            "dots": _ttgir_dots(kernel.asm["ttgir"]), "loops": loops, "main_loop": main}
+
+
+def static_records(arch: int, cells=None):
+    """The static check's records (dicts), one per kernel each (head dim, feature) of `cells`
+    (default: all) launches. Installs the stand-in driver: call it once per process."""
+    import triton as _triton
+
+    launches = _stand_in_launches(arch)
+    for d, feature in cells or itertools.product(STATIC_HEAD_DIMS, STATIC_FEATURES):
+        launches.clear()
+        base = {"head_dim": d, "feature": feature, "arch": arch, "triton": _triton.__version__}
+        try:
+            _launch_attention(d, **STATIC_FEATURES[feature])
+            error = None
+        except Exception as e:  # a front-end or ptxas error: the next kernel does not compile
+            error = f"{type(e).__name__}: {str(e)[-300:]}"
+        for name, kwargs, kernel, log in launches:
+            block_m, block_n = kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")
+            warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
+            r = {**base, "kernel": STATIC_KERNELS.get(name, name), "fn": name,
+                 "block_m": block_m, "block_n": block_n, "block_d": kwargs.get("BLOCK_D"),
+                 "tile": f"{block_m}x{block_n}" if block_n else f"{block_m}",
+                 "warps": warps, "stages": stages,
+                 **analyse_compiled(kernel, log, warps, block_m * (block_n or 1))}
+            r["gate"] = hopper_gate(r)
+            r["ok"] = not r["gate"]
+            yield r
+        if error:  # the kernels launched after the failing one are not reported
+            yield {**base, "kernel": "?", "error": error, "gate": [f"compile error: {error}"],
+                   "ok": False}
+
+
+def _static_main(arch: int, argv: list[str]) -> None:
+    """--static [--jobs N] [--head-dims 64,128]: the records as JSON lines, in (head dim, feature)
+    order; with N > 1 jobs, split over N child processes of this script."""
+    opts = dict(zip(argv[::2], argv[1::2]))
+    head_dims = (tuple(int(d) for d in opts.get("--head-dims", "").split(",") if d)
+                 or STATIC_HEAD_DIMS)
+    jobs = int(opts.get("--jobs", "1"))
+    cells = list(itertools.product(head_dims, STATIC_FEATURES))
+    if jobs <= 1:
+        for r in static_records(arch, cells):
+            print(json.dumps(r), flush=True)
+        return
+    procs = [subprocess.Popen([sys.executable, __file__, str(arch), "--static", "--cells",
+                               ";".join(f"{d}:{f}" for d, f in cells[i::jobs])],
+                              stdout=subprocess.PIPE, text=True) for i in range(jobs)]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"a --static job failed: exit codes {[p.returncode for p in procs]}")
+    records = [json.loads(line) for out in outs for line in out.splitlines()
+               if line.startswith("{")]
+    order = {cell: i for i, cell in enumerate(cells)}
+    for r in sorted(records, key=lambda r: order[(r["head_dim"], r["feature"])]):  # stable
+        print(json.dumps(r), flush=True)
+
+
+def _static_cells_main(arch: int, cells: str) -> None:
+    """--static --cells "128:plain;64:causal": one job of _static_main."""
+    todo = [(int(d), feature) for d, feature in (cell.split(":") for cell in cells.split(";"))]
+    for r in static_records(arch, todo):
+        print(json.dumps(r), flush=True)
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--all-rows"]
-    arch = int(args[0]) if args else 90
+    arch = int(args[0]) if args and args[0].isdigit() else 90
+    if "--static" in args:  # the static Hopper check (tests/test_hopper_static.py)
+        rest = args[args.index("--static") + 1:]
+        if rest[:1] == ["--cells"]:
+            _static_cells_main(arch, rest[1])
+        else:
+            _static_main(arch, rest)
+        sys.exit(0)
     if "--all-rows" in sys.argv:  # every attention table row, for tuning kernels/configs.py
         jobs = [(True, v) for v in attention_variants(arch, (64, 128, 256), ALL_FEATURES)]
     else:
