@@ -5,7 +5,10 @@ PNG plots, and a progress bar.
 A record is a flat dict with every key of RECORD_KEYS (None where it does not apply):
 
     kind         "run" (first record: device, versions, arguments, seconds per phase), "parity",
-                 "host", "cpu-path" (bench/cpu_path.py, CPU only), "ceiling", "sweep" or "target"
+                 "host", "cpu-path" (bench/cpu_path.py, CPU only), "ceiling", "sweep", "target"
+                 or "static" (bench/static.py, compile-only sm_90 analysis: pass = the static
+                 Hopper gate, note = the rules broken, and one extra key "static" with the check's
+                 whole record, left out of results.csv)
     op           "attention", "attention_causal", "attention_padding_mask", "attention_gqa",
                  "layer_norm", "rms_norm", "add_layer_norm", "embedding", "gpt_embeddings",
                  "bert_embeddings"; for ceilings "copy" / "matmul"; host records: the public

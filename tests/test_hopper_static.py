@@ -1,4 +1,4 @@
-"""The static Hopper check (issue 14): every attention kernel the launchers run on sm_90, at head
+"""The static Hopper check: every attention kernel the launchers run on sm_90, at head
 dims 64 / 80 / 128 / 256 and with each feature (plain, causal, mask, dropout, varlen, GQA), compiled
 as a launch on contiguous bf16 tensors specialises it, without a GPU (tests/sm90_compile.py
 --static, in one subprocess for the session), must pass the static Hopper gate
@@ -13,6 +13,7 @@ removed; a listed kernel that breaks a further rule fails outright.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -25,8 +26,10 @@ from sm90_compile import STATIC_FEATURES, STATIC_HEAD_DIMS, STATIC_KERNELS
 
 SCRIPT = pathlib.Path(__file__).with_name("sm90_compile.py")
 
-# (kernel, head dim, feature) -> what the gate says today (Triton 3.9; kernels/ and configs.py of
-# this commit): the rules each breaks, in the gate's words.
+# (kernel, head dim, feature) -> what the gate says today (Triton 3.9, CI's version; kernels/ and
+# configs.py of this commit): the rules each breaks, in the gate's words. Strict on that version
+# only: another Triton (the GPU image's 3.6) compiles some of them clean.
+XFAIL_TRITON = "3.9."
 XFAIL: dict[tuple[str, int, str], str] = {
     ("dkdv", 80, "mask"):
         "mma.sync: 48 HMMA, 0 HGMMA in the SASS; "
@@ -73,11 +76,15 @@ XFAIL: dict[tuple[str, int, str], str] = {
 
 
 def _cases():
+    try:
+        strict = importlib.metadata.version("triton").startswith(XFAIL_TRITON)
+    except importlib.metadata.PackageNotFoundError:
+        strict = False
     for d in STATIC_HEAD_DIMS:
         for feature in STATIC_FEATURES:
             for kernel in STATIC_KERNELS.values():
                 reason = XFAIL.get((kernel, d, feature))
-                marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+                marks = [pytest.mark.xfail(strict=strict, raises=AssertionError, reason=reason)
                          ] if reason else []
                 yield pytest.param(kernel, d, feature, marks=marks, id=f"{kernel}-d{d}-{feature}")
 
