@@ -153,11 +153,11 @@ _ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1
 # With an attn_mask or dropout ("extras": a mask tile or Philox counters live beside every score
 # tile) the rows above spill registers; such calls use these tables instead (more warps, or a
 # narrower block). The fp32 tables serve them unchanged.
-_ATTN_FWD_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (256, 64, 16, 8, 2))
+_ATTN_FWD_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (256, 64, 32, 4, 2))
 _ATTN_FWD_AMPERE_EXTRAS = ((64, 64, 64, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
-_ATTN_BWD_DKDV_HOPPER_EXTRAS = ((64, 16, 128, 8, 3), (128, 32, 32, 8, 2), (256, 16, 32, 8, 1))
+_ATTN_BWD_DKDV_HOPPER_EXTRAS = ((64, 16, 128, 8, 3), (128, 16, 128, 8, 2), (256, 16, 32, 8, 1))
 _ATTN_BWD_DKDV_AMPERE_EXTRAS = ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2), (256, 16, 32, 8, 1))
-_ATTN_BWD_DQ_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 16, 8, 2), (256, 32, 32, 8, 2))
+_ATTN_BWD_DQ_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 16, 8, 2), (256, 128, 32, 8, 2))
 _ATTN_BWD_DQ_AMPERE_EXTRAS = ((64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 
 # Under the interpreter: one fixed setting per pass (warps and stages are ignored there). The tiles

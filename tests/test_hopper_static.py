@@ -31,19 +31,7 @@ SCRIPT = pathlib.Path(__file__).with_name("sm90_compile.py")
 # only: another Triton (the GPU image's 3.6) compiles some of them clean.
 XFAIL_TRITON = "3.9."
 XFAIL: dict[tuple[str, int, str], str] = {
-    ("dkdv", 80, "mask"):
-        "mma.sync: 48 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x32x128 dot on warpsPerCTA [1, 8] computed 2x",
-    ("dkdv", 80, "dropout"):
-        "mma.sync: 48 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x32x128 dot on warpsPerCTA [1, 8] computed 2x",
     ("dkdv", 80, "gqa"): "spills: 20 B stored, 20 B loaded",
-    ("dkdv", 128, "mask"):
-        "mma.sync: 48 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x32x128 dot on warpsPerCTA [1, 8] computed 2x",
-    ("dkdv", 128, "dropout"):
-        "mma.sync: 48 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x32x128 dot on warpsPerCTA [1, 8] computed 2x",
     ("dkdv", 128, "gqa"): "spills: 20 B stored, 20 B loaded",
     ("dkdv", 256, "plain"):
         "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
@@ -51,20 +39,13 @@ XFAIL: dict[tuple[str, int, str], str] = {
     ("dkdv", 256, "causal"):
         "mma.sync: 160 HMMA, 0 HGMMA in the SASS; "
         "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
-    ("fwd", 256, "mask"): "duplicated MMA: 64x16x256 dot on warpsPerCTA [8, 1] computed 2x",
     ("dkdv", 256, "mask"):
         "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
         "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
-    ("dq", 256, "mask"):
-        "mma.sync: 160 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x32x256 dot on warpsPerCTA [1, 8] computed 2x",
-    ("fwd", 256, "dropout"): "duplicated MMA: 64x16x256 dot on warpsPerCTA [8, 1] computed 2x",
+    ("fwd", 256, "dropout"): "spills: 176 B stored, 176 B loaded",
     ("dkdv", 256, "dropout"):
         "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
         "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
-    ("dq", 256, "dropout"):
-        "mma.sync: 160 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x32x256 dot on warpsPerCTA [1, 8] computed 2x",
     ("fwd", 256, "varlen"): "spills: 16 B stored, 16 B loaded",
     ("dkdv", 256, "varlen"):
         "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
