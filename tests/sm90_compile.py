@@ -310,12 +310,12 @@ def _launch_attention(head_dim: int, is_causal=False, mask=False, dropout_p=0.0,
                                                seed, residual=True)
         AT.varlen_attention_bwd(torch.empty_like(out), q, k, v, out, lse, cu, cu, N, N, scale,
                                 is_causal, dropout_p, seed, out_lo=lo)
-        return
-    q, k, v = (torch.empty(B, h, N, head_dim, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
-    out, lse, lo = AT.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed,
-                                    residual=True)
-    AT.attention_bwd(torch.empty_like(out), q, k, v, out, lse, scale, is_causal, attn_mask,
-                     dropout_p, seed, out_lo=lo)
+    else:
+        q, k, v = (torch.empty(B, h, N, head_dim, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+        out, lse, lo = AT.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed,
+                                        residual=True)
+        AT.attention_bwd(torch.empty_like(out), q, k, v, out, lse, scale, is_causal, attn_mask,
+                         dropout_p, seed, out_lo=lo)
 
 
 def _sass_loops(sass: str) -> list[list[str]]:
@@ -492,19 +492,19 @@ def _static_main(arch: int, argv: list[str]) -> None:
     jobs = int(opts.get("--jobs", "1"))
     cells = list(itertools.product(head_dims, STATIC_FEATURES))
     if jobs <= 1:
-        for r in static_records(arch, cells):
-            print(json.dumps(r), flush=True)
-        return
-    procs = [subprocess.Popen([sys.executable, __file__, str(arch), "--static", "--cells",
-                               ";".join(f"{d}:{f}" for d, f in cells[i::jobs])],
-                              stdout=subprocess.PIPE, text=True) for i in range(jobs)]
-    outs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"a --static job failed: exit codes {[p.returncode for p in procs]}")
-    records = [json.loads(line) for out in outs for line in out.splitlines()
-               if line.startswith("{")]
-    order = {cell: i for i, cell in enumerate(cells)}
-    for r in sorted(records, key=lambda r: order[(r["head_dim"], r["feature"])]):  # stable
+        records = static_records(arch, cells)  # printed as they come
+    else:
+        procs = [subprocess.Popen([sys.executable, __file__, str(arch), "--static", "--cells",
+                                   ";".join(f"{d}:{f}" for d, f in cells[i::jobs])],
+                                  stdout=subprocess.PIPE, text=True) for i in range(jobs)]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"a --static job failed: exit codes {[p.returncode for p in procs]}")
+        records = [json.loads(line) for out in outs for line in out.splitlines()
+                   if line.startswith("{")]
+        order = {cell: i for i, cell in enumerate(cells)}
+        records = sorted(records, key=lambda r: order[(r["head_dim"], r["feature"])])  # stable
+    for r in records:
         print(json.dumps(r), flush=True)
 
 
