@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import _kept_scale, _one_sequence, _sequence_seed, _sequences, dropout_keep
+from .reference import _kept_scale, dropout_keep
 
 _NEG_INF = float("-inf")
 _HALF = (torch.float16, torch.bfloat16)
@@ -211,6 +211,22 @@ class _Composed:
         dmask = (ds.flatten(1, 2).sum_to_size(self.attn_mask.shape).to(self.attn_mask.dtype)
                  if mask_grad else dq.new_empty((0,), dtype=self.dtypes[0]))
         return (*(g.to(dt) for g, dt in zip((dq, dk, dv), self.dtypes)), dmask)
+
+
+def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[slice, slice]]:
+    """(query rows, key rows) of each packed sequence."""
+    q, k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(slice(q[b], q[b + 1]), slice(k[b], k[b + 1])) for b in range(len(q) - 1)]
+
+
+def _one_sequence(x: Tensor, rows: slice) -> Tensor:
+    """Rows of one sequence of a packed (T, H, D) tensor as a (1, H, N, D) batch."""
+    return x[rows].transpose(0, 1)[None]
+
+
+def _sequence_seed(seed: Tensor | None, b: int) -> Tensor | None:
+    """Dropout seed of sequence b in this path (each sequence draws its own keep-mask)."""
+    return None if seed is None else seed * 1_000_003 + b
 
 
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
