@@ -33,7 +33,8 @@ from . import report
 SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "sm90_compile.py"
 # Short names of the gate's rules (its messages start with them), for the terminal.
 RULES = {"mma.sync": "hmma", "serialised wgmma": "serial", "duplicated MMA": "dup",
-         "spills": "spill", "compile error": "error", "no ptxas report": "nolog"}
+         "spills": "spill", "does not fit": "fit", "no TMA": "noTMA", "issue:TC": "TC",
+         "compile error": "error", "no ptxas report": "nolog"}
 LOADS = {"TMA": "TMA", "cp.async": "cp", "LDG": "LDG"}
 
 
@@ -80,7 +81,8 @@ def _row(rec: dict) -> dict:
     rules = sorted({RULES.get(g.split(":")[0], g.split(":")[0]) for g in r["gate"]})
     by, loads = r["ctas_by"], loop.get("loads", {})
     return {
-        "kernel": kernel, "D": r["head_dim"], "feature": r["feature"], "tile": r["tile"],
+        "kernel": kernel, "D": r["head_dim"], "feature": r["feature"], "#": r.get("candidate", 0),
+        "tile": r["tile"],
         "w/s": f"{r['warps']}/{r['stages']}", "regs": r["regs"],
         "spill": f"{r['spill_store']}/{r['spill_load']}" if r["spill_store"] or r["spill_load"]
         else "0",
@@ -96,7 +98,7 @@ def _row(rec: dict) -> dict:
     }
 
 
-TERMINAL = ("kernel", "D", "feature", "tile", "w/s", "regs", "spill", "smemK", "CTAs", "MMA/iter",
+TERMINAL = ("kernel", "D", "feature", "#", "tile", "w/s", "regs", "spill", "smemK", "CTAs", "MMA/iter",
             "load", "wait", "i/sc", "issue:TC", "gate")
 
 
@@ -123,8 +125,14 @@ def section(records_: list[dict]) -> list:
         "per main-loop iteration. MMA/iter: the main loop's MMAs, wgmma as n<N>×<count> (m64 "
         "k16), mma.sync as hmma. load: its global loads (TMA, cp = cp.async, LDG). spill: bytes "
         "stored/loaded. CTAs: per SM. gate: ok, or the rules broken (hmma: an mma.sync; serial: "
-        "a wgmma ptxas serialises; dup: MMA work duplicated across warps; spill).", "",
+        "a wgmma ptxas serialises; dup: MMA work duplicated across warps; spill; noTMA: the "
+        "forward's K / V not loaded by TMA; fit: no room for one CTA per SM; TC: issue:TC above "
+        "0.6 for the d128 forward, 1.0 "
+        "otherwise). #: the autotuning candidate (0: the default, what runs untuned; 1, 2, ...: "
+        "the alternates configs.py lists for the tuner).", "",
         report.Table(table, TERMINAL),
-        f"{len(rows) - len(failed)} of {len(rows)} kernels pass the static Hopper gate; failing: "
+        f"{len(rows) - len(failed)} of {len(rows)} kernels pass the static Hopper gate "
+        f"({sum(r['static'].get('candidate', 0) == 0 and r['pass'] for r in rows)} of "
+        f"{sum(r['static'].get('candidate', 0) == 0 for r in rows)} defaults); failing: "
         + (", ".join(f"{name} {n}" for name, n in counts.items()) or "none")
         + " (summary.md: the rules broken, with their numbers).", ""]

@@ -74,6 +74,18 @@ helper, the dK/dV kernel in transposed (key-major) orientation so that P^T and d
 directly as the left operands of its products. Both reuse the forward's causal loop split. No float
 atomics anywhere, so the backward is deterministic (bitwise reproducible run to run).
 
+K and V in the forward (KV_TMA): on Hopper (configs.attention_kv_descriptors) each program makes
+two tensor descriptors over its (batch, kv head)'s keys, a varlen sequence's own rows, and the key
+loop fetches each block with the TMA unit (rows past S and columns past D arrive as 0, as the
+masked pointer loads give them: the two paths are bitwise equal). Taken when k and v allow it (unit
+last stride, 16-byte aligned base and strides: contiguous tensors and Hugging Face's
+(B, N, H, D).transpose(1, 2) views for head dims that are multiples of 8); pointer tiles otherwise.
+
+Launch settings: configs.py lists the candidates of each pass (one under the interpreter and off
+Hopper); on Hopper the launchers let kernels/autotune.py time them on the first call of each
+problem key and launch the fastest (each kernel writes its outputs whole, so a timing launch may
+repeat).
+
 Numerics: statistics, accumulators and softmax are fp32. On the GPU the tl.dot operands stay in the
 input dtype (fp16/bf16 tensor cores) and P, dS are rounded to it before their products; fp32 inputs
 use input_precision="ieee" (exact fp32 FMAs, as accurate as torch's fp32 attention, not tensor-core
@@ -89,8 +101,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (attention_bwd_config, attention_fwd_config, device_guard, interpreting,
-                      next_power_of_2)
+from . import autotune
+from .configs import (arch_major, attention_bwd_candidates, attention_fwd_candidates,
+                      attention_kv_descriptors, device_guard, interpreting, next_power_of_2)
 from .numerics import dropout_keep, load_seed, round_to, seed_arg
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd"]
@@ -319,26 +332,31 @@ def _query_block_bounds(n0, L, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
 def _attn_fwd_inner(
     acc, l_i, m_i,  # running state: (BLOCK_M, BLOCK_DV) fp32, (BLOCK_M,) fp32, (BLOCK_M,) fp32
     q,  # (BLOCK_M, BLOCK_D) dot operand
-    k_base, v_base, mask_base,  # K, V of this (batch, kv head); attn_mask of this (batch, head)
+    k_src, v_src,  # K, V of this (batch, kv head): row pointers, or descriptors with KV_TMA
+    mask_base,  # attn_mask of this (batch, query head)
     block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
     offs_m, n_lo, n_hi, L, S, D, Dv,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
     qk_scale, dropout_p, seed_bh,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_TMA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Online-softmax accumulation over the key blocks starting in [n_lo, n_hi)."""
-    DTYPE = k_base.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
     STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
     for i in range(i_lo, i_hi, STEP):
-        offs_n = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N) + tl.arange(0, BLOCK_N)
-        kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
-        v = _load_dot_operand(v_base, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
+        n0 = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if KV_TMA:  # rows past S and columns past D arrive as 0, as the masked loads give them
+            kT = _dot_operand(tl.trans(k_src.load([n0, 0])), DTYPE, DOT_FP32)
+            v = _dot_operand(v_src.load([n0, 0]), DTYPE, DOT_FP32)
+        else:
+            kT = _load_dot_operand(k_src, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
+            v = _load_dot_operand(v_src, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
         if MASKED or HAS_MASK:
             s, visible = _scores(q, kT, offs_m[:, None], offs_n[None, :], L, S, qk_scale,
                                  mask_base, stride_ml, stride_ms,
@@ -399,6 +417,8 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_LO: tl.constexpr,  # also write OutLo (half-precision inputs whose backward follows)
+    KV_TMA: tl.constexpr,  # read K, V through tensor descriptors (TMA on Hopper): unit last
+    #                        strides, 16-byte aligned base and other strides (the launcher checks)
     DOT_FP32: tl.constexpr,  # cast dot operands to fp32 (interpreter only)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (no effect on fp16/bf16)
     # block sizes
@@ -435,26 +455,36 @@ def _attn_fwd_kernel(
     qk_scale = scale * _LOG2E  # exp(scale * x) == exp2(qk_scale * x)
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
+    if KV_TMA:
+        # This (batch, kv head)'s S keys (a varlen sequence's own rows) as 2-D tensors: the TMA
+        # unit fetches each key block into shared memory, no per-element address arithmetic.
+        k_src = tl.make_tensor_descriptor(k_base, shape=[S, D], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[S, Dv], strides=[stride_vs, 1],
+                                          block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        k_src = k_base
+        v_src = v_base
     m_i = tl.full([BLOCK_M], _MASKED_SCORE, dtype=tl.float32)  # running row max, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # running sum of exp2(s - m_i) @ v
 
     n_full, n_end = _key_block_bounds(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, block_ids, block_counts,
+        acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts,
         offs_m, 0, n_full, L, S, D, Dv,
         stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
         qk_scale, dropout_p, seed_bh,
-        False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, DOT_FP32, DOT_PRECISION,
-        BLOCK_N, BLOCK_D, BLOCK_DV,
+        False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
+        KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, block_ids, block_counts,
+        acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts,
         offs_m, n_full, n_end, L, S, D, Dv,
         stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
         qk_scale, dropout_p, seed_bh,
-        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, DOT_FP32, DOT_PRECISION,
-        BLOCK_N, BLOCK_D, BLOCK_DV,
+        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
+        KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
 
     # Rows that saw no key (l = 0) get out = 0 and lse = -inf instead of 0/0.
@@ -555,18 +585,19 @@ def _attn_bwd_tile(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv,  # accumulators: (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) fp32
-    k, v,  # dot operands of this program's key block
+    dk, dv,  # accumulators: (BLOCK_N, BLOCK_D // SPLIT), (BLOCK_N, BLOCK_DV // SPLIT) fp32
+    k, v,  # dot operands of this program's key block, whole rows
     q_base, do_base, lse_base, delta_base, mask_base,  # of one (batch, query head)
-    offs_n, m_lo, m_hi, L, S, D, Dv,
+    offs_n, part, m_lo, m_hi, L, S, D, Dv,
     stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
     qk_scale, dropout_p, dropout_scale, seed_bh,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """dV += (P * Z)^T @ dO and dK += dS^T @ Q over the query blocks starting in [m_lo, m_hi).
+    """dV += (P * Z)^T @ dO and dK += dS^T @ Q over the query blocks starting in [m_lo, m_hi), for
+    column part `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO).
 
     The tiles are computed transposed, (BLOCK_N, BLOCK_M): sT = k @ q^T, so that P^T and dS^T are
     produced directly in the layout of the left operand of the two products.
@@ -574,6 +605,8 @@ def _attn_bwd_dkdv_inner(
     DTYPE = q_base.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk_part = part * (BLOCK_D // SPLIT) + tl.arange(0, BLOCK_D // SPLIT)
+    offs_dv_part = part * (BLOCK_DV // SPLIT) + tl.arange(0, BLOCK_DV // SPLIT)
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT = _load_dot_operand(q_base, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
@@ -586,8 +619,15 @@ def _attn_bwd_dkdv_inner(
                                  mask_base, stride_ml, stride_ms, dropout_p, dropout_scale, seed_bh,
                                  MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                                  HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if SPLIT == 1:
+            q = tl.trans(qT)
+        else:  # this part's columns of q and dO, read again (from L2: the whole rows just were)
+            q = _load_dot_operand(q_base, offs_m, offs_dk_part, L, D, stride_ql, stride_qd,
+                                  DOT_FP32)
+            do = _load_dot_operand(do_base, offs_m, offs_dv_part, L, Dv, stride_dol, stride_dod,
+                                   DOT_FP32)
         dv += tl.dot(_dot_operand(pT, DTYPE, DOT_FP32), do, input_precision=DOT_PRECISION)
-        dk += tl.dot(_dot_operand(dsT, DTYPE, DOT_FP32), tl.trans(qT), input_precision=DOT_PRECISION)
+        dk += tl.dot(_dot_operand(dsT, DTYPE, DOT_FP32), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -625,10 +665,14 @@ def _attn_bwd_dkdv_kernel(
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr,  # programs per key block, each owning BLOCK_D // SPLIT columns of dK, dV
 ):
-    """One program per (key block, kv head, batch): dK and dV of BLOCK_N keys, summed over every
-    query block of all GROUP query heads that read this kv head."""
-    pid_n = tl.program_id(0)
+    """One program per (key block and column part, kv head, batch): dK and dV of BLOCK_N keys
+    (SPLIT > 1: of one part of their columns, so that the fp32 accumulators fit in registers at
+    head dim 256), summed over every query block of all GROUP query heads that read this kv
+    head."""
+    pid_n = tl.program_id(0) // SPLIT
+    part = tl.program_id(0) % SPLIT
     off_hkv = tl.program_id(1)
     off_b = tl.program_id(2)
     q_start, L = _sequence(CuSeqlensQ, off_b, L, IS_VARLEN)
@@ -646,8 +690,8 @@ def _attn_bwd_dkdv_kernel(
     v_base = _head_rows(V, off_b, off_hkv, k_start, stride_vb, stride_vh, stride_vs)
     k = _load_dot_operand(k_base, offs_n, offs_d, S, D, stride_ks, stride_kd, DOT_FP32)
     v = _load_dot_operand(v_base, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D // SPLIT], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV // SPLIT], dtype=tl.float32)
 
     m_start, m_full = _query_block_bounds(n0, L, IS_CAUSAL, BLOCK_M, BLOCK_N)
     seed = load_seed(Seed, HAS_DROPOUT)
@@ -668,26 +712,28 @@ def _attn_bwd_dkdv_kernel(
         seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-            offs_n, m_start, m_full, L, S, D, Dv,
+            offs_n, part, m_start, m_full, L, S, D, Dv,
             stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
             qk_scale, dropout_p, dropout_scale, seed_bh,
             True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
-            DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+            DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-            offs_n, m_full, m_end, L, S, D, Dv,
+            offs_n, part, m_full, m_end, L, S, D, Dv,
             stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
             qk_scale, dropout_p, dropout_scale, seed_bh,
             False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
-            DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV,
+            DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
         )
 
     dk *= scale  # d(scores)/dK carries the softmax scale once
     dk_base = _head_rows(dK, off_b, off_hkv, k_start, stride_dkb, stride_dkh, stride_dks)
     dv_base = _head_rows(dV, off_b, off_hkv, k_start, stride_dvb, stride_dvh, stride_dvs)
-    _store_tile(dk_base, dk, offs_n, offs_d, S, D, stride_dks, stride_dkd)
-    _store_tile(dv_base, dv, offs_n, offs_dv, S, Dv, stride_dvs, stride_dvd)
+    offs_dk_part = part * (BLOCK_D // SPLIT) + tl.arange(0, BLOCK_D // SPLIT)
+    offs_dv_part = part * (BLOCK_DV // SPLIT) + tl.arange(0, BLOCK_DV // SPLIT)
+    _store_tile(dk_base, dk, offs_n, offs_dk_part, S, D, stride_dks, stride_dkd)
+    _store_tile(dv_base, dv, offs_n, offs_dv_part, S, Dv, stride_dvs, stride_dvd)
 
 
 @triton.jit
@@ -853,11 +899,6 @@ def _dropout_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
 
 
-def _has_extras(attn_mask: torch.Tensor | None, dropout_p: float) -> bool:
-    """Whether a call takes the launch settings for calls with a mask or dropout (configs.py)."""
-    return attn_mask is not None or dropout_p > 0.0
-
-
 def _mask_args(attn_mask: torch.Tensor | None, placeholder: torch.Tensor, B: int, Hq: int, L: int,
                S: int) -> tuple[torch.Tensor, tuple, dict]:
     """attn_mask (at most 4-D, broadcastable to (B, Hq, L, S)) as the kernels read it: (tensor, its
@@ -901,6 +942,32 @@ def _visible_key_blocks(mask: torch.Tensor, flags: dict, S: int, block_n: int,
     return ids, counts, n_blocks
 
 
+def _descriptor_ready(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can read every (batch, head) slice of q/k/v-shaped `t` (padded
+    or packed): unit last stride, and the base and every other stride 16-byte aligned (TMA's
+    rules), as for contiguous tensors and Hugging Face's (B, N, H, D).transpose(1, 2) views when
+    the head dim is a multiple of 8 (fp16 / bf16)."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory for the tensor descriptors the kernels make (128 bytes per descriptor per
+    program), asked for by Triton at launch on the current device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _kv_descriptor_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """KV_TMA of the forward: descriptors where configs.py wants them and k, v allow them. On CUDA
+    this also installs the allocator their scratch memory comes from (a ContextVar: set per
+    launch, as autograd's backward runs on another thread)."""
+    use = attention_kv_descriptors(q.dtype, q.device) and _descriptor_ready(k) and _descriptor_ready(v)
+    if use and q.is_cuda:
+        triton.set_allocator(_descriptor_scratch)
+    return use
+
+
 def _kernel_lengths(q, k, L, S, varlen: bool) -> tuple[int, int]:
     """The kernels' L, S arguments: the sequence lengths, or with varlen the packed row counts
     Tq, Tk, to which each sequence is clamped (_sequence). L, S themselves (max_seqlen_q / _k with
@@ -908,42 +975,64 @@ def _kernel_lengths(q, k, L, S, varlen: bool) -> tuple[int, int]:
     return (q.shape[0], k.shape[0]) if varlen else (L, S)
 
 
+def _tuning_key(name: str, q: torch.Tensor, D: int, Dv: int, L: int, S: int, flags: dict) -> tuple:
+    """What the best launch setting of pass `name` may depend on (kernels/autotune.py): the
+    architecture, head dims, dtype, the constexpr flags (features) and the sequence-length
+    buckets."""
+    features = tuple(sorted(k for k, v in flags.items() if v is True))
+    return (name, arch_major(q.device), D, Dv, str(q.dtype), *features,
+            autotune.seq_bucket(L), autotune.seq_bucket(S))
+
+
 def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed,
                 cu_seqlens) -> None:
     """Launch the forward kernel, padded (cu_seqlens None) or varlen (cu_seqlens (cu_q, cu_k));
     out_lo: a tensor shaped and strided as out that receives the output's rounding residual, or
-    None."""
+    None. The launch setting: configs.py's candidates, tuned on Hopper (kernels/autotune.py)."""
     varlen = cu_seqlens is not None
     if scale < 0:  # the kernel takes scale >= 0 (see _attn_fwd_inner): q.k * s == (-q).k * (-s)
         q, scale = q.neg(), -scale
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
-    cfg = attention_fwd_config(max(D, Dv), q.dtype, q.device, _has_extras(attn_mask, dropout_p))
+    candidates = attention_fwd_candidates(max(D, Dv), q.dtype, q.device, dropout_p > 0.0)
     mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)
-    blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, cfg["BLOCK_N"], lse)
     cu_q, cu_k = cu_seqlens if varlen else (lse, lse)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)
-    with device_guard(q):
-        _attn_fwd_kernel[grid](
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen,
+                 STORE_LO=out_lo is not None, KV_TMA=_kv_descriptor_flag(q, k, v), **mask_flags,
+                 **_dot_flags(q.dtype), **_block_dims(D, Dv))
+
+    def launch(cfg: dict) -> None:
+        blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, cfg["BLOCK_N"], lse)
+        _attn_fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)](
             q, k, v, out, out if out_lo is None else out_lo, lse, mask, blocks, counts, cu_q, cu_k,
             Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv, n_blocks,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
             scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse),
-            IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen,
-            STORE_LO=out_lo is not None, **mask_flags,
-            **_dot_flags(q.dtype), **_block_dims(D, Dv), **cfg,
+            **flags, **cfg,
         )
+
+    with device_guard(q):
+        launch(_tuned("fwd", candidates, launch, q, D, Dv, L, S, flags))
+
+
+def _tuned(name: str, candidates: list[dict], launch, q: torch.Tensor, D: int, Dv: int, L: int,
+           S: int, flags: dict) -> dict:
+    """The setting to launch pass `name` with: the only candidate, or the autotuner's choice."""
+    if len(candidates) == 1:  # the interpreter, the CPU, non-Hopper GPUs: nothing to tune
+        return candidates[0]
+    return autotune.choose(_tuning_key(name, q, D, Dv, L, S, flags), candidates, launch, q.device)
 
 
 def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale, is_causal,
                 attn_mask, dropout_p, seed, cu_seqlens) -> None:
     """Launch the three backward kernels, padded or varlen as _launch_fwd; out_lo: the forward's
     residual of out, or None; dmask: a zeroed (B, Hq, L, S) fp32 buffer that receives dS, or
-    None."""
+    None. The dK/dV and dQ settings are tuned apart (each kernel writes its outputs whole, so a
+    timing launch may repeat)."""
     varlen = cu_seqlens is not None
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     delta = torch.empty_like(lse)
-    cfg = attention_bwd_config(max(D, Dv), q.dtype, q.device, _has_extras(attn_mask, dropout_p))
+    cfg = attention_bwd_candidates(max(D, Dv), q.dtype, q.device, dropout_p > 0.0)
     mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)
     cu_q, cu_k = cu_seqlens if varlen else (lse, lse)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
@@ -953,28 +1042,20 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     sizes = (Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv)
     scalars = (scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse))
     stat_strides = _row_stat_strides(lse, varlen)
+    mask_grad = dmask is not None
 
-    with device_guard(q):
-        pre = cfg["preprocess"]
-        _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre["BLOCK_M"]), Hq, B)](
-            out, out if out_lo is None else out_lo, do, delta, cu_q,
-            sizes[1], Dv,
-            *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
-            IS_VARLEN=varlen, HAS_LO=out_lo is not None, BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
+    def launch_dkdv(dkdv: dict) -> None:
+        _attn_bwd_dkdv_kernel[(triton.cdiv(S, dkdv["BLOCK_N"]) * dkdv["SPLIT"], Hkv, B)](
+            q, k, v, do, lse, delta, dk, dv, mask, cu_q, cu_k,
+            *sizes,
+            *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
+            *mask_strides,
+            *scalars,
+            **flags, **dkdv,
         )
-        dkdv = cfg["dkdv"]
-        if S > 0:
-            _attn_bwd_dkdv_kernel[(triton.cdiv(S, dkdv["BLOCK_N"]), Hkv, B)](
-                q, k, v, do, lse, delta, dk, dv, mask, cu_q, cu_k,
-                *sizes,
-                *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
-                *mask_strides,
-                *scalars,
-                **flags, **dkdv,
-            )
-        dq_cfg = cfg["dq"]
+
+    def launch_dq(dq_cfg: dict) -> None:
         blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, dq_cfg["BLOCK_N"], lse)
-        mask_grad = dmask is not None
         _attn_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
             q, k, v, do, lse, delta, dq, mask, dmask if mask_grad else lse, blocks, counts,
             cu_q, cu_k,
@@ -984,6 +1065,19 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             *scalars,
             MASK_GRAD=mask_grad, **flags, **dq_cfg,
         )
+
+    with device_guard(q):
+        pre = cfg["preprocess"]
+        _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre["BLOCK_M"]), Hq, B)](
+            out, out if out_lo is None else out_lo, do, delta, cu_q,
+            sizes[1], Dv,
+            *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
+            IS_VARLEN=varlen, HAS_LO=out_lo is not None, BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
+        )
+        if S > 0:
+            launch_dkdv(_tuned("dkdv", cfg["dkdv"], launch_dkdv, q, D, Dv, L, S, flags))
+        launch_dq(_tuned("dq", cfg["dq"], launch_dq, q, D, Dv, L, S,
+                         dict(flags, MASK_GRAD=mask_grad)))
 
 
 def _residual(out: torch.Tensor, residual: bool) -> torch.Tensor | None:

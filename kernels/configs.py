@@ -121,7 +121,8 @@ def device_guard(tensor: torch.Tensor):
 # specialised as a launch on contiguous tensors specialises them, with Triton 3.6 (the version of
 # the project's GPU image) and 3.9, reading ptxas's spills (`python tests/sm90_compile.py 90
 # --all-rows`, and 80). The Hopper rows are held to the static Hopper gate (wgmma only, none
-# serialised, no MMA duplicated across warps, no spills; tests/test_hopper_static.py, every CI run,
+# serialised, no MMA duplicated across warps, no spills, the forward's K / V by TMA, main-loop
+# issue:TC <= 0.6 for the d128 forward and <= 1.0 elsewhere; tests/test_hopper_static.py, every CI run,
 # compiled through Triton's launch binder as a real launch on 16-divisible lengths specialises
 # them): see its expected-failure table for the rows that do not pass yet. Compiled for ragged
 # lengths (`--all-rows`, Triton 3.9) the d128 / d256 Hopper rows spill up to 152 bytes in some
@@ -130,16 +131,21 @@ def device_guard(tensor: torch.Tensor):
 
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per loop step.
 # Hopper rows give every warpgroup (4 warps) its own 64 rows of the MMA tiles, so no wgmma work is
-# done twice (a 64-row tile over 8 warps was, and an n8 wgmma with it): d256 64 x 32 on 4 warps;
-# d128 on 128-wide key blocks (issue:TC of its main loop 0.80 -> 0.64, sm_90 compile, Triton 3.6).
-_ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 128, 8, 2), (256, 64, 32, 4, 2))
+# done twice (a 64-row tile over 8 warps was, and an n8 wgmma with it): d256 64 x 64 on 4 warps
+# (issue:TC 0.72 -> 0.43 against 64 x 32, Triton 3.9); d128 on 128-wide key blocks (issue:TC of its
+# main loop 0.80 -> 0.64, sm_90 compile, Triton 3.6; 0.49 with K / V by TMA).
+_ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 128, 8, 2), (256, 64, 64, 4, 2))
 _ATTN_FWD_AMPERE = ((64, 64, 64, 8, 2), (128, 64, 64, 4, 2), (256, 32, 32, 4, 1))
 _ATTN_FWD_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 32, 16, 8, 1))
 
 # Backward dK/dV: a fixed block of BLOCK_N keys keeps k, v and the fp32 dk, dv accumulators in
 # registers while BLOCK_M query rows stream past; from d64 on that needs 8 warps (4 spill), and the
-# streamed block shrinks as the head dim grows.
-_ATTN_BWD_DKDV_HOPPER = ((64, 32, 128, 8, 3), (128, 32, 128, 8, 2), (256, 16, 32, 8, 2))
+# streamed block shrinks as the head dim grows. A 6th entry is SPLIT (default 1): the Hopper d256
+# row runs two programs per 128 keys, each accumulating half of the columns of dK and dV (their
+# fp32 accumulators do not fit whole with a 128-key block, and wgmma needs 64 keys per warpgroup:
+# 16 x 32 on 8 warps was mma.sync, computed 4 times over). Each recomputes S and dP, 1.5x the
+# MMA work of one program, all of it wgmma (issue:TC 0.95, was 0.99 on mma.sync).
+_ATTN_BWD_DKDV_HOPPER = ((64, 32, 128, 8, 3), (128, 32, 128, 8, 2), (256, 16, 128, 8, 2, 2))
 _ATTN_BWD_DKDV_AMPERE = ((64, 32, 32, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
 _ATTN_BWD_DKDV_FP32 = ((64, 32, 32, 4, 1), (128, 16, 32, 4, 1), (256, 16, 16, 4, 1))
 
@@ -150,15 +156,18 @@ _ATTN_BWD_DQ_HOPPER = ((64, 128, 32, 4, 3), (128, 128, 32, 8, 2), (256, 128, 32,
 _ATTN_BWD_DQ_AMPERE = ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 _ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1))
 
-# With an attn_mask or dropout ("extras": a mask tile or Philox counters live beside every score
-# tile) the rows above spill registers; such calls use these tables instead (more warps, or a
-# narrower block). The fp32 tables serve them unchanged.
-_ATTN_FWD_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (256, 64, 32, 4, 2))
-_ATTN_FWD_AMPERE_EXTRAS = ((64, 64, 64, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
-_ATTN_BWD_DKDV_HOPPER_EXTRAS = ((64, 16, 128, 8, 3), (128, 16, 128, 8, 2), (256, 16, 32, 8, 1))
-_ATTN_BWD_DKDV_AMPERE_EXTRAS = ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2), (256, 16, 32, 8, 1))
-_ATTN_BWD_DQ_HOPPER_EXTRAS = ((64, 128, 32, 8, 3), (128, 128, 16, 8, 2), (256, 128, 32, 8, 2))
-_ATTN_BWD_DQ_AMPERE_EXTRAS = ((64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
+# With dropout (Philox counters and random bits live beside every score tile) the rows above spill
+# registers; such calls use these tables instead (more warps, or a narrower block). Calls with an
+# attn_mask (a mask tile) take the rows above: with K / V by TMA they fit (sm_90 compile, no
+# spills; their bigger tiles cut the mask's share of the loop's instructions: d128 dK/dV issue:TC
+# 1.25 -> 0.96, dQ 1.32 -> 0.94, forward 1.55 -> 1.07). The fp32 tables serve them unchanged.
+_ATTN_FWD_HOPPER_DROPOUT = ((64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (256, 64, 32, 4, 2))
+_ATTN_FWD_AMPERE_DROPOUT = ((64, 64, 64, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
+_ATTN_BWD_DKDV_HOPPER_DROPOUT = ((64, 16, 128, 8, 3), (128, 16, 128, 8, 2),
+                                 (256, 16, 128, 8, 1, 2))
+_ATTN_BWD_DKDV_AMPERE_DROPOUT = ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2), (256, 16, 32, 8, 1))
+_ATTN_BWD_DQ_HOPPER_DROPOUT = ((64, 128, 32, 8, 3), (128, 128, 16, 8, 2), (256, 128, 32, 8, 2))
+_ATTN_BWD_DQ_AMPERE_DROPOUT = ((64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 
 # Under the interpreter: one fixed setting per pass (warps and stages are ignored there). The tiles
 # are as lopsided as the GPU's (the fixed block twice the streamed one), so CPU tests exercise the
@@ -166,57 +175,122 @@ _ATTN_BWD_DQ_AMPERE_EXTRAS = ((64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (256, 32,
 _ATTN_INTERPRET_FWD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 _ATTN_INTERPRET_BWD = dict(
     preprocess=dict(BLOCK_M=64, num_warps=4),
-    dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
+    dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, SPLIT=1),
     dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
 )
 
 
-def _attention_pick(tables: tuple, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The row of (hopper, ampere, fp32) `tables` for this head dim, dtype and GPU."""
+# Autotuning on Hopper (kernels/autotune.py): besides each fp16 / bf16 Hopper row above (always the
+# first candidate, and the one taken with FASTATTN_AUTOTUNE=0), these settings are timed on the
+# first call of each problem key, the fastest kept. Keyed by (pass, dropout, largest BLOCK_D); rows
+# read (BLOCK_M, BLOCK_N, num_warps, num_stages). Every one passes the static Hopper gate with every
+# feature its row serves (tests/test_hopper_static.py compiles them all: sm90_compile.py --static
+# --candidates). Not yet timed on a GPU: which wins is the tuner's to find out.
+# Where the default passes the gate, so does each alternate; where the default is an expected
+# failure (tests/test_hopper_static.py: a d64 mask's issue:TC, say) an alternate breaks no further
+# rule. Alternates that did not hold with every feature their row serves were dropped (the d128
+# forward's 128 x 64 tiles: issue:TC 0.68 > 0.6; the d256 forward's: spills with varlen; the
+# d64 forward's 128 x 128 on 4 warps: spills with a mask). Warp specialisation (tl.range(...,
+# warp_specialize=True) over the unmasked key loop, as Triton's tutorial does on Blackwell) is no
+# candidate: compiled for sm_90 it gives the d128 forward the very same SASS (registers, loop,
+# issue:TC), and the d64 forward crashes the compiler (NVGPUWarpSpecialization), Triton 3.6 and 3.9.
+_ATTN_HOPPER_ALTERNATES: dict[tuple[str, bool, int], tuple[tuple[int, ...], ...]] = {
+    ("fwd", False, 64): ((128, 128, 8, 3), (128, 64, 4, 2)),
+    ("dkdv", False, 64): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("dq", False, 64): ((128, 64, 8, 3),),
+    ("dq", False, 128): ((128, 64, 8, 2), (128, 32, 8, 3)),
+}
+
+
+def _attention_pick(name: str, tables: tuple, head_dim: int, dtype: torch.dtype,
+                    device: torch.device, dropout: bool) -> list[dict]:
+    """The candidates for pass `name` from its (hopper, ampere, fp32) `tables` for this head dim,
+    dtype and GPU: the table row, then on Hopper its autotuning alternates."""
     hopper, ampere, fp32 = tables
-    if dtype == torch.float32:
-        table = fp32
-    else:  # Hopper (9) and datacenter Blackwell (10) have ~228 KB of shared memory per SM
-        table = hopper if arch_major(device) in (9, 10) else ampere
+    on_hopper = dtype != torch.float32 and arch_major(device) in (9, 10)
+    # Hopper (9) and datacenter Blackwell (10) have ~228 KB of shared memory per SM.
+    table = fp32 if dtype == torch.float32 else hopper if on_hopper else ampere
     block_d = next_power_of_2(head_dim)
-    _, block_m, block_n, warps, stages = next((row for row in table if block_d <= row[0]), table[-1])
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    row_d, *first = next((row for row in table if block_d <= row[0]), table[-1])
+    rows = [first, *(_ATTN_HOPPER_ALTERNATES.get((name, dropout, row_d), ()) if on_hopper else ())]
+    return [_launch_setting(name, *row) for row in rows]
+
+
+def _launch_setting(name: str, block_m: int, block_n: int, warps: int, stages: int,
+                    split: int = 1) -> dict:
+    """A table row as launch keyword arguments; the dK/dV kernel also takes SPLIT (programs per
+    key block, each owning 1 / SPLIT of the columns of dK and dV)."""
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    if name == "dkdv":
+        cfg["SPLIT"] = split
+    return cfg
+
+
+def attention_fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device,
+                             dropout: bool = False) -> list[dict]:
+    """Launch settings (BLOCK_M, BLOCK_N, num_warps, num_stages) the attention forward kernel may
+    take, the default first: one under the interpreter and off Hopper, up to six on Hopper (the
+    autotuner picks; kernels/autotune.py).
+
+    head_dim: max(D, Dv), the wider of the query/key and value head dims. dropout: the call has
+    dropout (its own tiles).
+    """
+    if interpreting() or device.type != "cuda":
+        return [dict(_ATTN_INTERPRET_FWD)]
+    tables = ((_ATTN_FWD_HOPPER_DROPOUT, _ATTN_FWD_AMPERE_DROPOUT, _ATTN_FWD_FP32) if dropout
+              else (_ATTN_FWD_HOPPER, _ATTN_FWD_AMPERE, _ATTN_FWD_FP32))
+    return _attention_pick("fwd", tables, head_dim, dtype, device, dropout)
 
 
 def attention_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device,
-                         extras: bool = False) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages of the attention forward kernel.
+                         dropout: bool = False) -> dict:
+    """The default (first) of attention_fwd_candidates: what runs untuned."""
+    return attention_fwd_candidates(head_dim, dtype, device, dropout)[0]
 
-    head_dim: max(D, Dv), the wider of the query/key and value head dims. extras: the call has an
-    attn_mask or dropout.
-    """
+
+def attention_kv_descriptors(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the attention forward reads K and V through tensor descriptors (the TMA unit on
+    Hopper and Blackwell: no per-element address arithmetic in the key loop) rather than pointer
+    tiles, when their strides allow it (the launcher checks). fp16 / bf16 only: the fp32 kernels do
+    not use the tensor cores, and their small tiles gain nothing from it."""
+    if dtype == torch.float32:
+        return False
     if interpreting() or device.type != "cuda":
-        return dict(_ATTN_INTERPRET_FWD)
-    tables = ((_ATTN_FWD_HOPPER_EXTRAS, _ATTN_FWD_AMPERE_EXTRAS, _ATTN_FWD_FP32) if extras
-              else (_ATTN_FWD_HOPPER, _ATTN_FWD_AMPERE, _ATTN_FWD_FP32))
-    return _attention_pick(tables, head_dim, dtype, device)
+        return True  # as on Hopper (tests run the pointer path too, on the same inputs)
+    return arch_major(device) in (9, 10)
 
 
-def attention_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device,
-                         extras: bool = False) -> dict:
+def attention_bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device,
+                             dropout: bool = False) -> dict:
     """Launch settings of the three attention backward kernels, as {"preprocess": {BLOCK_M,
-    num_warps}, "dkdv": {...}, "dq": {...}}, the last two with BLOCK_M, BLOCK_N, num_warps,
-    num_stages. head_dim: max(D, Dv); extras: the call has an attn_mask or dropout."""
+    num_warps}, "dkdv": [candidates], "dq": [candidates]}, each candidate with BLOCK_M, BLOCK_N,
+    num_warps, num_stages, the default first (as attention_fwd_candidates). head_dim: max(D, Dv);
+    dropout: the call has dropout."""
     if interpreting() or device.type != "cuda":
-        return {name: dict(cfg) for name, cfg in _ATTN_INTERPRET_BWD.items()}
+        bwd = _ATTN_INTERPRET_BWD
+        return dict(preprocess=dict(bwd["preprocess"]), dkdv=[dict(bwd["dkdv"])],
+                    dq=[dict(bwd["dq"])])
     # delta = rowsum(dO * O) is memory bound: about 8K elements of each per program.
     block_m = max(16, min(128, 8192 // next_power_of_2(head_dim)))
-    if extras:
-        dkdv = (_ATTN_BWD_DKDV_HOPPER_EXTRAS, _ATTN_BWD_DKDV_AMPERE_EXTRAS, _ATTN_BWD_DKDV_FP32)
-        dq = (_ATTN_BWD_DQ_HOPPER_EXTRAS, _ATTN_BWD_DQ_AMPERE_EXTRAS, _ATTN_BWD_DQ_FP32)
+    if dropout:
+        dkdv = (_ATTN_BWD_DKDV_HOPPER_DROPOUT, _ATTN_BWD_DKDV_AMPERE_DROPOUT, _ATTN_BWD_DKDV_FP32)
+        dq = (_ATTN_BWD_DQ_HOPPER_DROPOUT, _ATTN_BWD_DQ_AMPERE_DROPOUT, _ATTN_BWD_DQ_FP32)
     else:
         dkdv = (_ATTN_BWD_DKDV_HOPPER, _ATTN_BWD_DKDV_AMPERE, _ATTN_BWD_DKDV_FP32)
         dq = (_ATTN_BWD_DQ_HOPPER, _ATTN_BWD_DQ_AMPERE, _ATTN_BWD_DQ_FP32)
     return dict(
         preprocess=dict(BLOCK_M=block_m, num_warps=4),
-        dkdv=_attention_pick(dkdv, head_dim, dtype, device),
-        dq=_attention_pick(dq, head_dim, dtype, device),
+        dkdv=_attention_pick("dkdv", dkdv, head_dim, dtype, device, dropout),
+        dq=_attention_pick("dq", dq, head_dim, dtype, device, dropout),
     )
+
+
+def attention_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                         dropout: bool = False) -> dict:
+    """The defaults of attention_bwd_candidates: {"preprocess", "dkdv", "dq"} settings, each one
+    dict (what runs untuned)."""
+    cands = attention_bwd_candidates(head_dim, dtype, device, dropout)
+    return dict(preprocess=cands["preprocess"], dkdv=cands["dkdv"][0], dq=cands["dq"][0])
 
 
 # ---- embedding ----

@@ -160,12 +160,13 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
     ptrs["Seed"] = "*i64"
     for d, (feature, flags) in itertools.product(head_dims, features.items()):
         name = f"d{d} {feature}"
-        extras = bool(flags.get("HAS_MASK") or flags.get("HAS_DROPOUT"))
-        fwd = configs.attention_fwd_config(d, torch.bfloat16, torch.device("cuda"), extras)
-        bwd = configs.attention_bwd_config(d, torch.bfloat16, torch.device("cuda"), extras)
+        dropout = bool(flags.get("HAS_DROPOUT"))
+        fwd = configs.attention_fwd_config(d, torch.bfloat16, torch.device("cuda"), dropout)
+        bwd = configs.attention_bwd_config(d, torch.bfloat16, torch.device("cuda"), dropout)
         base = dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False,
                     HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
                     STORE_LO=True,  # training: the forward keeps out's rounding residual
+                    KV_TMA=arch >= 90,  # K / V by tensor descriptors, as the launcher picks
                     BLOCK_D=d, BLOCK_DV=d)
         base.update({k: v for k, v in flags.items() if k != "MASK_GRAD"})
         mask_ptr = {"Mask": "*u8" if base["MASK_IS_BOOL"] else "*bf16"}
@@ -174,7 +175,8 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
                                (AT._attn_bwd_dq_kernel, bwd["dq"],
                                 dict(MASK_GRAD=flags.get("MASK_GRAD", False)))):
             consts = {k: v for k, v in dict(base, **extra, BLOCK_M=cfg["BLOCK_M"],
-                                            BLOCK_N=cfg["BLOCK_N"]).items() if k in fn.arg_names}
+                                            BLOCK_N=cfg["BLOCK_N"], SPLIT=cfg.get("SPLIT", 1)
+                                            ).items() if k in fn.arg_names}
             yield fn, name, {**ptrs, **mask_ptr}, consts, _options(cfg)
         pre = bwd["preprocess"]
         consts = {k: v for k, v in dict(IS_VARLEN=base["IS_VARLEN"], HAS_LO=True,
@@ -399,10 +401,19 @@ def _ttgir_dots(ttgir: str) -> list[dict]:
     return dots
 
 
+# Main-loop issue:TC limits (the Triton tutorial's levels): the d128 forward (also serving head dims
+# 65..128) at most 0.6, every other kernel at most 1.0. Above 1 the instruction stream, not the
+# tensor cores, sets the loop's pace.
+ISSUE_TC_LIMIT = {("fwd", 128): 0.6}
+ISSUE_TC_DEFAULT_LIMIT = 1.0
+
+
 def hopper_gate(r: dict) -> list[str]:
     """The static Hopper rules a kernel record breaks (none: it passes): it compiles; every MMA is
     a wgmma (HGMMA), none an mma.sync (HMMA); ptxas serialises no wgmma (warnings C7515 / C7512);
-    no MMA work is duplicated across warps (a dot's layout covers its tile once); no spills."""
+    no MMA work is duplicated across warps (a dot's layout covers its tile once); no spills; one
+    CTA fits on an SM; the forward's main loop loads K and V by TMA; the main loop's issue:TC
+    within ISSUE_TC_LIMIT."""
     if r.get("error"):
         return [f"compile error: {r['error']}"]
     if not r["regs"]:
@@ -418,6 +429,15 @@ def hopper_gate(r: dict) -> list[str]:
                        f"computed {dot['dup']}x")
     if r["spill_store"] or r["spill_load"]:
         why.append(f"spills: {r['spill_store']} B stored, {r['spill_load']} B loaded")
+    if r["ctas_per_sm"] < 1:
+        why.append(f"does not fit: {r['smem']} B of shared memory, {r['regs']} registers, "
+                   f"{r.get('warps')} warps (CTAs per SM by each: {r['ctas_by']})")
+    main = r.get("main_loop") or {}
+    if r.get("kernel") == "fwd" and main.get("loads", {}).get("TMA", 0) < 2:
+        why.append(f"no TMA: the forward's main loop loads K / V as {main.get('loads')}")
+    limit = ISSUE_TC_LIMIT.get((r.get("kernel"), r.get("block_d")), ISSUE_TC_DEFAULT_LIMIT)
+    if main.get("issue_tc") is not None and main["issue_tc"] > limit:
+        why.append(f"issue:TC: {main['issue_tc']} > {limit} in the main loop")
     return list(dict.fromkeys(why))
 
 
@@ -453,34 +473,84 @@ def analyse_compiled(kernel, log: str, warps: int, tile_scores: int) -> dict:
             "dots": _ttgir_dots(kernel.asm["ttgir"]), "loops": loops, "main_loop": main}
 
 
-def static_records(arch: int, cells=None):
+def candidate_counts(head_dim: int, dropout: bool) -> dict:
+    """How many launch candidates configs.py lists on Hopper for bf16 at `head_dim` (with dropout
+    or not), per pass: {"fwd": n, "dkdv": n, "dq": n}. Leaves configs.py as it was."""
+    import torch
+
+    interpreting, arch = configs.interpreting, configs.arch_major
+    configs.interpreting, configs.arch_major = (lambda: False), (lambda device: 9)
+    try:
+        gpu = torch.device("cuda")
+        bwd = configs.attention_bwd_candidates(head_dim, torch.bfloat16, gpu, dropout)
+        fwd = configs.attention_fwd_candidates(head_dim, torch.bfloat16, gpu, dropout)
+    finally:
+        configs.interpreting, configs.arch_major = interpreting, arch
+    return {"fwd": len(fwd), "dkdv": len(bwd["dkdv"]), "dq": len(bwd["dq"])}
+
+
+@contextlib.contextmanager
+def _candidate(i: int):
+    """Launch with autotuning candidate number i of every pass that has one (configs.py's lists
+    rotated so that it comes first: the stand-in device tunes nothing, it takes the first); yields
+    the set of passes ("fwd", "dkdv", "dq") that have an i-th candidate."""
+    fwd, bwd, passes = AT.attention_fwd_candidates, AT.attention_bwd_candidates, set()
+
+    def first(name, cands):
+        if i < len(cands):
+            passes.add(name)
+            return cands[i:] + cands[:i]
+        return cands
+
+    AT.attention_fwd_candidates = lambda *a, **k: first("fwd", fwd(*a, **k))
+    AT.attention_bwd_candidates = lambda *a, **k: {
+        name: first(name, c) if name != "preprocess" else c for name, c in bwd(*a, **k).items()}
+    try:
+        yield passes
+    finally:
+        AT.attention_fwd_candidates, AT.attention_bwd_candidates = fwd, bwd
+
+
+def static_records(arch: int, cells=None, candidates: bool = True):
     """The static check's records (dicts), one per kernel each (head dim, feature) of `cells`
-    (default: all) launches. Installs the stand-in driver: call it once per process."""
+    (default: all) launches; with `candidates`, also one per autotuning alternate of configs.py
+    (record "candidate" 1, 2, ...; the default is 0). Installs the stand-in driver: call it once
+    per process."""
     import triton as _triton
 
     launches = _stand_in_launches(arch)
     for d, feature in cells or itertools.product(STATIC_HEAD_DIMS, STATIC_FEATURES):
-        launches.clear()
-        base = {"head_dim": d, "feature": feature, "arch": arch, "triton": _triton.__version__}
-        try:
-            _launch_attention(d, **STATIC_FEATURES[feature])
-            error = None
-        except Exception as e:  # a front-end or ptxas error: the next kernel does not compile
-            error = f"{type(e).__name__}: {str(e)[-300:]}"
-        for name, kwargs, kernel, log in launches:
-            block_m, block_n = kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")
-            warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
-            r = {**base, "kernel": STATIC_KERNELS.get(name, name), "fn": name,
-                 "block_m": block_m, "block_n": block_n, "block_d": kwargs.get("BLOCK_D"),
-                 "tile": f"{block_m}x{block_n}" if block_n else f"{block_m}",
-                 "warps": warps, "stages": stages,
-                 **analyse_compiled(kernel, log, warps, block_m * (block_n or 1))}
-            r["gate"] = hopper_gate(r)
-            r["ok"] = not r["gate"]
-            yield r
-        if error:  # the kernels launched after the failing one are not reported
-            yield {**base, "kernel": "?", "error": error, "gate": [f"compile error: {error}"],
-                   "ok": False}
+        for i in itertools.count():
+            launches.clear()
+            base = {"head_dim": d, "feature": feature, "arch": arch, "triton": _triton.__version__,
+                    "candidate": i}
+            with _candidate(i) as passes:
+                try:
+                    _launch_attention(d, **STATIC_FEATURES[feature])
+                    error = None
+                except Exception as e:  # a front-end or ptxas error: the next kernel does not compile
+                    error = f"{type(e).__name__}: {str(e)[-300:]}"
+            if i and not passes:
+                break
+            for name, kwargs, kernel, log in launches:
+                kind = STATIC_KERNELS.get(name, name)
+                if i and kind not in passes:  # this pass has no i-th candidate: its default ran
+                    continue
+                block_m, block_n = kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")
+                warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
+                r = {**base, "kernel": kind, "fn": name,
+                     "block_m": block_m, "block_n": block_n, "block_d": kwargs.get("BLOCK_D"),
+                     "tile": f"{block_m}x{block_n}" if block_n else f"{block_m}",
+                     "warps": warps, "stages": stages,
+                     **analyse_compiled(kernel, log, warps, block_m * (block_n or 1))}
+                r["gate"] = hopper_gate(r)
+                r["ok"] = not r["gate"]
+                yield r
+            if error:  # the kernels launched after the failing one are not reported
+                yield {**base, "kernel": "?", "error": error, "gate": [f"compile error: {error}"],
+                       "ok": False}
+            if not candidates:
+                break
 
 
 def _static_main(arch: int, argv: list[str]) -> None:

@@ -8,6 +8,8 @@ absolute bound.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -111,37 +113,53 @@ GPU_TABLE_ROWS = [(arch, d, torch.float16) for arch in (9, 8) for d in (64, 128,
 GPU_TABLE_ROWS += [(9, d, torch.float32) for d in (64, 128, 256)]
 
 
-def use_gpu_tiles(arch_major, head_dim, dtype, extras, monkeypatch):
-    """Make the launchers use the tiles configs.py picks on a GPU of compute capability
-    arch_major.x (for calls with a mask or dropout if extras); skip on a smaller real GPU."""
+def gpu_candidates(arch_major, head_dim, dtype, dropout):
+    """The launch candidates configs.py lists on a GPU of compute capability arch_major.x (for
+    calls with dropout if `dropout`): (forward list, backward dict of lists)."""
+    with pytest.MonkeyPatch.context() as m:  # ask configs.py what it would pick on that GPU
+        m.setattr(configs, "interpreting", lambda: False)
+        m.setattr(configs, "arch_major", lambda device: arch_major)
+        gpu = torch.device("cuda")
+        return (configs.attention_fwd_candidates(head_dim, dtype, gpu, dropout),
+                configs.attention_bwd_candidates(head_dim, dtype, gpu, dropout))
+
+
+def use_gpu_tiles(arch_major, head_dim, dtype, dropout, monkeypatch, candidate=0):
+    """Make the launchers use candidate number `candidate` (0: the default; past a list's end, its
+    last) of the tiles configs.py lists on a GPU of compute capability arch_major.x (for calls
+    with dropout if `dropout`); skip on a smaller real GPU."""
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < arch_major:
         pytest.skip(f"tiles for compute capability {arch_major}.x need more shared memory than "
                     "this GPU has")
-    with monkeypatch.context() as m:  # ask configs.py what it would pick on that GPU
-        m.setattr(configs, "interpreting", lambda: False)
-        m.setattr(configs, "arch_major", lambda device: arch_major)
-        fwd_cfg = configs.attention_fwd_config(head_dim, dtype, torch.device("cuda"), extras)
-        bwd_cfg = configs.attention_bwd_config(head_dim, dtype, torch.device("cuda"), extras)
-    monkeypatch.setattr(attention, "attention_fwd_config", lambda *args: fwd_cfg)
-    monkeypatch.setattr(attention, "attention_bwd_config", lambda *args: bwd_cfg)
+    fwd, bwd = gpu_candidates(arch_major, head_dim, dtype, dropout)
+
+    def pick(cands):
+        return [cands[min(candidate, len(cands) - 1)]]
+    monkeypatch.setattr(attention, "attention_fwd_candidates", lambda *args: pick(fwd))
+    monkeypatch.setattr(attention, "attention_bwd_candidates", lambda *args: dict(
+        preprocess=bwd["preprocess"], dkdv=pick(bwd["dkdv"]), dq=pick(bwd["dq"])))
 
 
 @pytest.mark.parametrize("arch_major,head_dim,dtype", GPU_TABLE_ROWS,
                          ids=lambda x: {9: "hopper", 8: "ampere"}.get(x, str(x)).replace("torch.", ""))
 def test_gpu_tile_shapes(arch_major, head_dim, dtype, monkeypatch):
     """The block sizes the GPU tables pick (e.g. forward 128 x 64, dK/dV 32 x 128) give right results
-    too: the interpreter's own tiles are only one such choice. Warps and stages do not matter here."""
+    too, with and without a mask: the interpreter's own tiles are only one such choice. Warps and
+    stages do not matter here."""
     use_gpu_tiles(arch_major, head_dim, dtype, False, monkeypatch)
     torch.manual_seed(7)
     # Sizes no multiple of any tile, above the largest (128), L > S so some causal rows see every key.
     check_against_reference(1, 2, 1, 150, 133, head_dim, head_dim, True, dtype)
+    # Calls with an attn_mask take the same tiles (dropout has its own): a float mask, its gradient.
+    mask = torch.randn(1, 1, 150, 133, device=DEVICE).to(dtype)
+    check_against_reference(1, 2, 1, 150, 133, head_dim, head_dim, False, dtype, attn_mask=mask)
 
 
-# GPU table rows where calls with a mask or dropout take other tiles (configs.py's *_EXTRAS tables).
-GPU_EXTRAS_ROWS = [(9, 64), (9, 128), (8, 128)]
+# GPU table rows where calls with dropout take other tiles (configs.py's *_DROPOUT tables).
+GPU_DROPOUT_ROWS = [(9, 64), (9, 128), (8, 128)]
 
 
-@pytest.mark.parametrize("arch_major,head_dim", GPU_EXTRAS_ROWS,
+@pytest.mark.parametrize("arch_major,head_dim", GPU_DROPOUT_ROWS,
                          ids=lambda x: {9: "hopper", 8: "ampere"}.get(x, str(x)))
 def test_gpu_tile_shapes_with_mask_and_dropout(arch_major, head_dim, monkeypatch):
     """The tiles the GPU tables pick for calls with a mask or dropout: a float (B, 1, L, S) mask
@@ -237,3 +255,217 @@ def test_no_queries(is_causal, monkeypatch):
     assert dq.shape == (2, 4, 0, 32)
     assert dk.shape == (2, 2, 5, 32) and dv.shape == (2, 2, 5, 24)
     assert not dk.any() and not dv.any()
+
+
+# --------------------------------------------------------------------------------------------------
+# K and V through tensor descriptors (TMA on Hopper) or pointer tiles
+# --------------------------------------------------------------------------------------------------
+
+
+class _RecordLaunches:
+    """Stands in for a jit kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _forward(monkeypatch, descriptors: bool, fn, *args, **kwargs):
+    """fn(*args, **kwargs) (a forward launcher) with configs.py's descriptor choice forced to
+    `descriptors`; returns (its outputs, the KV_TMA flag the forward kernel was launched with)."""
+    with monkeypatch.context() as m:
+        m.setattr(attention, "attention_kv_descriptors", lambda dtype, device: descriptors)
+        recorder = _RecordLaunches(attention._attn_fwd_kernel)
+        m.setattr(attention, "_attn_fwd_kernel", recorder)
+        result = fn(*args, **kwargs)
+    (launch,) = recorder.launches
+    return result, launch["KV_TMA"]
+
+
+def _descriptor_cases():
+    """(name, B, Hq, Hkv, L, S, D, Dv, causal, mask kind, dropout_p, strided, dtype)."""
+    f16, bf16 = torch.float16, torch.bfloat16
+    return [
+        ("plain odd sizes", 2, 3, 3, 97, 131, 64, 64, False, None, 0.0, False, bf16),
+        ("causal L < S, D 80", 1, 2, 2, 33, 200, 80, 80, True, None, 0.0, False, f16),
+        ("causal L > S, gqa", 2, 4, 2, 70, 45, 32, 32, True, None, 0.0, False, bf16),
+        ("bool mask, Dv != D", 1, 2, 1, 40, 77, 48, 16, False, "bool", 0.0, False, f16),
+        ("float mask + causal", 1, 2, 2, 50, 50, 32, 32, True, "float", 0.0, False, bf16),
+        ("key padding + dropout", 2, 2, 2, 24, 150, 64, 64, False, "padding", 0.2, False, f16),
+        ("HF strided, D 128", 2, 2, 1, 19, 65, 128, 128, False, None, 0.0, True, bf16),
+    ]
+
+
+@pytest.mark.parametrize("case", _descriptor_cases(), ids=lambda c: c[0])
+def test_kv_descriptor_path_equals_pointer_path(case, monkeypatch):
+    """The forward reading K and V through tensor descriptors gives bitwise the pointer path's out
+    and lse (the same values reach the same math; TMA's zero fill past S and D matches the masked
+    loads), and each path really ran: the kernel's KV_TMA flag, as launched."""
+    if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
+        pytest.skip("tensor descriptors are chosen on Hopper and newer only")
+    _, B, Hq, Hkv, L, S, D, Dv, causal, mask_kind, dropout_p, strided, dtype = case
+    torch.manual_seed(11)
+    q, k, v, _ = make_inputs(B, Hq, Hkv, L, S, D, Dv, dtype, strided)
+    mask = {None: None,
+            "bool": torch.rand(L, S, device=DEVICE) < 0.7,
+            "float": torch.randn(B, 1, L, S, device=DEVICE).to(dtype),
+            "padding": (torch.arange(S, device=DEVICE) < torch.tensor([[90], [S]], device=DEVICE)
+                        )[:, None, None, :]}[mask_kind]
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE) if dropout_p else None
+    args = (q, k, v, D**-0.5, causal, mask, dropout_p, seed)
+    (out_tma, lse_tma, _), used_tma = _forward(monkeypatch, True, attention.attention_fwd, *args)
+    (out_ptr, lse_ptr, _), used_ptr = _forward(monkeypatch, False, attention.attention_fwd, *args)
+    assert used_tma and not used_ptr
+    assert torch.equal(out_tma, out_ptr) and torch.equal(lse_tma, lse_ptr)
+    if mask_kind is None and dropout_p == 0.0:  # and right (the pointer path is tested at length)
+        ref, _ = reference.scaled_dot_product_attention(*leaves(q, k, v, dtype=torch.float64),
+                                                        causal, D**-0.5, None)
+        torch_out = torch_sdpa(q, k, v, None, causal, Hq != Hkv, scale=D**-0.5)
+        assert_within_torch_error("out", out_tma, torch_out, ref, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kv_descriptor_path_varlen(causal, monkeypatch):
+    """Packed sequences through descriptors: each program's descriptor spans its own sequence's
+    keys, so a neighbour's rows never reach its products (sequence 1's keys and values are NaN
+    here, right past sequence 0's last key and inside its last key block: any read of them would
+    turn sequence 0's output into NaN); bitwise the pointer path's result."""
+    if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
+        pytest.skip("tensor descriptors are chosen on Hopper and newer only")
+    torch.manual_seed(12)
+    lengths_q, lengths_k = [37, 1, 70], [50, 3, 66]
+    cu_q = torch.tensor([0, 37, 38, 108], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 50, 53, 119], dtype=torch.int32, device=DEVICE)
+    Hq, Hkv, D = 4, 2, 64
+    q = torch.randn(sum(lengths_q), Hq, D, device=DEVICE).to(torch.bfloat16)
+    k = torch.randn(sum(lengths_k), Hkv, D, device=DEVICE).to(torch.bfloat16)
+    v = torch.randn(sum(lengths_k), Hkv, D, device=DEVICE).to(torch.bfloat16)
+    k[50:53], v[50:53] = float("nan"), float("nan")  # sequence 1
+    args = (q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), D**-0.5, causal)
+    (out_tma, lse_tma, _), used_tma = _forward(monkeypatch, True, attention.varlen_attention_fwd,
+                                               *args)
+    (out_ptr, lse_ptr, _), used_ptr = _forward(monkeypatch, False, attention.varlen_attention_fwd,
+                                               *args)
+    assert used_tma and not used_ptr
+    torch.testing.assert_close(out_tma, out_ptr, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(lse_tma, lse_ptr, atol=0, rtol=0, equal_nan=True)
+    assert out_tma[37:38].isnan().all()  # sequence 1 reads its own (NaN) keys
+    for b in (0, 2):  # the others: finite, and as a padded call of their own
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        one, _, _ = attention.attention_fwd(*(t[rows].transpose(0, 1)[None] for t, rows in
+                                              ((q, rows_q), (k, rows_k), (v, rows_k))),
+                                            D**-0.5, causal)
+        assert torch.isfinite(out_tma[rows_q]).all()
+        torch.testing.assert_close(out_tma[rows_q], one[0].transpose(0, 1), atol=0, rtol=0)
+
+
+def test_kv_descriptors_only_where_strides_allow(monkeypatch):
+    """The descriptor path is taken for contiguous and Hugging Face (B, N, H, D).transpose(1, 2)
+    k, v whose rows are 16-byte aligned; not for a head dim whose rows are not (bf16 D = 100:
+    200-byte rows), a base that is not 16-byte aligned, or fp32 (whose kernels do not use the
+    tensor cores). All of them still give the right answer."""
+    if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
+        pytest.skip("tensor descriptors are chosen on Hopper and newer only")
+    torch.manual_seed(13)
+
+    def flag(q, k, v):
+        recorder = _RecordLaunches(attention._attn_fwd_kernel)
+        with monkeypatch.context() as m:
+            m.setattr(attention, "_attn_fwd_kernel", recorder)
+            attention.attention_fwd(q, k, v, 0.125, False)
+        return recorder.launches[0]["KV_TMA"]
+
+    bf16 = torch.bfloat16
+    assert flag(*make_inputs(1, 2, 2, 8, 40, 64, 64, bf16)[:3])
+    assert flag(*make_inputs(1, 2, 2, 8, 40, 64, 64, bf16, strided=True)[:3])
+    assert not flag(*make_inputs(1, 2, 2, 8, 40, 100, 100, bf16)[:3])
+    assert not flag(*make_inputs(1, 2, 2, 8, 40, 64, 64, torch.float32)[:3])
+    q, k, v, _ = make_inputs(1, 2, 2, 8, 40, 64, 64, bf16)
+    shifted = torch.empty(k.numel() + 1, dtype=bf16, device=DEVICE)[1:].view(k.shape)  # 2-byte offset
+    shifted.copy_(k)
+    assert shifted.data_ptr() % 16 != 0
+    assert not flag(q, shifted, v)
+    ref, _ = reference.scaled_dot_product_attention(*leaves(q, k, v, dtype=torch.float64), False,
+                                                    0.125, None)
+    out, _, _ = attention.attention_fwd(q, shifted, v, 0.125, False)
+    assert_within_torch_error("out", out, torch_sdpa(q, k, v, None, False, False, scale=0.125),
+                              ref, bf16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autotuned launches (kernels/autotune.py): the launchers time every candidate, then launch the winner
+# --------------------------------------------------------------------------------------------------
+
+
+def test_launchers_tune_every_pass(monkeypatch, tmp_path):
+    """With two candidates per pass and the tuner allowed to time on this device (a stand-in timer
+    whose scripted times make the second candidate the faster), the first forward + backward times
+    both candidates of the forward, dK/dV and dQ kernels, then launches the second; a second call of
+    the same problem launches the second at once. The results are right with either tile."""
+    from fastattn.kernels import autotune
+
+    slow, fast = (dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+                  dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
+    cands = [slow, fast]
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(autotune, "_tunable", lambda device: True)
+    autotune.clear_cache()
+    timed = []
+
+    def stand_in_timer(fn):
+        fn()  # the launch runs (its outputs are overwritten by the final one)
+        timed.append(fn.args[0])
+        return 1.0 if fn.args[0]["BLOCK_M"] == slow["BLOCK_M"] else 0.5
+
+    monkeypatch.setattr(autotune, "_time_ms", stand_in_timer)
+    monkeypatch.setattr(attention, "attention_fwd_candidates", lambda *args: list(cands))
+    monkeypatch.setattr(attention, "attention_bwd_candidates", lambda *args: dict(
+        preprocess=dict(BLOCK_M=64, num_warps=4), dkdv=[dict(c, SPLIT=1) for c in cands],
+        dq=list(cands)))
+    recorders = {name: _RecordLaunches(getattr(attention, name)) for name in
+                 ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(attention, name, recorder)
+
+    def tiles(name):
+        return [(kw["BLOCK_M"], kw["BLOCK_N"]) for kw in recorders[name].launches]
+
+    torch.manual_seed(14)
+    for call in range(2):
+        for recorder in recorders.values():
+            recorder.launches.clear()
+        out, lse, dq, dk, dv = check_against_reference(1, 2, 1, 70, 45, 32, 32, True, torch.bfloat16)
+        want = [(64, 32), (32, 16), (32, 16)] if call == 0 else [(32, 16)]
+        for name in recorders:
+            assert tiles(name) == want, f"call {call}: {name} launched {tiles(name)}"
+    # forward, dK/dV, dQ: each tuned once
+    assert [(c["BLOCK_M"], c["BLOCK_N"]) for c in timed] == [(64, 32), (32, 16)] * 3
+    assert json.loads(autotune.cache_path().read_text()), "the winners were not written to disk"
+    autotune.clear_cache()
+
+
+def _tuning_cases():
+    """(head dim, candidate number) of every Hopper autotuning alternate (fp16 / bf16 rows): the
+    passes with fewer candidates keep their last one."""
+    for head_dim in (64, 128, 256):
+        fwd, bwd = gpu_candidates(9, head_dim, torch.bfloat16, False)
+        for i in range(1, max(len(fwd), len(bwd["dkdv"]), len(bwd["dq"]))):
+            yield head_dim, i
+
+
+@pytest.mark.parametrize("head_dim,candidate", list(_tuning_cases()))
+def test_gpu_tuning_candidates(head_dim, candidate, monkeypatch):
+    """Every tile the Hopper autotuner may pick is right too, with a bool mask and causal (sizes no
+    multiple of any tile)."""
+    use_gpu_tiles(9, head_dim, torch.bfloat16, False, monkeypatch, candidate)
+    torch.manual_seed(15)
+    mask = torch.rand(150, 133, device=DEVICE) < 0.8
+    mask[:, 0] = True
+    check_against_reference(1, 2, 1, 150, 133, head_dim, head_dim, True, torch.bfloat16,
+                            attn_mask=mask)

@@ -3,11 +3,14 @@ dims 64 / 80 / 128 / 256 and with each feature (plain, causal, mask, dropout, va
 as a launch on contiguous bf16 tensors specialises it, without a GPU (tests/sm90_compile.py
 --static, in one subprocess for the session), must pass the static Hopper gate
 (sm90_compile.hopper_gate): every MMA a wgmma, no wgmma serialised by ptxas (C7515 / C7512), no MMA
-work duplicated across warps, no spills.
+work duplicated across warps, no spills, the forward's K / V loaded by TMA, and a main-loop issue:TC
+of at most 0.6 for the d128 forward (head dims 65..128) and 1.0 for every other kernel.
 
 Kernels that fail today are listed in XFAIL with the gate's own words (rules and numbers), as
 strict xfails: a change that makes one pass turns it into an XPASS, which fails until its row is
-removed; a listed kernel that breaks a further rule fails outright.
+removed; a listed kernel that breaks a further rule fails outright. The autotuning alternates
+configs.py lists on Hopper are compiled too (records with candidate 1, 2, ...): each must pass
+where its default does, and break no further rule where the default is listed here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 
 import pytest
 
-from sm90_compile import STATIC_FEATURES, STATIC_HEAD_DIMS, STATIC_KERNELS
+from sm90_compile import STATIC_FEATURES, STATIC_HEAD_DIMS, STATIC_KERNELS, candidate_counts
 
 SCRIPT = pathlib.Path(__file__).with_name("sm90_compile.py")
 
@@ -31,28 +34,29 @@ SCRIPT = pathlib.Path(__file__).with_name("sm90_compile.py")
 # only: another Triton (the GPU image's 3.6) compiles some of them clean.
 XFAIL_TRITON = "3.9."
 XFAIL: dict[tuple[str, int, str], str] = {
+    ("fwd", 64, "mask"): "issue:TC: 2.074 > 1.0 in the main loop",
+    ("dkdv", 64, "mask"): "issue:TC: 1.762 > 1.0 in the main loop",
+    ("dq", 64, "mask"): "issue:TC: 1.458 > 1.0 in the main loop",
+    ("fwd", 64, "dropout"): "issue:TC: 8.586 > 1.0 in the main loop",
+    ("dkdv", 64, "dropout"): "issue:TC: 5.023 > 1.0 in the main loop",
+    ("dq", 64, "dropout"): "issue:TC: 5.589 > 1.0 in the main loop",
+    ("fwd", 80, "mask"): "issue:TC: 1.067 > 0.6 in the main loop",
+    ("fwd", 80, "dropout"): "issue:TC: 4.445 > 0.6 in the main loop",
+    ("dkdv", 80, "dropout"): "issue:TC: 2.688 > 1.0 in the main loop",
+    ("dq", 80, "dropout"): "issue:TC: 3.344 > 1.0 in the main loop",
     ("dkdv", 80, "gqa"): "spills: 20 B stored, 20 B loaded",
+    ("fwd", 128, "mask"): "issue:TC: 1.067 > 0.6 in the main loop",
+    ("fwd", 128, "dropout"): "issue:TC: 4.445 > 0.6 in the main loop",
+    ("dkdv", 128, "dropout"): "issue:TC: 2.688 > 1.0 in the main loop",
+    ("dq", 128, "dropout"): "issue:TC: 3.344 > 1.0 in the main loop",
     ("dkdv", 128, "gqa"): "spills: 20 B stored, 20 B loaded",
-    ("dkdv", 256, "plain"):
-        "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
-    ("dkdv", 256, "causal"):
-        "mma.sync: 160 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
-    ("dkdv", 256, "mask"):
-        "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
-    ("fwd", 256, "dropout"): "spills: 176 B stored, 176 B loaded",
-    ("dkdv", 256, "dropout"):
-        "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
-    ("fwd", 256, "varlen"): "spills: 16 B stored, 16 B loaded",
-    ("dkdv", 256, "varlen"):
-        "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
-    ("dkdv", 256, "gqa"):
-        "mma.sync: 80 HMMA, 0 HGMMA in the SASS; "
-        "duplicated MMA: 32x16x256 dot on warpsPerCTA [1, 8] computed 4x",
+    ("dkdv", 256, "mask"): "issue:TC: 1.174 > 1.0 in the main loop",
+    ("fwd", 256, "dropout"):
+        "spills: 136 B stored, 136 B loaded; "
+        "issue:TC: 2.408 > 1.0 in the main loop",
+    ("dkdv", 256, "dropout"): "issue:TC: 2.159 > 1.0 in the main loop",
+    ("dq", 256, "dropout"): "issue:TC: 1.708 > 1.0 in the main loop",
+    ("fwd", 256, "varlen"): "spills: 24 B stored, 24 B loaded",
 }
 
 
@@ -83,7 +87,12 @@ def _records() -> dict:
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     records = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    return {(r["kernel"], r["head_dim"], r["feature"]): r for r in records}
+    return {(r["kernel"], r["head_dim"], r["feature"], r["candidate"]): r for r in records}
+
+
+def _defaults() -> dict:
+    """The records of the kernels launched untuned (candidate 0), by (kernel, head dim, feature)."""
+    return {key[:3]: r for key, r in _records().items() if key[3] == 0}
 
 
 def test_static_check_compiles_every_kernel_once():
@@ -92,9 +101,22 @@ def test_static_check_compiles_every_kernel_once():
     assert not errors, "\n".join(errors)
     expected = {(k, d, f) for d in STATIC_HEAD_DIMS for f in STATIC_FEATURES
                 for k in STATIC_KERNELS.values()}
-    assert set(records) == expected, (
-        f"missing {sorted(expected - set(records))}, unexpected {sorted(set(records) - expected)}"
-        " (a new kernel: name it in sm90_compile.STATIC_KERNELS)")
+    defaults = _defaults()
+    assert set(defaults) == expected, (
+        f"missing {sorted(expected - set(defaults))}, unexpected "
+        f"{sorted(set(defaults) - expected)} (a new kernel: name it in sm90_compile.STATIC_KERNELS)")
+
+
+def test_static_check_compiles_every_candidate():
+    """Every autotuning candidate configs.py lists on Hopper for a checked kernel was compiled."""
+    expected = set()
+    for d in STATIC_HEAD_DIMS:
+        for feature, spec in STATIC_FEATURES.items():
+            counts = candidate_counts(d, bool(spec.get("dropout_p")))
+            expected |= {(kernel, d, feature, i) for kernel, n in counts.items() for i in range(n)}
+    found = {key for key in _records() if key[0] in ("fwd", "dkdv", "dq")}
+    assert found == expected, (f"missing {sorted(expected - found)}, "
+                               f"unexpected {sorted(found - expected)}")
 
 
 def test_xfail_table_names_checked_kernels():
@@ -103,9 +125,9 @@ def test_xfail_table_names_checked_kernels():
     assert set(XFAIL) <= known, sorted(set(XFAIL) - known)
 
 
-@pytest.mark.parametrize("kernel, head_dim, feature", _cases())
+@pytest.mark.parametrize("kernel, head_dim, feature", list(_cases()))
 def test_static_hopper_gate(kernel, head_dim, feature):
-    r = _records().get((kernel, head_dim, feature))
+    r = _defaults().get((kernel, head_dim, feature))
     if r is None:
         pytest.fail(f"{kernel} d{head_dim} {feature} was not compiled (see the coverage test)")
     expected = XFAIL.get((kernel, head_dim, feature))
@@ -115,3 +137,21 @@ def test_static_hopper_gate(kernel, head_dim, feature):
         if new:
             pytest.fail(f"breaks more rules than XFAIL says: {'; '.join(new)}")
     assert r["ok"], "; ".join(r["gate"])
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("head_dim", STATIC_HEAD_DIMS)
+def test_static_hopper_gate_tuning_candidates(kernel, head_dim):
+    """The autotuning alternates (candidates 1, 2, ...) pass the gate wherever the default does,
+    and where the default is an expected failure they break no rule beyond those XFAIL names: the
+    tuner never picks a kernel the gate likes less than the default."""
+    failing = []
+    for (k, d, feature, i), r in _records().items():
+        if (k, d) != (kernel, head_dim) or i == 0 or r["ok"]:
+            continue
+        allowed = {g.split(":")[0] for g in XFAIL.get((k, d, feature), "").split("; ") if g}
+        new = [g for g in r["gate"] if g.split(":")[0] not in allowed]
+        if new:
+            failing.append(f"{feature} #{i} {r['tile']} w{r['warps']} s{r['stages']}: "
+                           + "; ".join(new))
+    assert not failing, "\n".join(failing)
