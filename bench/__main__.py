@@ -9,6 +9,9 @@
     python -m bench --filter 'norm'      # only the ops whose name matches the regex
     python -m bench --out DIR            # the output folder (bench/results/<date>_<device>)
 
+Installed from a wheel it is `fastattn-bench` (every option the same; default output folder
+./fastattn-bench/<date>_<device>), and `fastattn-check` runs the parity part alone (check.py).
+
 1. Says what the device is (GPU, torch, triton, CUDA; or CPU with Triton's interpreter).
 2. Parity: every op forward and backward on odd shapes, fp32 / fp16 / bf16, against float64, by the
    rule of fastattn.testing.parity: pass / fail with the error and the bound.
@@ -30,26 +33,48 @@ The terminal gets tables of at most 120 columns; summary.md has them whole. With
 kernels run under Triton's interpreter: parity is checked as on a GPU, and a sweep of
 interpreter-sized shapes runs whose figures are labelled CPU / interpreter figures everywhere they
 appear; the host and CPU-path tables are measured on fastattn's torch path in a child process.
-Exit status 1 when a parity check fails, or fastattn errs or disagrees with torch in the sweep.
+Exit status 1 when a parity check fails, or fastattn errs or disagrees with torch in the sweep; 2
+when what was asked cannot run here (--static outside a clone; parity or the sweep on a CPU without
+numpy, which Triton's interpreter needs).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
-from . import HAS_CUDA, cases, cpu_path, host, measure, parity, report, static, targets
+from . import (HAS_CUDA, cannot_run_kernels, cases, cpu_path, host, measure, parity, report, static,
+               targets)
 
 # Seconds the sweep may take (0: no limit), and how they are shared among the families.
 DEFAULT_BUDGET_S = {"full": 240, "quick": 90, "cpu": 0, "cpu-quick": 0}
 SHARES = {"attention": 0.55, "norm": 0.3, "embedding": 0.15}
 
 
+def prog(script: str, module: str) -> str:
+    """The command as the user typed it: `python -m MODULE` (bench / fastattn.bench, or a module
+    of theirs), else the console script's name."""
+    if os.path.basename(sys.argv[0]) in ("__main__.py", f"{module.rpartition('.')[2]}.py"):
+        return f"python -m {module}"
+    return script
+
+
+def default_out(slug: str) -> Path:
+    """bench/results/<slug> in a clone; ./fastattn-bench/<slug> for an installed package (its
+    own folder is site-packages)."""
+    here = Path(__file__).resolve().parent
+    if (here.parent / "pyproject.toml").is_file():
+        return here / "results" / slug
+    return Path.cwd() / "fastattn-bench" / slug
+
+
 def _args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("fastattn-bench", __package__),
+                                description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer parity shapes, a smaller sweep")
     p.add_argument("--host", action="store_true", help="the host-overhead table only")
     p.add_argument("--cpu-path", action="store_true",
@@ -57,7 +82,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--static", action="store_true",
                    help="the static Hopper table only: every attention kernel compiled for sm_90 "
                         "and read from its SASS (bench/static.py; no GPU needed)")
-    p.add_argument("--out", type=Path, help="output folder (default bench/results/<date>_<device>)")
+    p.add_argument("--out", type=Path, help="output folder (default bench/results/<date>_<device> "
+                   "in a clone, ./fastattn-bench/<date>_<device> when installed)")
     p.add_argument("--parity-only", action="store_true",
                    help="parity only: no host or CPU-path table, no ceilings, no sweep")
     p.add_argument("--filter", default="", metavar="REGEX", help="only ops whose name matches")
@@ -66,10 +92,6 @@ def _args(argv: list[str]) -> argparse.Namespace:
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_BUDGET_S.items()) + ")")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     return p.parse_args(argv)
-
-
-def _name(case: cases.Case) -> str:
-    return f"{case.op.name} {case.shape} {str(case.dtype).removeprefix('torch.')}"
 
 
 def _sweep(sweep: list[cases.Case], ceilings: dict[str, float], device: str, profile: str,
@@ -85,7 +107,7 @@ def _sweep(sweep: list[cases.Case], ceilings: dict[str, float], device: str, pro
         if not todo:
             continue
         budget.start(family)
-        for case in report.progress(todo, f"sweep {family}", _name):
+        for case in report.progress(todo, f"sweep {family}", lambda c: c.title):
             if budget.over():
                 note = f"n/a: over the {budget_s:.0f} s sweep budget"
                 records += measure.case_note(case, device, note)
@@ -100,13 +122,38 @@ def _sweep(sweep: list[cases.Case], ceilings: dict[str, float], device: str, pro
     return records
 
 
+NO_MATPLOTLIB = ("(no plots: matplotlib is not installed; pip install 'fastattn[bench]', or "
+                 "pip install -e '.[bench]' in a clone)")
+
+
+def plots(records: list[dict], ceilings: dict[str, float], out: Path,
+          device: str) -> tuple[list[Path], str | None]:
+    """The PNG plots written (report.plot), and why there are none when they fail: matplotlib
+    missing (the bench extra) or any other error, which never costs the run its other files."""
+    try:
+        return report.plot(records, ceilings, out, device), None
+    except ImportError:
+        return [], NO_MATPLOTLIB
+    except Exception as exc:  # noqa: BLE001  (plots are the last thing: keep the rest)
+        return [], f"(no plots: {type(exc).__name__}: {report.describe(exc)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _args(argv)
     info = measure.device_info()
     profile = (("quick" if args.quick else "full") if HAS_CUDA
                else "cpu-quick" if args.quick else "cpu")
-    out = args.out or Path(__file__).parent / "results" / info["slug"]
+    only = [flag for flag, on in (("--host", args.host), ("--cpu-path", args.cpu_path),
+                                  ("--static", args.static)) if on]
+    if args.static and not static.SCRIPT.is_file():
+        why_not = f"--static needs a clone of fastattn: {static.SCRIPT} is not installed"
+    else:  # parity and the sweep run the kernels; --host, --cpu-path and --static do not
+        why_not = None if only else cannot_run_kernels()
+    if why_not:
+        print(f"{prog('fastattn-bench', __package__)}: {why_not}", file=sys.stderr)
+        return 2
+    out = args.out or default_out(info["slug"])
     out.mkdir(parents=True, exist_ok=True)
     device = info["device"]
     text: list[str] = []
@@ -118,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     def wanted(case: cases.Case) -> bool:
         return re.search(args.filter, case.op.name) is not None
 
-    only = [flag for flag, on in (("--host", args.host), ("--cpu-path", args.cpu_path),
-                                  ("--static", args.static)) if on]
     say(report.header(info, f"none ({', '.join(only)})" if only else profile, argv))
     run = report.record(kind="run", device=device, note=info["detail"], args=argv,
                         profile=profile, seconds={},
@@ -129,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
 
     if not only:
-        checks = [c for c in cases.parity_cases(args.quick) if wanted(c)]
-        for case in report.progress(checks, "parity", _name):
-            records += parity.check(case, device)
+        records += parity.run(args.quick, args.filter, device)
         run["seconds"]["parity"] = round(time.monotonic() - started, 1)
         say(report.parity_section(records))
 
@@ -173,15 +216,12 @@ def main(argv: list[str] | None = None) -> int:
 
     files = [report.write_json(records, out), report.write_csv(records, out)]
     if not args.no_plots and not args.parity_only and not only:
-        try:
-            files += report.plot(records, ceilings, out, device)
-        except ImportError:
-            say(["(no plots: matplotlib is not installed; pip install -e '.[bench]')", ""])
-        except Exception as exc:  # noqa: BLE001  (plots are the last thing: keep the rest)
-            say([f"(no plots: {type(exc).__name__}: {report.describe(exc)})", ""])
+        pngs, why_not = plots(records, ceilings, out, device)
+        files += pngs
+        if why_not:
+            say([why_not, ""])
     run["seconds"]["total"] = round(time.monotonic() - started, 1)
-    failed = [r for r in records if r["impl"] == "fastattn" and r["kind"] in ("parity", "sweep")
-              and (r["pass"] is False or (r["note"] or "").startswith("error"))]
+    failed = report.failures(records)
     say([f"{len(failed)} fastattn failure(s); {run['seconds']} s; wrote "
          + ", ".join(str(f) for f in [*files, out / "summary.md"]), ""])
     report.write_json(records, out)  # again, with the total time

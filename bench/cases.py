@@ -79,6 +79,11 @@ class Case:
     def shape(self) -> str:
         return self.op.label(self.size)
 
+    @property
+    def title(self) -> str:
+        """op, shape and dtype, as progress bars name the case: "layer_norm M19 N768 float32"."""
+        return f"{self.op.name} {self.shape} {str(self.dtype).removeprefix('torch.')}"
+
 
 def step(fn: Fn, inputs: Inputs, mode: str, out: Tensor | None = None) -> Callable[[], object]:
     """What is timed for `mode`: fwd calls fn (inputs requiring grad, as in training); bwd
@@ -368,9 +373,10 @@ PARITY_SIZES = {
 }
 
 
-def parity_cases(quick: bool) -> list[Case]:
+def parity_cases(quick: bool, dtypes: tuple[torch.dtype, ...] = PARITY_DTYPES) -> list[Case]:
+    """Every op at each of its parity sizes (quick: the first alone) in each of dtypes."""
     return [Case(op, size, dtype) for op in OPS
-            for size in PARITY_SIZES[op.name][:1 if quick else None] for dtype in PARITY_DTYPES]
+            for size in PARITY_SIZES[op.name][:1 if quick else None] for dtype in dtypes]
 
 
 SEQS = (512, 1024, 2048, 4096, 8192, 16384)

@@ -146,7 +146,7 @@ def records(pattern: str = "", **options) -> list[dict]:
         return []
     if fastattn.backend("cpu") != _dispatch.INTERPRETER:
         return measure(pattern, **options)
-    return on_torch_path("bench.cpu_path", json.dumps(dict(pattern=pattern, **options)))
+    return on_torch_path(f"{__package__}.cpu_path", json.dumps(dict(pattern=pattern, **options)))
 
 
 def _verdict(value: float, goal: float, text: str) -> str:

@@ -63,7 +63,9 @@ IMPLS = ("fastattn", "torch", "above-launcher", "autograd floor")
 ROUNDS = 9
 BLOCK_S = 0.02  # seconds per block of calls
 DTYPE = torch.float32
-ROOT = Path(__file__).resolve().parent.parent  # the repository: where `python -m bench` runs
+# Where `python -m <this package>` imports it from: the repository for bench, site-packages (or
+# wherever fastattn is installed) for fastattn.bench.
+ROOT = Path(__file__).resolve().parents[len(__package__.split("."))]
 
 # The launchers of every op (the custom ops' names) and the module holding their fakes.
 LAUNCHERS = {"fastattn.attention": ("attention_fwd", "attention_bwd", "varlen_attention_fwd",
@@ -272,7 +274,7 @@ def records(pattern: str = "") -> list[dict]:
     on the CPU with the interpreter on, in a child process on fastattn's torch path."""
     if HAS_CUDA or fastattn.backend(DEVICE) != _dispatch.INTERPRETER:
         return measure(pattern)
-    return on_torch_path("bench.host", pattern)
+    return on_torch_path(f"{__package__}.host", pattern)
 
 
 def on_torch_path(module: str, *args: str) -> list[dict]:

@@ -3,19 +3,43 @@ same dtype as the yardstick (the rule of fastattn.testing.parity):
 
     max|ours - ref64| <= 2 * max|torch - ref64| + atol[dtype] * max(1, max|ref64|)
 
-for the output and every gradient, on odd sizes (cases.PARITY_SIZES) in fp32, fp16 and bf16.
+for the output and every gradient, on odd sizes (cases.PARITY_SIZES) in fp32, fp16 and bf16 (those
+of them the device supports: device_dtypes). `python -m bench` runs it first; `fastattn-check`
+(bench/check.py) runs it alone.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
 import fastattn
 from fastattn.testing import parity
 
-from . import DEVICE
-from .cases import Case, Fn, Inputs
-from .report import describe, record
+from . import DEVICE, HAS_CUDA
+from .cases import PARITY_DTYPES, Case, Fn, Inputs, parity_cases
+from .report import describe, progress, record
+
+
+def device_dtypes() -> tuple[torch.dtype, ...]:
+    """The parity dtypes this device runs: all three on the CPU (the interpreter) and on a GPU with
+    native bf16 (sm_80 on); fp32 and fp16 on an older GPU, whose bf16 Triton does not compile."""
+    if not HAS_CUDA:
+        return PARITY_DTYPES
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument: native bf16 is sm_80 on
+        bf16 = torch.cuda.get_device_capability()[0] >= 8
+    return tuple(d for d in PARITY_DTYPES if d is not torch.bfloat16 or bf16)
+
+
+def run(quick: bool, pattern: str, device_label: str) -> list[dict]:
+    """The records of every parity case (quick: one size per op) of the ops whose name matches
+    the regex, in every dtype of device_dtypes, with a progress bar on stderr."""
+    todo = [c for c in parity_cases(quick, device_dtypes()) if re.search(pattern, c.op.name)]
+    return [r for case in progress(todo, "parity", lambda c: c.title)
+            for r in check(case, device_label)]
 
 
 def _out_and_grads(fn: Fn, inputs: Inputs) -> list[torch.Tensor]:

@@ -166,12 +166,24 @@ def render(parts: list, terminal: bool) -> str:
     return "\n".join(out)
 
 
-def header(info: dict, profile: str, argv: list[str]) -> list:
-    return [f"# fastattn bench: {info['date']}, {info['device']}", "",
+def header(info: dict, profile: str, argv: list[str], title: str = "fastattn bench",
+           what: str = "sweep") -> list:
+    """The run's title, device and versions, and `what` it runs (the sweep's profile)."""
+    return [f"# {title}: {info['date']}, {info['device']}", "",
             f"- device: {info['detail']}",
             f"- fastattn {info['fastattn']} ({info['backend']} path), torch {info['torch']}, "
             f"triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}",
-            f"- sweep: {profile}; arguments: {' '.join(argv) or '(none)'}", ""]
+            f"- {what}: {profile}; arguments: {' '.join(argv) or '(none)'}", ""]
+
+
+def failures(records: list[dict], kinds: tuple[str, ...] = ("parity", "sweep")) -> list[dict]:
+    """fastattn's records of those kinds that fail: outside the rule, or an error."""
+    return [r for r in records if r["impl"] == "fastattn" and r["kind"] in kinds
+            and (r["pass"] is False or (r["note"] or "").startswith("error"))]
+
+
+PARITY_RULE = ("pass: max|fastattn - ref64| <= 2 x max|torch - ref64| + atol[dtype] x "
+               "max(1, |ref64|) (fastattn.testing.parity)")
 
 
 def parity_section(records: list[dict]) -> list:
@@ -191,16 +203,33 @@ def parity_section(records: list[dict]) -> list:
                         "worst output": f"{worst['output']} {worst['shape']}" if worst else None,
                         "path": worst["backend"] if worst else None})
     failed = [r for r in rows if r["pass"] is False]
-    n = sum(r["pass"] is not None for r in rows)
-    parts = ["## Parity: fwd and bwd against float64", "",
-             "pass: max|fastattn - ref64| <= 2 x max|torch - ref64| + atol[dtype] x "
-             "max(1, |ref64|) (fastattn.testing.parity)", "", Table(summary),
-             f"{n - len(failed)} of {n} outputs pass" + (" (FAILURES below)" if failed else ""),
-             ""]
+    parts = ["## Parity: fwd and bwd against float64", "", PARITY_RULE, "", Table(summary),
+             _parity_count(rows) + (" (FAILURES below)" if failed else ""), ""]
     if failed:
         keys = ("op", "shape", "dtype", "output", "err", "torch_err", "bound", "note")
         parts.append(Table([{k: r[k] for k in keys} for r in failed]))
     return parts
+
+
+def _parity_count(rows: list[dict]) -> str:
+    n = sum(r["pass"] is not None for r in rows)
+    return f"{n - sum(r['pass'] is False for r in rows)} of {n} outputs pass"
+
+
+def parity_rows_section(records: list[dict]) -> list:
+    """Every parity record as a row (fastattn-check): its output's error, torch's, the bound and
+    pass / FAIL; n/a (with the reason in note) where fastattn does not run the case."""
+    rows = [r for r in records if r["kind"] == "parity"]
+    table = [{"op": r["op"], "shape": r["shape"], "dtype": SHORT_DTYPES.get(r["dtype"], r["dtype"]),
+              "output": r["output"], "err": r["err"], "torch err": r["torch_err"],
+              "bound": r["bound"], "err/bound": r["ratio"],
+              "pass": {True: "pass", False: "FAIL", None: "n/a"}[r["pass"]],
+              "path": r["backend"], "note": r["note"]} for r in rows]
+    failed = sum(r["pass"] is False for r in rows)
+    return ["## Parity: every output against float64", "", PARITY_RULE, "",
+            Table(table, tuple(k for k in (table[0] if table else ())
+                               if k != "note" or any(r["note"] for r in rows))),
+            _parity_count(rows) + (f"; {failed} FAIL" if failed else ""), ""]
 
 
 def ceiling_section(records: list[dict]) -> list:
