@@ -947,9 +947,13 @@ def _descriptor_ready(t: torch.Tensor) -> bool:
     or packed): unit last stride, and the base and every other stride 16-byte aligned (TMA's
     rules), as for contiguous tensors and Hugging Face's (B, N, H, D).transpose(1, 2) views when
     the head dim is a multiple of 8 (fp16 / bf16)."""
-    size = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
+    *strides, last = t.stride()
+    if last != 1 or t.data_ptr() % 16:
+        return False
+    others = 0
+    for stride in strides:  # all multiples of 16 / element size iff their OR is (powers of 2)
+        others |= stride
+    return others * t.element_size() % 16 == 0
 
 
 def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:

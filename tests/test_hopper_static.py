@@ -60,15 +60,40 @@ XFAIL: dict[tuple[str, int, str], str] = {
 }
 
 
-def _cases():
+# Expected failures of Triton 3.6 (the GPU image's) beyond XFAIL, not strict either: its causal and
+# varlen dK/dV loops wait on every wgmma (12-20 WARPGROUP.DEPBAR per iteration, no ptxas warning),
+# which lifts their issue:TC just past 1.
+XFAIL_TRITON_36: dict[tuple[str, int, str], str] = {
+    ("dkdv", 64, "causal"): "issue:TC: 1.043 > 1.0 in the main loop",
+    ("dkdv", 64, "varlen"): "issue:TC: 1.133 > 1.0 in the main loop",
+    ("dkdv", 256, "causal"): "issue:TC: 1.023 > 1.0 in the main loop",
+}
+
+
+def _triton_version() -> str:
     try:
-        strict = importlib.metadata.version("triton").startswith(XFAIL_TRITON)
+        return importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
-        strict = False
+        return ""
+
+
+def _expected() -> dict[tuple[str, int, str], str]:
+    """The expected failures of the Triton that runs: XFAIL, and on 3.6 XFAIL_TRITON_36 too."""
+    if not _triton_version().startswith("3.6."):
+        return XFAIL
+    merged = dict(XFAIL)
+    for key, reason in XFAIL_TRITON_36.items():
+        merged[key] = f"{merged[key]}; {reason}" if key in merged else reason
+    return merged
+
+
+def _cases():
+    strict = _triton_version().startswith(XFAIL_TRITON)
+    expected = _expected()
     for d in STATIC_HEAD_DIMS:
         for feature in STATIC_FEATURES:
             for kernel in STATIC_KERNELS.values():
-                reason = XFAIL.get((kernel, d, feature))
+                reason = expected.get((kernel, d, feature))
                 marks = [pytest.mark.xfail(strict=strict, raises=AssertionError, reason=reason)
                          ] if reason else []
                 yield pytest.param(kernel, d, feature, marks=marks, id=f"{kernel}-d{d}-{feature}")
@@ -122,7 +147,7 @@ def test_static_check_compiles_every_candidate():
 def test_xfail_table_names_checked_kernels():
     known = {(k, d, f) for d in STATIC_HEAD_DIMS for f in STATIC_FEATURES
              for k in STATIC_KERNELS.values()}
-    assert set(XFAIL) <= known, sorted(set(XFAIL) - known)
+    assert set(XFAIL) | set(XFAIL_TRITON_36) <= known, sorted(set(XFAIL) - known)
 
 
 @pytest.mark.parametrize("kernel, head_dim, feature", list(_cases()))
@@ -130,7 +155,7 @@ def test_static_hopper_gate(kernel, head_dim, feature):
     r = _defaults().get((kernel, head_dim, feature))
     if r is None:
         pytest.fail(f"{kernel} d{head_dim} {feature} was not compiled (see the coverage test)")
-    expected = XFAIL.get((kernel, head_dim, feature))
+    expected = _expected().get((kernel, head_dim, feature))
     if expected:  # a known failure: it may pass (XPASS, strict) but break no further rule
         rules = {g.split(":")[0] for g in expected.split("; ")}
         new = [g for g in r["gate"] if g.split(":")[0] not in rules]
@@ -149,7 +174,8 @@ def test_static_hopper_gate_tuning_candidates(kernel, head_dim):
     for (k, d, feature, i), r in _records().items():
         if (k, d) != (kernel, head_dim) or i == 0 or r["ok"]:
             continue
-        allowed = {g.split(":")[0] for g in XFAIL.get((k, d, feature), "").split("; ") if g}
+        allowed = {g.split(":")[0] for g in _expected().get((k, d, feature), "").split("; ")
+                   if g}
         new = [g for g in r["gate"] if g.split(":")[0] not in allowed]
         if new:
             failing.append(f"{feature} #{i} {r['tile']} w{r['warps']} s{r['stages']}: "
