@@ -981,10 +981,9 @@ def _kernel_lengths(q, k, L, S, varlen: bool) -> tuple[int, int]:
 
 def _tuning_key(name: str, q: torch.Tensor, D: int, Dv: int, L: int, S: int, flags: dict) -> tuple:
     """What the best launch setting of pass `name` may depend on (kernels/autotune.py): the
-    architecture, head dims, dtype, the constexpr flags (features) and the sequence-length
-    buckets."""
-    features = tuple(sorted(k for k, v in flags.items() if v is True))
-    return (name, arch_major(q.device), D, Dv, str(q.dtype), *features,
+    architecture, head dims, dtype, the constexpr flags (features; `flags` is built in one fixed
+    order per pass, so its values alone name them) and the sequence-length buckets."""
+    return (name, arch_major(q.device), D, Dv, str(q.dtype), *flags.values(),
             autotune.seq_bucket(L), autotune.seq_bucket(S))
 
 

@@ -83,9 +83,24 @@ def seq_bucket(n: int) -> int:
     return 0 if n == 0 else max(_MIN_BUCKET, next_power_of_2(n))
 
 
+try:  # CPython's os.environ keeps the encoded variables in a dict, _data (os.py): a launch reads
+    # FASTATTN_AUTOTUNE every time, and this skips os.environ's per-read encode / decode.
+    _ENVIRON, _ENV_KEY = os.environ._data, os.environ.encodekey(AUTOTUNE_ENV)
+except AttributeError:
+    _ENVIRON = _ENV_KEY = None
+
+
 def autotune_enabled() -> bool:
     """False when FASTATTN_AUTOTUNE is "0", "false", "off" or "no" (read at call time)."""
-    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    raw = os.environ.get(AUTOTUNE_ENV) if _ENVIRON is None else _ENVIRON.get(_ENV_KEY)
+    return raw is None or _enabled(raw)
+
+
+@functools.lru_cache(maxsize=16)
+def _enabled(raw: str | bytes) -> bool:
+    # The parsed value, kept per raw (encoded) string.
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return text.strip().lower() not in ("0", "false", "off", "no")
 
 
 def _tunable(device: torch.device) -> bool:
@@ -184,12 +199,15 @@ def _cached(full_key: tuple, candidates: Sequence[dict]) -> dict | None:
     """The cached winner for `full_key` (process cache, then disk), as the equal element of
     `candidates`; None when nothing is cached or the stored config is no longer a candidate."""
     stored = _cache.get(full_key)  # the hot path: a launch whose key was tuned before
-    if stored is None or stored not in candidates:
-        with _lock:
-            stored = _read_disk(cache_path()).get(_key_string(full_key))
-            if stored not in candidates:
-                return None
-            _cache[full_key] = dict(stored)
+    if stored is not None:
+        for cfg in candidates:
+            if cfg == stored:
+                return cfg
+    with _lock:  # not in this process (or no longer a candidate): the disk file
+        stored = _read_disk(cache_path()).get(_key_string(full_key))
+        if stored not in candidates:
+            return None
+        _cache[full_key] = dict(stored)
     return next(cfg for cfg in candidates if cfg == stored)
 
 
