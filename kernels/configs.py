@@ -125,9 +125,10 @@ def device_guard(tensor: torch.Tensor):
 # issue:TC <= 0.6 for the d128 forward and <= 1.0 elsewhere; tests/test_hopper_static.py, every CI run,
 # compiled through Triton's launch binder as a real launch on 16-divisible lengths specialises
 # them): see its expected-failure table for the rows that do not pass yet. Compiled for ragged
-# lengths (`--all-rows`, Triton 3.9) the d128 / d256 Hopper rows spill up to 152 bytes in some
-# feature combinations. Shared memory stays within 227 KB on Hopper and ~99 KB on Ampere/Ada. They
-# are not yet timed on a GPU. The widest row also serves head dims past the table.
+# lengths (`--all-rows`: lengths and strides not known 16-divisible) rows can spill more; it was
+# last read before K / V went through descriptors. Shared memory stays within 227 KB on Hopper
+# and ~99 KB on Ampere/Ada. They are not yet timed on a GPU. The widest row also serves head dims
+# past the table.
 
 # Forward: BLOCK_M query rows per program, BLOCK_N keys per loop step.
 # Hopper rows give every warpgroup (4 warps) its own 64 rows of the MMA tiles, so no wgmma work is
