@@ -243,12 +243,6 @@ def attention_fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.de
     return _attention_pick("fwd", tables, head_dim, dtype, device, dropout)
 
 
-def attention_fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device,
-                         dropout: bool = False) -> dict:
-    """The default (first) of attention_fwd_candidates: what runs untuned."""
-    return attention_fwd_candidates(head_dim, dtype, device, dropout)[0]
-
-
 def attention_kv_descriptors(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the attention forward reads K and V through tensor descriptors (the TMA unit on
     Hopper and Blackwell: no per-element address arithmetic in the key loop) rather than pointer
@@ -284,14 +278,6 @@ def attention_bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.de
         dkdv=_attention_pick("dkdv", dkdv, head_dim, dtype, device, dropout),
         dq=_attention_pick("dq", dq, head_dim, dtype, device, dropout),
     )
-
-
-def attention_bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device,
-                         dropout: bool = False) -> dict:
-    """The defaults of attention_bwd_candidates: {"preprocess", "dkdv", "dq"} settings, each one
-    dict (what runs untuned)."""
-    cands = attention_bwd_candidates(head_dim, dtype, device, dropout)
-    return dict(preprocess=cands["preprocess"], dkdv=cands["dkdv"][0], dq=cands["dq"][0])
 
 
 # ---- embedding ----

@@ -161,8 +161,10 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
     for d, (feature, flags) in itertools.product(head_dims, features.items()):
         name = f"d{d} {feature}"
         dropout = bool(flags.get("HAS_DROPOUT"))
-        fwd = configs.attention_fwd_config(d, torch.bfloat16, torch.device("cuda"), dropout)
-        bwd = configs.attention_bwd_config(d, torch.bfloat16, torch.device("cuda"), dropout)
+        gpu = torch.device("cuda")  # the defaults: each pass's first candidate
+        fwd = configs.attention_fwd_candidates(d, torch.bfloat16, gpu, dropout)[0]
+        bwd = {name: c if name == "preprocess" else c[0] for name, c in
+               configs.attention_bwd_candidates(d, torch.bfloat16, gpu, dropout).items()}
         base = dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False,
                     HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
                     STORE_LO=True,  # training: the forward keeps out's rounding residual
