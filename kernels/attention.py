@@ -51,10 +51,11 @@ key block skips its query loop (its dK, dV are 0).
 
 Dropout: the probabilities that multiply V are kept with probability 1 - p and scaled by
 1 / (1 - p) (the softmax normalisation l uses all of them, as torch's dropout(softmax(s)) @ v). The
-keep-mask comes from Philox (tl.rand, see numerics.dropout_keep) keyed by (seed, b * Hq + h), the
-seed read from a device tensor (so a CUDA graph replays with the seed drawn in that replay), and
-counted by q_idx * S + k_idx as uint32: unique per (batch, head, query, key) while L * S <= 2^32
-(per sequence for varlen). The backward draws the same numbers for the same (query, key) pairs.
+keep-mask comes from Philox (numerics.dropout_keep_tile) keyed by (seed, b * Hq + h), the seed read
+from a device tensor (so a CUDA graph replays with the seed drawn in that replay), with the counter
+(k_idx // 4, q_idx): one call gives the 4 words of 4 keys, unique per (batch, head, query, key) for
+any length below 2^32 (per sequence for varlen). The backward draws the same numbers for the same
+(query, key) pairs, whatever its tiles.
 
 Variable length (IS_VARLEN): the batch grid axis runs over sequences; a program reads its sequence's
 start and length from cu_seqlens and works on rows start .. start + length - 1 of the packed
@@ -104,7 +105,7 @@ import triton.language as tl
 from . import autotune
 from .configs import (arch_major, attention_bwd_candidates, attention_fwd_candidates,
                       attention_kv_descriptors, device_guard, interpreting, next_power_of_2)
-from .numerics import dropout_keep, load_seed, round_to, seed_arg
+from .numerics import dropout_keep_tile, dropout_threshold, load_seed, round_to, seed_arg
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd"]
 
@@ -257,10 +258,13 @@ def _scores(a, b, q_idx, k_idx, L, S, qk_scale,
 
 
 @triton.jit
-def _dropout_keep(seed_bh, q_idx, k_idx, S, dropout_p):
-    """Dropout keep-mask of a tile: Philox keyed by seed_bh (seed + (b * Hq + h) << 32), element
-    q_idx * S + k_idx counted as uint32, the same in either orientation."""
-    return dropout_keep(seed_bh, q_idx.to(tl.uint32) * S + k_idx.to(tl.uint32), dropout_p)
+def _dropout_keep(seed_bh, q_idx, k_idx, n0, dropout_threshold):
+    """Dropout keep-mask of a tile whose keys k_idx are n0 + arange(BLOCK_N) (n0 a multiple of 4),
+    in the orientation of q_idx / k_idx: Philox keyed by seed_bh (seed + (b * Hq + h) << 32), see
+    numerics.dropout_keep_tile (which draws the words of 4 keys at once, so it takes key // 4)."""
+    k4 = n0 // 4 + tl.arange(0, k_idx.numel // 4)
+    k4_idx = k4[None, :] if q_idx.shape[1] == 1 else k4[:, None]
+    return dropout_keep_tile(seed_bh, q_idx, k4_idx, dropout_threshold)
 
 
 @triton.jit
@@ -337,7 +341,7 @@ def _attn_fwd_inner(
     block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
     offs_m, n_lo, n_hi, L, S, D, Dv,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
-    qk_scale, dropout_p, seed_bh,
+    qk_scale, dropout_threshold, seed_bh,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     KV_TMA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -376,15 +380,15 @@ def _attn_fwd_inner(
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old row max
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:  # l keeps every probability; only those that multiply V are dropped
-            p = tl.where(_dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], S, dropout_p),
-                         p, 0.0)
+            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], n0, dropout_threshold)
+            p = tl.where(keep, p, 0.0)
         pv = tl.dot(_dot_operand(p, DTYPE, DOT_FP32), v, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_threshold"])  # one compile for every p
 def _attn_fwd_kernel(
     # pointers
     Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
@@ -410,7 +414,7 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_ml, stride_ms,
     # runtime scalars
     scale,  # softmax scale applied to q @ k^T
-    dropout_p, dropout_scale,  # drop probability; 1 / (1 - p) (0 when p == 1)
+    dropout_threshold, dropout_scale,  # numerics.dropout_threshold(p); 1 / (1 - p) (0 if p == 1)
     Seed,  # (1,) int64 dropout seed on the device (read when HAS_DROPOUT)
     # constexpr flags
     IS_CAUSAL: tl.constexpr,
@@ -474,7 +478,7 @@ def _attn_fwd_kernel(
         acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts,
         offs_m, 0, n_full, L, S, D, Dv,
         stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
-        qk_scale, dropout_p, seed_bh,
+        qk_scale, dropout_threshold, seed_bh,
         False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
         KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
@@ -482,7 +486,7 @@ def _attn_fwd_kernel(
         acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts,
         offs_m, n_full, n_end, L, S, D, Dv,
         stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
-        qk_scale, dropout_p, seed_bh,
+        qk_scale, dropout_threshold, seed_bh,
         True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
         KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
@@ -552,9 +556,9 @@ def _attn_bwd_tile(
     a_s, b_s,  # s = a_s @ b_s: q @ k^T, or k @ q^T for the transposed tile
     a_dp, b_dp,  # dP = a_dp @ b_dp: dO @ V^T, or V @ dO^T
     lse2, delta,  # fp32 per query row, broadcast like q_idx: base-2 logsumexp and rowsum(dO * O)
-    q_idx, k_idx, L, S, qk_scale,
+    q_idx, k_idx, n0, L, S, qk_scale,  # n0: the first key of the tile (k_idx = n0 + arange)
     mask_base, stride_ml, stride_ms,
-    dropout_p, dropout_scale, seed_bh,
+    dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -574,7 +578,7 @@ def _attn_bwd_tile(
     p = tl.exp2(s - lse2)
     dp = tl.dot(a_dp, b_dp, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        z = tl.where(_dropout_keep(seed_bh, q_idx, k_idx, S, dropout_p), dropout_scale, 0.0)
+        z = tl.where(_dropout_keep(seed_bh, q_idx, k_idx, n0, dropout_threshold), dropout_scale, 0.0)
         dp = dp * z
         pz = p * z
     else:
@@ -588,9 +592,9 @@ def _attn_bwd_dkdv_inner(
     dk, dv,  # accumulators: (BLOCK_N, BLOCK_D // SPLIT), (BLOCK_N, BLOCK_DV // SPLIT) fp32
     k, v,  # dot operands of this program's key block, whole rows
     q_base, do_base, lse_base, delta_base, mask_base,  # of one (batch, query head)
-    offs_n, part, m_lo, m_hi, L, S, D, Dv,
+    offs_n, n0, part, m_lo, m_hi, L, S, D, Dv,  # offs_n = n0 + arange(BLOCK_N): this block's keys
     stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
-    qk_scale, dropout_p, dropout_scale, seed_bh,
+    qk_scale, dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -615,8 +619,8 @@ def _attn_bwd_dkdv_inner(
         lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_MASK)
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
         pT, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
-                                 offs_m[None, :], offs_n[:, None], L, S, qk_scale,
-                                 mask_base, stride_ml, stride_ms, dropout_p, dropout_scale, seed_bh,
+                                 offs_m[None, :], offs_n[:, None], n0, L, S, qk_scale,
+                                 mask_base, stride_ml, stride_ms, dropout_threshold, dropout_scale, seed_bh,
                                  MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                                  HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if SPLIT == 1:
@@ -631,7 +635,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_threshold"])  # one compile for every p
 def _attn_bwd_dkdv_kernel(
     # pointers
     Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
@@ -657,7 +661,7 @@ def _attn_bwd_dkdv_kernel(
     stride_lseb, stride_lseh,
     stride_mb, stride_mh, stride_ml, stride_ms,
     # runtime scalars
-    scale, dropout_p, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
+    scale, dropout_threshold, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
     # constexpr flags
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
@@ -712,17 +716,17 @@ def _attn_bwd_dkdv_kernel(
         seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-            offs_n, part, m_start, m_full, L, S, D, Dv,
+            offs_n, n0, part, m_start, m_full, L, S, D, Dv,
             stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
-            qk_scale, dropout_p, dropout_scale, seed_bh,
+            qk_scale, dropout_threshold, dropout_scale, seed_bh,
             True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
             DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-            offs_n, part, m_full, m_end, L, S, D, Dv,
+            offs_n, n0, part, m_full, m_end, L, S, D, Dv,
             stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
-            qk_scale, dropout_p, dropout_scale, seed_bh,
+            qk_scale, dropout_threshold, dropout_scale, seed_bh,
             False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
             DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
         )
@@ -745,7 +749,7 @@ def _attn_bwd_dq_inner(
     dmask_base,  # dMask of this (batch, head) (MASK_GRAD)
     offs_m, n_lo, n_hi, L, S, D, Dv,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
-    qk_scale, dropout_p, dropout_scale, seed_bh,
+    qk_scale, dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -758,12 +762,13 @@ def _attn_bwd_dq_inner(
     i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
     STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
     for i in range(i_lo, i_hi, STEP):
-        offs_n = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N) + tl.arange(0, BLOCK_N)
+        n0 = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
         vT = _load_dot_operand(v_base, offs_dv, offs_n, Dv, S, stride_vd, stride_vs, DOT_FP32)
         p, ds = _attn_bwd_tile(q, kT, do, vT, lse2[:, None], delta[:, None],
-                               offs_m[:, None], offs_n[None, :], L, S, qk_scale,
-                               mask_base, stride_ml, stride_ms, dropout_p, dropout_scale, seed_bh,
+                               offs_m[:, None], offs_n[None, :], n0, L, S, qk_scale,
+                               mask_base, stride_ml, stride_ms, dropout_threshold, dropout_scale, seed_bh,
                                MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                                HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if MASK_GRAD:
@@ -772,7 +777,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_threshold"])  # one compile for every p
 def _attn_bwd_dq_kernel(
     # pointers
     Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
@@ -800,7 +805,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_ml, stride_ms,
     stride_dmb, stride_dmh, stride_dml, stride_dms,
     # runtime scalars
-    scale, dropout_p, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
+    scale, dropout_threshold, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
     # constexpr flags
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
@@ -850,7 +855,7 @@ def _attn_bwd_dq_kernel(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts, dmask_base,
         offs_m, 0, n_full, L, S, D, Dv,
         stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
-        qk_scale, dropout_p, dropout_scale, seed_bh,
+        qk_scale, dropout_threshold, dropout_scale, seed_bh,
         False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, MASK_GRAD,
         DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
@@ -858,7 +863,7 @@ def _attn_bwd_dq_kernel(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts, dmask_base,
         offs_m, n_full, n_end, L, S, D, Dv,
         stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
-        qk_scale, dropout_p, dropout_scale, seed_bh,
+        qk_scale, dropout_threshold, dropout_scale, seed_bh,
         True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, MASK_GRAD,
         DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
     )
@@ -894,9 +899,12 @@ def _row_stat_strides(stat: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, stat.stride(0)) if varlen else (stat.stride(0), stat.stride(1))
 
 
-def _dropout_scale(dropout_p: float) -> float:
-    """What kept probabilities are multiplied by: 1 / (1 - p); 0 when p == 1 (all dropped)."""
-    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    """The kernels' dropout scalars: (numerics.dropout_threshold(p), 1 / (1 - p)); (0, 1.0) without
+    dropout, and the scale 0 when p == 1 (nothing kept)."""
+    if dropout_p == 0.0:
+        return 0, 1.0
+    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
 
 
 def _mask_args(attn_mask: torch.Tensor | None, placeholder: torch.Tensor, B: int, Hq: int, L: int,
@@ -1010,7 +1018,7 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
             Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv, n_blocks,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
-            scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse),
+            scale, *_dropout_args(dropout_p), seed_arg(seed, dropout_p, lse),
             **flags, **cfg,
         )
 
@@ -1043,7 +1051,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     qkv_strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
                    *_strides4(do, varlen))
     sizes = (Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv)
-    scalars = (scale, dropout_p, _dropout_scale(dropout_p), seed_arg(seed, dropout_p, lse))
+    scalars = (scale, *_dropout_args(dropout_p), seed_arg(seed, dropout_p, lse))
     stat_strides = _row_stat_strides(lse, varlen)
     mask_grad = dmask is not None
 

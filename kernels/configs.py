@@ -157,17 +157,20 @@ _ATTN_BWD_DQ_HOPPER = ((64, 128, 32, 4, 3), (128, 128, 32, 8, 2), (256, 128, 32,
 _ATTN_BWD_DQ_AMPERE = ((64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 _ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1))
 
-# With dropout (Philox counters and random bits live beside every score tile) the rows above spill
+# With dropout (Philox counters and random words live beside every score tile) the rows above spill
 # registers; such calls use these tables instead (more warps, or a narrower block). Calls with an
 # attn_mask (a mask tile) take the rows above: with K / V by TMA they fit (sm_90 compile, no
 # spills; their bigger tiles cut the mask's share of the loop's instructions: d128 dK/dV issue:TC
 # 1.25 -> 0.96, dQ 1.32 -> 0.94, forward 1.55 -> 1.07). The fp32 tables serve them unchanged.
-_ATTN_FWD_HOPPER_DROPOUT = ((64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (256, 64, 32, 4, 2))
+# Hopper rows re-read with one Philox call per 4 keys (numerics.dropout_keep_tile), Triton 3.9: the
+# widest tiles that do not spill (d128 forward 128 x 32 -> 128 x 64, issue:TC 2.03 -> 1.61; d64
+# forward 128 x 32 -> 128 x 128, 3.63 -> 2.55); the d256 forward spills in every tile tried.
+_ATTN_FWD_HOPPER_DROPOUT = ((64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (256, 64, 64, 4, 2))
 _ATTN_FWD_AMPERE_DROPOUT = ((64, 64, 64, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
-_ATTN_BWD_DKDV_HOPPER_DROPOUT = ((64, 16, 128, 8, 3), (128, 16, 128, 8, 2),
+_ATTN_BWD_DKDV_HOPPER_DROPOUT = ((64, 32, 128, 8, 3), (128, 16, 128, 8, 2),
                                  (256, 16, 128, 8, 1, 2))
 _ATTN_BWD_DKDV_AMPERE_DROPOUT = ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2), (256, 16, 32, 8, 1))
-_ATTN_BWD_DQ_HOPPER_DROPOUT = ((64, 128, 32, 8, 3), (128, 128, 16, 8, 2), (256, 128, 32, 8, 2))
+_ATTN_BWD_DQ_HOPPER_DROPOUT = ((64, 128, 64, 8, 3), (128, 128, 32, 8, 2), (256, 128, 16, 8, 2))
 _ATTN_BWD_DQ_AMPERE_DROPOUT = ((64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 
 # Under the interpreter: one fixed setting per pass (warps and stages are ignored there). The tiles

@@ -6,13 +6,17 @@ the rounding error of every bf16 output on CPU test machines; there the value is
 nearest even on its fp32 bits, so the truncation that follows is exact and CPU tests see the GPU's
 rounding.
 
-Dropout: `dropout_keep(seed, offsets, p)` draws the keep-mask with Philox. The seed lives in device
-memory, a (1,) int64 tensor the host drew there (fastattn._validate.dropout_seed) and passed as a
-pointer (`seed_arg`), read in the kernel with `load_seed`: no host sync, so torch.compile keeps the
-draw in its graph and a CUDA graph draws a new seed on every replay.
+Dropout: `dropout_keep(seed, offsets, p)` draws a keep-mask with one Philox call per element (the
+norms), `dropout_keep_tile(seed, q_idx, k4_idx, threshold)` that of an attention score tile with one
+call per 4 keys, comparing with `dropout_threshold(p)`, the integer form of p. The seed lives in device memory,
+a (1,) int64 tensor the host drew there (fastattn._validate.dropout_seed) and passed as a pointer
+(`seed_arg`), read in the kernel with `load_seed`: no host sync, so torch.compile keeps the draw in
+its graph and a CUDA graph draws a new seed on every replay.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -59,5 +63,64 @@ def load_seed(SEED, HAS_DROPOUT: tl.constexpr):
 @triton.jit
 def dropout_keep(seed, offsets, p):
     """Keep-mask of dropout with probability p at element `offsets` (int64; the low 32 bits feed
-    Philox): the same (seed, offsets) give the same mask in the forward and the backward."""
+    Philox), one Philox call per element (the norm kernels): the same (seed, offsets) give the same
+    mask in the forward and the backward."""
     return tl.rand(seed, offsets) >= p
+
+
+# Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the
+# generator of cuRAND's and torch's CUDA dropout, with its published constants.
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+_PHILOX_ROUNDS = tl.constexpr(10)
+
+
+@triton.jit
+def _philox4x32(c0, c1, c2, c3, k0, k1):
+    """The four 32-bit words Philox-4x32-10 gives counter (c0, c1, c2, c3) under key (k0, k1)
+    (uint32; counters broadcast against each other). Each round's two products are 32 x 32 -> 64
+    bit multiplies (one IMAD.WIDE each for both halves)."""
+    for _ in tl.static_range(_PHILOX_ROUNDS):
+        p0 = c0.to(tl.uint64) * _PHILOX_M0
+        p1 = c2.to(tl.uint64) * _PHILOX_M1
+        c0, c1, c2, c3 = ((p1 >> 32).to(tl.uint32) ^ c1 ^ k0, p1.to(tl.uint32),
+                          (p0 >> 32).to(tl.uint32) ^ c3 ^ k1, p0.to(tl.uint32))
+        k0 = k0 + _PHILOX_W0
+        k1 = k1 + _PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def dropout_keep_tile(seed, q_idx, k4_idx, threshold):
+    """Dropout keep-mask of a score tile of one (batch, head), drawn with Philox-4x32-10 keyed by
+    the int64 `seed`.
+
+    One Philox call per query and 4 consecutive keys, counter (key // 4, query, 0, 0): its four
+    32-bit words decide keys 4 * (key // 4) + 0 ... + 3, each kept iff the word, read as a signed
+    int32 (uniform on [-2**31, 2**31)), is >= threshold (= ceil(p * 2**32) - 2**31: the drop rate
+    is p to within 2**-32). A mask depends only on (seed, query, key), so every pass and every tile
+    shape draws the same one, for a quarter of the Philox work of one call per score.
+
+    q_idx (BLOCK_Q, 1) and k4_idx (1, BLOCK_K // 4) (key // 4) give the (BLOCK_Q, BLOCK_K) mask;
+    q_idx (1, BLOCK_Q) and k4_idx (BLOCK_K // 4, 1) the transposed (BLOCK_K, BLOCK_Q) one.
+    """
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros((1, 1), dtype=tl.uint32)
+    r0, r1, r2, r3 = _philox4x32(k4_idx.to(tl.uint32), q_idx.to(tl.uint32), zero, zero, k0, k1)
+    if k4_idx.shape[0] == 1:  # keys along the columns: word j of a call is column 4 * k4 + j
+        words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    else:  # keys along the rows: [k4, q, a, b] is word 2a + b, moved to row 4 * k4 + 2a + b
+        words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+        words = tl.reshape(tl.permute(words, 0, 2, 3, 1),
+                           (4 * words.shape[0], words.shape[1]))
+    return words.to(tl.int32, bitcast=True) >= threshold
+
+
+def dropout_threshold(p: float) -> int:
+    """dropout_keep_tile's form of the drop probability p in (0, 1], an int32: a score is dropped
+    when a uniform 32-bit word, read as a signed int32, falls below ceil(p * 2**32) - 2**31 (capped
+    at 2**31 - 1: p == 1 keeps 1 score in 2**32, which its scale 0 zeroes)."""
+    return min(math.ceil(p * 2.0**32) - 2**31, 2**31 - 1)
