@@ -224,16 +224,19 @@ def _visible(q_idx, k_idx, S, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _scores(a, b, q_idx, k_idx, L, S, qk_scale,
+def _scores(a, b, q_idx, k_idx, L, S,
             mask_base, stride_ml, stride_ms,  # attn_mask of this (batch, query head)
             MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
             MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(s, visible): s = a @ b * scale * log2(e) (+ the float mask * log2(e)), the fp32 score tile in
-    log2 units (a @ b is q @ k^T or k @ q^T), and the mask of the pairs that take part. Hidden pairs
-    get s = _MASKED_SCORE: those of the attn_mask (read here, tile by tile, when HAS_MASK) and, when
-    MASKED, those of the causal / ragged-end element mask (only diagonal and last blocks pay for
-    that one). Without either, visible is the constant True."""
-    s = tl.dot(a, b, input_precision=DOT_PRECISION) * qk_scale
+    """(qk, bias, visible) of a score tile: the score of a pair in log2 units is
+    qk * scale * log2(e) + bias, with qk = a @ b (q @ k^T, or k @ q^T) in fp32 and bias the float
+    attn_mask * log2(e) (the constant 0.0 without one, so the callers fold the scale into exp2's
+    FFMA), and visible the mask of the pairs that take part: those of the attn_mask (read here, tile
+    by tile, when HAS_MASK) and, when MASKED, of the causal / ragged-end element mask (only diagonal
+    and last blocks pay for that one); without either the constant True. The callers give hidden
+    pairs probability 0 with it, whatever their qk and bias."""
+    qk = tl.dot(a, b, input_precision=DOT_PRECISION)
+    bias = 0.0
     visible = True
     if HAS_MASK:
         if KEY_PADDING:  # one row of keys for every query: load a vector, broadcast below
@@ -245,16 +248,14 @@ def _scores(a, b, q_idx, k_idx, L, S, qk_scale,
         if MASK_IS_BOOL:
             visible = tl.load(mask_base + offsets, mask=in_range, other=0) != 0
         else:
-            bias = tl.load(mask_base + offsets, mask=in_range, other=float("-inf")).to(tl.float32)
-            visible = bias != float("-inf")
-            s += tl.maximum(bias, _MIN_BIAS) * _LOG2E
+            mask = tl.load(mask_base + offsets, mask=in_range, other=float("-inf")).to(tl.float32)
+            visible = mask != float("-inf")
+            bias = tl.maximum(mask, _MIN_BIAS) * _LOG2E
         if MASKED:
             visible = visible & _visible(q_idx, k_idx, S, IS_CAUSAL)
-        s = tl.where(visible, s, _MASKED_SCORE)
     elif MASKED:
         visible = _visible(q_idx, k_idx, S, IS_CAUSAL)
-        s = tl.where(visible, s, _MASKED_SCORE)
-    return s, visible
+    return qk, bias, visible
 
 
 @triton.jit
@@ -362,10 +363,17 @@ def _attn_fwd_inner(
             kT = _load_dot_operand(k_src, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
             v = _load_dot_operand(v_src, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
         if MASKED or HAS_MASK:
-            s, visible = _scores(q, kT, offs_m[:, None], offs_n[None, :], L, S, qk_scale,
-                                 mask_base, stride_ml, stride_ms,
-                                 MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                                 DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            qk, bias, visible = _scores(q, kT, offs_m[:, None], offs_n[None, :], L, S,
+                                        mask_base, stride_ml, stride_ms,
+                                        MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                                        DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            if HAS_MASK and not MASK_IS_BOOL:  # a float mask, added to the scaled scores
+                s = qk * qk_scale + bias
+            else:
+                s = qk * qk_scale
+            # (Folding the scale into exp2's FFMA here, as below, costs the d128 forward more
+            # predicate moves than it saves: issue:TC 1.07 -> 1.14 with a bool mask, sm_90.)
+            s = tl.where(visible, s, _MASKED_SCORE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far has m_new = _MASKED_SCORE and would get p = 1 on its
             # hidden entries: force them to 0 so such a row keeps l = 0.
@@ -567,15 +575,21 @@ def _attn_bwd_tile(
     (P * Z, dS): the probabilities that multiplied V (Z = dropout keep-mask / (1 - p), 1 without
     dropout) and dS.
 
-    P = exp2(s - lse2) is the forward's softmax (s in log2 units, so no max/sum pass is needed);
-    hidden pairs have s = _MASKED_SCORE and hence P = 0, and so has every pair of a row that saw no
-    key (lse2 = +inf, see _load_lse2). dS = P * (dP * Z - delta) with dP = dO @ V^T is the gradient
+    P = exp2(s - lse2) is the forward's softmax (s = qk * scale * log2(e) + bias in log2 units, one
+    FFMA without a float mask; no max/sum pass is needed); hidden pairs get P = 0, and so has every
+    pair of a row that saw no key (all hidden; lse2 = +inf, see _load_lse2). dS = P * (dP * Z - delta) with dP = dO @ V^T is the gradient
     w.r.t. the scores s * scale + mask: that of an additive mask, and up to the factor `scale`
     (which the callers apply once to their accumulators) that of q @ k^T.
     """
-    s, _ = _scores(a_s, b_s, q_idx, k_idx, L, S, qk_scale, mask_base, stride_ml, stride_ms,
-                   MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, DOT_PRECISION)
-    p = tl.exp2(s - lse2)
+    qk, bias, visible = _scores(a_s, b_s, q_idx, k_idx, L, S, mask_base, stride_ml, stride_ms,
+                                MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                                DOT_PRECISION)
+    if HAS_MASK and not MASK_IS_BOOL:
+        p = tl.exp2(qk * qk_scale + bias - lse2)
+    else:
+        p = tl.exp2(qk * qk_scale - lse2)  # one FFMA and the exp2
+    if MASKED or HAS_MASK:
+        p = tl.where(visible, p, 0.0)
     dp = tl.dot(a_dp, b_dp, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         z = tl.where(_dropout_keep(seed_bh, q_idx, k_idx, n0, dropout_threshold), dropout_scale, 0.0)

@@ -193,14 +193,15 @@ _ATTN_INTERPRET_BWD = dict(
 # Where the default passes the gate, so does each alternate; where the default is an expected
 # failure (tests/test_hopper_static.py: a d64 mask's issue:TC, say) an alternate breaks no further
 # rule. Alternates that did not hold with every feature their row serves were dropped (the d128
-# forward's 128 x 64 tiles: issue:TC 0.68 > 0.6; the d256 forward's: spills with varlen; the
-# d64 forward's 128 x 128 on 4 warps: spills with a mask). Warp specialisation (tl.range(...,
-# warp_specialize=True) over the unmasked key loop, as Triton's tutorial does on Blackwell) is no
-# candidate: compiled for sm_90 it gives the d128 forward the very same SASS (registers, loop,
-# issue:TC), and the d64 forward crashes the compiler (NVGPUWarpSpecialization), Triton 3.6 and 3.9.
+# forward's 128 x 64 tiles: issue:TC 0.68 > 0.6; the d256 forward's: spills with varlen; the d64
+# forward's 128 x 128 on 4 warps: spills with a mask; the d64 dK/dV's 64 x 128: 4 bytes causal).
+# Warp specialisation (tl.range(..., warp_specialize=True) over the unmasked key loop, as Triton's
+# tutorial does on Blackwell) is no candidate: compiled for sm_90 it gives the d128 forward the very
+# same SASS (registers, loop, issue:TC), and the d64 forward crashes the compiler
+# (NVGPUWarpSpecialization), Triton 3.6 and 3.9.
 _ATTN_HOPPER_ALTERNATES: dict[tuple[str, bool, int], tuple[tuple[int, ...], ...]] = {
     ("fwd", False, 64): ((128, 128, 8, 3), (128, 64, 4, 2)),
-    ("dkdv", False, 64): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("dkdv", False, 64): ((32, 128, 8, 2),),
     ("dq", False, 64): ((128, 64, 8, 3),),
     ("dq", False, 128): ((128, 64, 8, 2), (128, 32, 8, 3)),
 }
