@@ -105,7 +105,7 @@ import triton.language as tl
 from . import autotune
 from .configs import (arch_major, attention_bwd_candidates, attention_fwd_candidates,
                       attention_kv_descriptors, device_guard, interpreting, next_power_of_2)
-from .numerics import dropout_keep_tile, dropout_threshold, load_seed, round_to, seed_arg
+from .numerics import dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd"]
 
@@ -913,14 +913,6 @@ def _row_stat_strides(stat: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, stat.stride(0)) if varlen else (stat.stride(0), stat.stride(1))
 
 
-def _dropout_args(dropout_p: float) -> tuple[int, float]:
-    """The kernels' dropout scalars: (numerics.dropout_threshold(p), 1 / (1 - p)); (0, 1.0) without
-    dropout, and the scale 0 when p == 1 (nothing kept)."""
-    if dropout_p == 0.0:
-        return 0, 1.0
-    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
-
-
 def _mask_args(attn_mask: torch.Tensor | None, placeholder: torch.Tensor, B: int, Hq: int, L: int,
                S: int) -> tuple[torch.Tensor, tuple, dict]:
     """attn_mask (at most 4-D, broadcastable to (B, Hq, L, S)) as the kernels read it: (tensor, its
@@ -1032,7 +1024,7 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
             Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv, n_blocks,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
-            scale, *_dropout_args(dropout_p), seed_arg(seed, dropout_p, lse),
+            scale, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse),
             **flags, **cfg,
         )
 
@@ -1065,7 +1057,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     qkv_strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
                    *_strides4(do, varlen))
     sizes = (Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv)
-    scalars = (scale, *_dropout_args(dropout_p), seed_arg(seed, dropout_p, lse))
+    scalars = (scale, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse))
     stat_strides = _row_stat_strides(lse, varlen)
     mask_grad = dmask is not None
 

@@ -83,7 +83,8 @@ def norm_config(n_cols: int, device: torch.device, backward: bool = False) -> No
         max_tile = _NORM_MAX_TILE_CUDA["backward" if backward else "forward"]
         chunk = _NORM_CHUNK_CUDA
     single = next_power_of_2(n_cols) <= max_tile
-    block_n = next_power_of_2(n_cols) if single else chunk
+    # At least 4 columns: dropout draws the words of 4 columns at once (numerics.dropout_keep).
+    block_n = max(4, next_power_of_2(n_cols)) if single else chunk
     if interpreting():
         # Few, large programs: the interpreter pays per program and per op, not per element.
         block_m = max(1, min(1024, 8192 // block_n)) if single else 1
@@ -304,7 +305,7 @@ def embedding_config(dim: int, device: torch.device, *, whole_row: bool = False)
     """Gather tile for rows of `dim` columns; whole_row: one column block spans the row (needed
     when the kernel normalizes the row)."""
     cap = EMBEDDING_MAX_NORM_DIM if whole_row else (4096 if interpreting() else 1024)
-    block_d = min(next_power_of_2(dim), cap)
+    block_d = min(max(4, next_power_of_2(dim)), cap)  # >= 4 columns, as norm_config's
     if interpreting():
         return EmbeddingConfig(max(1, min(256, 8192 // block_d)), block_d, 4)
     block_t = max(1, min(16, 4096 // block_d))

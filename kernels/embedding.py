@@ -23,7 +23,7 @@ import triton.language as tl
 from .configs import device_guard, embedding_bwd_config, embedding_config
 from .layer_norm import _normalize_store, unit_stride
 # dropout_keep: Triton's interpreter resolves the globals of the imported _normalize_store here.
-from .numerics import dropout_keep, load_seed, round_to, seed_arg  # noqa: F401
+from .numerics import dropout_args, dropout_keep, load_seed, round_to, seed_arg  # noqa: F401
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def _gather_add(acc, TABLE, IDS, tokens, cols, mask, n_rows, stride_v, stride_d)
     return acc + tl.load(TABLE + offs, mask=mask & valid[:, None], other=0.0).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_threshold"])  # one compile for every p
 def _embedding_fwd_kernel(
     # pointers
     IDS,  # (T,) int32 / int64 word indices, validated in range
@@ -58,7 +58,7 @@ def _embedding_fwd_kernel(
     # strides
     stride_wv, stride_wd, stride_pv, stride_pd, stride_yv, stride_yd,
     # runtime scalars
-    eps, dropout_p,
+    eps, dropout_threshold, dropout_scale,  # numerics.dropout_args(p)
     # constexpr flags
     HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_NORM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -87,8 +87,8 @@ def _embedding_fwd_kernel(
         tl.store(MEAN + tokens, mean, mask=token_mask)
         tl.store(RSTD + tokens, rstd, mask=token_mask)
         seed = load_seed(SEED, HAS_DROPOUT)
-        _normalize_store(OUT, LN_W, LN_B, h, mean, rstd, tokens, cols, mask, D, dropout_p, seed,
-                         False, True, True, HAS_DROPOUT)
+        _normalize_store(OUT, LN_W, LN_B, h, mean, rstd, tokens, cols, mask, D, dropout_threshold,
+                         dropout_scale, seed, False, True, True, HAS_DROPOUT)
     else:
         tl.store(OUT + tokens[:, None] * D + cols[None, :], round_to(h, OUT.dtype.element_ty),
                  mask=mask)
@@ -181,7 +181,7 @@ def embedding_fwd(
             T, D, word.shape[0], pos_.shape[0], type_t.shape[0],
             word.stride(0), word.stride(1), pos_.stride(0), pos_.stride(1),
             type_t.stride(0), type_t.stride(1),
-            eps, dropout_p,
+            eps, *dropout_args(dropout_p),
             HAS_POS=pos is not None, HAS_TYPE=type_ is not None, HAS_NORM=has_norm,
             HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .configs import column_sum_config, device_guard, norm_bwd_programs, norm_config
-from .numerics import dropout_keep, load_seed, round_to, seed_arg
+from .numerics import dropout_args, dropout_keep, load_seed, round_to, seed_arg
 
 
 @triton.jit
@@ -59,11 +59,12 @@ def _load_norm_input(X, RES, H, rows, cols, mask, N, stride_xm, stride_xn, strid
 
 
 @triton.jit
-def _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, dropout_p, seed,
+def _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, dropout_threshold, dropout_scale,
+                     seed,
                      IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_DROPOUT: tl.constexpr):
     """y = (x - mean) * rstd * w + b for one tile (then dropout: kept values scaled by 1 / (1 - p),
-    the mask drawn at element row * N + col), stored to Y (contiguous rows of N)."""
+    the mask numerics.dropout_keep's at (row, col)), stored to Y (contiguous rows of N)."""
     if IS_RMS:
         y = x * rstd[:, None]
     else:
@@ -74,8 +75,7 @@ def _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, dropout_p, see
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], dropout_p)
-        y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
+        y = tl.where(dropout_keep(seed, rows, cols, dropout_threshold), y * dropout_scale, 0.0)
     tl.store(Y + rows[:, None] * N + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
 
 
@@ -117,8 +117,8 @@ def _norm_fwd_kernel(
             diff = tl.where(mask, x - mean[:, None], 0.0)
             var = tl.sum(diff * diff, axis=1) / N
         rstd = 1.0 / tl.sqrt(var + eps)
-        _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, 0.0, 0, IS_RMS, HAS_WEIGHT,
-                         HAS_BIAS, False)
+        _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, 0, 1.0, 0, IS_RMS,
+                         HAS_WEIGHT, HAS_BIAS, False)
     else:
         # Pass 1: sum(h) for LayerNorm, sum(h^2) for RMSNorm (and h = x + residual stored).
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -153,7 +153,7 @@ def _norm_fwd_kernel(
             mask = row_mask[:, None] & (cols < N)[None, :]
             x = _load_norm_input(X, RES, H, rows, cols, mask, N, stride_xm, stride_xn, stride_rm,
                                  stride_rn, HAS_RESIDUAL, False)
-            _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, 0.0, 0, IS_RMS,
+            _normalize_store(Y, W, B, x, mean, rstd, rows, cols, mask, N, 0, 1.0, 0, IS_RMS,
                              HAS_WEIGHT, HAS_BIAS, False)
     if not IS_RMS:
         tl.store(MEAN + rows, mean, mask=row_mask)
@@ -162,15 +162,15 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _xhat_and_g(X, W, DY, rows, cols, mask, mean, rstd, stride_xm, stride_xn, stride_dym,
-                stride_dyn, N, dropout_p, seed, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                stride_dyn, N, dropout_threshold, dropout_scale, seed, IS_RMS: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr):
     """For one tile: dy (through the forward's dropout mask, if any), xhat = (x - mean) * rstd and
     g = weight * dy, all fp32, 0 where masked."""
     x = _load_f32(X, rows, cols, stride_xm, stride_xn, mask)
     dy = _load_f32(DY, rows, cols, stride_dym, stride_dyn, mask)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], dropout_p)
-        dy = tl.where(keep, dy / (1.0 - dropout_p), 0.0)
+        dy = tl.where(dropout_keep(seed, rows, cols, dropout_threshold), dy * dropout_scale, 0.0)
     if IS_RMS:
         xhat = x * rstd[:, None]
     else:
@@ -195,7 +195,7 @@ def _dx_store(DX, DH, dy, xhat, g, c1, c2, rstd, rows, cols, mask, N, stride_dhm
     tl.store(DX + rows[:, None] * N + cols[None, :], round_to(dx, DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_threshold"])  # one compile for every p
 def _norm_bwd_kernel(
     # pointers
     X,  # (M, N) the normalized rows (h = x + residual for add_layer_norm), any strides
@@ -213,7 +213,7 @@ def _norm_bwd_kernel(
     # strides
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_dhm, stride_dhn,
     # runtime scalars
-    dropout_p,
+    dropout_threshold, dropout_scale,  # numerics.dropout_args(p) of the forward's dropout
     # constexpr flags
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -240,8 +240,8 @@ def _norm_bwd_kernel(
             if not IS_RMS:
                 mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
             dy, xhat, g = _xhat_and_g(X, W, DY, rows, cols, mask, mean, rstd, stride_xm,
-                                      stride_xn, stride_dym, stride_dyn, N, dropout_p, seed, IS_RMS,
-                                      HAS_WEIGHT, HAS_DROPOUT)
+                                      stride_xn, stride_dym, stride_dyn, N, dropout_threshold,
+                                      dropout_scale, seed, IS_RMS, HAS_WEIGHT, HAS_DROPOUT)
             c1 = tl.sum(xhat * g, axis=1) / N
             c2 = tl.sum(g, axis=1) / N
             _dx_store(DX, DH, dy, xhat, g, c1, c2, rstd, rows, cols, mask, N, stride_dhm,
@@ -271,8 +271,8 @@ def _norm_bwd_kernel(
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = row_mask[:, None] & (cols < N)[None, :]
                 dy, xhat, g = _xhat_and_g(X, W, DY, rows, cols, mask, mean, rstd, stride_xm,
-                                          stride_xn, stride_dym, stride_dyn, N, dropout_p,
-                                          seed, IS_RMS, HAS_WEIGHT, HAS_DROPOUT)
+                                          stride_xn, stride_dym, stride_dyn, N, dropout_threshold,
+                                          dropout_scale, seed, IS_RMS, HAS_WEIGHT, HAS_DROPOUT)
                 acc1 += xhat * g
                 acc2 += g
             c1 = tl.sum(acc1, axis=1) / N
@@ -283,8 +283,8 @@ def _norm_bwd_kernel(
                 col_mask = cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
                 dy, xhat, g = _xhat_and_g(X, W, DY, rows, cols, mask, mean, rstd, stride_xm,
-                                          stride_xn, stride_dym, stride_dyn, N, dropout_p,
-                                          seed, IS_RMS, HAS_WEIGHT, HAS_DROPOUT)
+                                          stride_xn, stride_dym, stride_dyn, N, dropout_threshold,
+                                          dropout_scale, seed, IS_RMS, HAS_WEIGHT, HAS_DROPOUT)
                 _dx_store(DX, DH, dy, xhat, g, c1, c2, rstd, rows, cols, mask, N, stride_dhm,
                           stride_dhn, IS_RMS, HAS_DH)
                 if COMPUTE_DW:
@@ -374,8 +374,8 @@ def norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx (M, N) in x.dtype, dweight (N,) in weight's dtype and dbias (N,) in bias's dtype
     (each empty when not asked for). dropout_p > 0: the forward output went through dropout drawn
-    with dropout_seed at element row * N + col (as the fused BERT embedding does); dy is masked
-    and rescaled the same way first."""
+    with dropout_seed at (row, col) (numerics.dropout_keep, as the fused BERT embedding does); dy
+    is masked and rescaled the same way first."""
     M, N = x.shape
     weight = unit_stride(weight)  # the kernels read W + cols
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -396,7 +396,7 @@ def norm_bwd(
                 seed_arg(dropout_seed, dropout_p, x),
                 M, N,
                 x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dh_.stride(0), dh_.stride(1),
-                dropout_p,
+                *dropout_args(dropout_p),
                 IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_DH=dh is not None,
                 COMPUTE_DW=compute_dweight, COMPUTE_DB=compute_dbias,
                 HAS_DROPOUT=dropout_p > 0.0,

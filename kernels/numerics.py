@@ -6,9 +6,10 @@ the rounding error of every bf16 output on CPU test machines; there the value is
 nearest even on its fp32 bits, so the truncation that follows is exact and CPU tests see the GPU's
 rounding.
 
-Dropout: `dropout_keep(seed, offsets, p)` draws a keep-mask with one Philox call per element (the
-norms), `dropout_keep_tile(seed, q_idx, k4_idx, threshold)` that of an attention score tile with one
-call per 4 keys, comparing with `dropout_threshold(p)`, the integer form of p. The seed lives in device memory,
+Dropout: `dropout_keep_tile(seed, q_idx, k4_idx, threshold)` draws the keep-mask of an attention
+score tile with one Philox call per 4 keys, `dropout_keep(seed, rows, cols, threshold)` that of a
+norm or embedding tile in the same way (4 columns per call); `dropout_args(p)` gives the integer
+threshold they compare with and the scale of the kept values. The seed lives in device memory,
 a (1,) int64 tensor the host drew there (fastattn._validate.dropout_seed) and passed as a pointer
 (`seed_arg`), read in the kernel with `load_seed`: no host sync, so torch.compile keeps the draw in
 its graph and a CUDA graph draws a new seed on every replay.
@@ -58,14 +59,6 @@ def load_seed(SEED, HAS_DROPOUT: tl.constexpr):
         return tl.load(SEED)
     else:
         return 0
-
-
-@triton.jit
-def dropout_keep(seed, offsets, p):
-    """Keep-mask of dropout with probability p at element `offsets` (int64; the low 32 bits feed
-    Philox), one Philox call per element (the norm kernels): the same (seed, offsets) give the same
-    mask in the forward and the backward."""
-    return tl.rand(seed, offsets) >= p
 
 
 # Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the
@@ -119,8 +112,28 @@ def dropout_keep_tile(seed, q_idx, k4_idx, threshold):
     return words.to(tl.int32, bitcast=True) >= threshold
 
 
+@triton.jit
+def dropout_keep(seed, rows, cols, threshold):
+    """The keep-mask of the (len(rows), len(cols)) tile of a row-major tensor (the norms' and
+    embeddings' dropout), drawn as dropout_keep_tile draws a score tile with rows for queries and
+    cols for keys; cols = c0 + arange(BLOCK), c0 a multiple of 4 and BLOCK >= 4 (configs.py keeps
+    the norm and embedding blocks so), so a mask depends only on (seed, row, col), whatever the
+    tiles of the pass that draws it."""
+    c4 = tl.min(tl.reshape(cols, (cols.numel // 4, 4)), 1) // 4  # the groups of 4 columns
+    return dropout_keep_tile(seed, rows[:, None], c4[None, :], threshold)
+
+
 def dropout_threshold(p: float) -> int:
     """dropout_keep_tile's form of the drop probability p in (0, 1], an int32: a score is dropped
     when a uniform 32-bit word, read as a signed int32, falls below ceil(p * 2**32) - 2**31 (capped
     at 2**31 - 1: p == 1 keeps 1 score in 2**32, which its scale 0 zeroes)."""
     return min(math.ceil(p * 2.0**32) - 2**31, 2**31 - 1)
+
+
+def dropout_args(p: float) -> tuple[int, float]:
+    """The kernels' dropout scalars for drop probability p: (dropout_threshold(p), 1 / (1 - p));
+    (0, 1.0) without dropout, and the scale 0 when p == 1 (nothing kept). Kernels declare the
+    threshold do_not_specialize, so every p runs one compiled kernel."""
+    if p == 0.0:
+        return 0, 1.0
+    return dropout_threshold(p), 1.0 / (1.0 - p) if p < 1.0 else 0.0

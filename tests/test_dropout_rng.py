@@ -1,6 +1,7 @@
 """The attention kernels' dropout generator (kernels/numerics.py), checked bit for bit: our
 Philox-4x32-10 against Random123's published known-answer vectors, and the keep-mask of a score tile,
-in both orientations the passes use, against the same generator written in plain Python. (The
+in both orientations the passes use, and that of a norm / embedding tile, against the same generator
+written in plain Python. (The
 rate, the reproducibility and the backward's redraw of the forward's mask are checked through the
 public op in tests/test_attention.py.)"""
 
@@ -76,6 +77,16 @@ def _keep_tile_kernel(Seed, Keep, KeepT, m0, n0, threshold,
     tl.store(KeepT + rows_k[:, None] * BLOCK_Q + rows_q[None, :], keep_t.to(tl.int8))
 
 
+def expected_keep(seed, rows, cols, threshold):
+    """The keep-mask the generator defines for rows x cols (queries x keys), in plain Python."""
+    keep = torch.zeros(len(rows), len(cols), dtype=torch.int8)
+    for i, q in enumerate(rows):
+        for j, k in enumerate(cols):
+            word = philox_python((k // 4, q, 0, 0), (seed & _M32, seed >> 32))[k % 4]
+            keep[i, j] = int((word - (1 << 32) if word >= 1 << 31 else word) >= threshold)
+    return keep
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.93])
 def test_keep_tile_is_the_generator_in_both_orientations(p):
     """Score (q, k) is kept iff word k % 4 of Philox((k // 4, q, 0, 0), seed), read as a signed
@@ -89,18 +100,33 @@ def test_keep_tile_is_the_generator_in_both_orientations(p):
     seed_t = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
     _keep_tile_kernel[(1,)](seed_t, keep, keep_t, m0, n0, threshold, BLOCK_Q=block_q,
                             BLOCK_K=block_k)
-
-    expected = torch.zeros(block_q, block_k, dtype=torch.int8)
-    for i in range(block_q):
-        for j in range(0, block_k, 4):
-            q, k = m0 + i, n0 + j
-            words = philox_python((k // 4, q, 0, 0), (seed & _M32, seed >> 32))
-            for w, word in enumerate(words):
-                signed = word - (1 << 32) if word >= 1 << 31 else word
-                expected[i, j + w] = int(signed >= threshold)
+    expected = expected_keep(seed, range(m0, m0 + block_q), range(n0, n0 + block_k), threshold)
     assert torch.equal(keep.cpu(), expected)
     assert torch.equal(keep_t.cpu(), expected.T)
     assert 0 < expected.sum() < expected.numel()  # a real mask at these p, not all kept or dropped
+
+
+@triton.jit
+def _keep_rows_kernel(Seed, Keep, threshold, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The norm / embedding keep-mask of rows x N columns, drawn BLOCK_M x BLOCK_N per program
+    (grid: row tiles, column tiles), into Keep (rows, N)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = numerics.dropout_keep(tl.load(Seed), rows, cols, threshold)
+    tl.store(Keep + rows[:, None] * N + cols[None, :], keep.to(tl.int8))
+
+
+@pytest.mark.parametrize("block_m, block_n", [(4, 4), (2, 16), (8, 32)])
+def test_norm_keep_mask_is_the_generator_whatever_the_tiles(block_m, block_n):
+    """The norms' and embeddings' mask at (row, col) is the generator's at (query, key) =
+    (row, col), so the forward (whole rows) and the backward (column chunks) draw the same one."""
+    seed, rows, cols = 0x5EED, 8, 32
+    threshold = numerics.dropout_threshold(0.3)
+    keep = torch.zeros(rows, cols, dtype=torch.int8, device=DEVICE)
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
+    _keep_rows_kernel[(rows // block_m, cols // block_n)](seed_t, keep, threshold, cols,
+                                                          BLOCK_M=block_m, BLOCK_N=block_n)
+    assert torch.equal(keep.cpu(), expected_keep(seed, range(rows), range(cols), threshold))
 
 
 def test_dropout_threshold():
