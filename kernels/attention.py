@@ -111,10 +111,11 @@ __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_att
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
-# Score of a masked (query, key) pair, in log2 units: finite on purpose (-inf - -inf would be NaN).
+# Start of a row's running max, in log2 units: finite on purpose, so that a hidden pair (score -inf)
+# gets exp2(-inf - m) = 0, never exp2(-inf - -inf) = NaN, even in a row with no visible key yet.
 _MASKED_SCORE = tl.constexpr(-1.0e30)
-# Floor of a finite additive mask value: times log2(e) still above _MASKED_SCORE, so that pairs
-# "masked" with torch.finfo(dtype).min stay distinguishable from hidden ones (and never overflow).
+# Floor of a finite additive mask value: times log2(e) still finite and above _MASKED_SCORE, so that
+# pairs "masked" with torch.finfo(dtype).min take part as torch's softmax has them (never -inf).
 _MIN_BIAS = tl.constexpr(-3.0e29)
 
 
@@ -229,15 +230,13 @@ def _scores(a, b, q_idx, k_idx, L, S,
             MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
             MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(qk, bias, visible) of a score tile: the score of a pair in log2 units is
-    qk * scale * log2(e) + bias, with qk = a @ b (q @ k^T, or k @ q^T) in fp32 and bias the float
-    attn_mask * log2(e) (the constant 0.0 without one, so the callers fold the scale into exp2's
-    FFMA), and visible the mask of the pairs that take part: those of the attn_mask (read here, tile
-    by tile, when HAS_MASK) and, when MASKED, of the causal / ragged-end element mask (only diagonal
-    and last blocks pay for that one); without either the constant True. The callers give hidden
-    pairs probability 0 with it, whatever their qk and bias."""
+    qk * scale * log2(e) + bias, with qk = a @ b (q @ k^T, or k @ q^T) in fp32 and bias the
+    attn_mask's part (read here, tile by tile, when HAS_MASK; else the constant 0.0, and the
+    callers fold the scale into exp2's FFMA): -inf for the pairs it hides, else the float mask *
+    log2(e) or 0. visible: with MASKED, the causal / ragged-end element mask (only diagonal and
+    last blocks pay for it), else the constant True; the callers give the pairs it hides -inf."""
     qk = tl.dot(a, b, input_precision=DOT_PRECISION)
     bias = 0.0
-    visible = True
     if HAS_MASK:
         if KEY_PADDING:  # one row of keys for every query: load a vector, broadcast below
             offsets = k_idx.to(tl.int64) * stride_ms
@@ -246,14 +245,16 @@ def _scores(a, b, q_idx, k_idx, L, S,
             offsets = q_idx.to(tl.int64) * stride_ml + k_idx.to(tl.int64) * stride_ms
             in_range = (q_idx < L) & (k_idx < S)
         if MASK_IS_BOOL:
-            visible = tl.load(mask_base + offsets, mask=in_range, other=0) != 0
+            # From the byte m (0 or 1) with one integer multiply-add and no predicate per score:
+            # (m - 1) * 2**23 is 0, or 0xFF800000, the bits of -inf.
+            keep = tl.load(mask_base + offsets, mask=in_range, other=0).to(tl.int32)
+            bias = ((keep - 1) * 0x800000).to(tl.float32, bitcast=True)
         else:
             mask = tl.load(mask_base + offsets, mask=in_range, other=float("-inf")).to(tl.float32)
-            visible = mask != float("-inf")
-            bias = tl.maximum(mask, _MIN_BIAS) * _LOG2E
-        if MASKED:
-            visible = visible & _visible(q_idx, k_idx, S, IS_CAUSAL)
-    elif MASKED:
+            bias = tl.where(mask == float("-inf"), float("-inf"),
+                            tl.maximum(mask, _MIN_BIAS) * _LOG2E)
+    visible = True
+    if MASKED:
         visible = _visible(q_idx, k_idx, S, IS_CAUSAL)
     return qk, bias, visible
 
@@ -367,17 +368,16 @@ def _attn_fwd_inner(
                                         mask_base, stride_ml, stride_ms,
                                         MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                                         DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            if HAS_MASK and not MASK_IS_BOOL:  # a float mask, added to the scaled scores
+            if HAS_MASK:
                 s = qk * qk_scale + bias
             else:
                 s = qk * qk_scale
-            # (Folding the scale into exp2's FFMA here, as below, costs the d128 forward more
-            # predicate moves than it saves: issue:TC 1.07 -> 1.14 with a bool mask, sm_90.)
-            s = tl.where(visible, s, _MASKED_SCORE)
+            if MASKED:
+                s = tl.where(visible, s, float("-inf"))
+            # m_i starts at the finite _MASKED_SCORE, so m_new is finite and hidden pairs get
+            # p = exp2(-inf) = 0, also in a row with no visible key so far (which keeps l = 0).
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with no visible key so far has m_new = _MASKED_SCORE and would get p = 1 on its
-            # hidden entries: force them to 0 so such a row keeps l = 0.
-            p = tl.where(visible, tl.exp2(s - m_new[:, None]), 0.0)
+            p = tl.exp2(s - m_new[:, None])
         else:
             # Raw scores: qk_scale >= 0 (the launcher makes it so), so the row max of the scaled
             # scores is the scaled row max, and the scale folds into exp2's argument: one FFMA
@@ -576,23 +576,28 @@ def _attn_bwd_tile(
     dropout) and dS.
 
     P = exp2(s - lse2) is the forward's softmax (s = qk * scale * log2(e) + bias in log2 units, one
-    FFMA without a float mask; no max/sum pass is needed); hidden pairs get P = 0, and so has every
-    pair of a row that saw no key (all hidden; lse2 = +inf, see _load_lse2). dS = P * (dP * Z - delta) with dP = dO @ V^T is the gradient
-    w.r.t. the scores s * scale + mask: that of an additive mask, and up to the factor `scale`
-    (which the callers apply once to their accumulators) that of q @ k^T.
+    FFMA without a mask; no max/sum pass is needed); hidden pairs (bias = -inf) get P = 0, and so
+    has every pair of a row that saw no key (all hidden; lse2 = +inf, see _load_lse2). dS =
+    P * (dP * Z - delta) with dP = dO @ V^T is the gradient w.r.t. the scores s * scale + mask:
+    that of an additive mask, and up to the factor `scale` (which the callers apply once to their
+    accumulators) that of q @ k^T.
     """
     qk, bias, visible = _scores(a_s, b_s, q_idx, k_idx, L, S, mask_base, stride_ml, stride_ms,
                                 MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                                 DOT_PRECISION)
-    if HAS_MASK and not MASK_IS_BOOL:
-        p = tl.exp2(qk * qk_scale + bias - lse2)
+    if HAS_MASK:
+        if MASKED:
+            bias = tl.where(visible, bias, float("-inf"))
+        x = qk * qk_scale + bias - lse2
     else:
-        p = tl.exp2(qk * qk_scale - lse2)  # one FFMA and the exp2
-    if MASKED or HAS_MASK:
-        p = tl.where(visible, p, 0.0)
+        x = qk * qk_scale - lse2  # one FFMA
+        if MASKED:
+            x = tl.where(visible, x, float("-inf"))
+    p = tl.exp2(x)  # 0 where hidden
     dp = tl.dot(a_dp, b_dp, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        z = tl.where(_dropout_keep(seed_bh, q_idx, k_idx, n0, dropout_threshold), dropout_scale, 0.0)
+        keep = _dropout_keep(seed_bh, q_idx, k_idx, n0, dropout_threshold)
+        z = tl.where(keep, dropout_scale, 0.0)
         dp = dp * z
         pz = p * z
     else:
@@ -634,7 +639,8 @@ def _attn_bwd_dkdv_inner(
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
         pT, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
                                  offs_m[None, :], offs_n[:, None], n0, L, S, qk_scale,
-                                 mask_base, stride_ml, stride_ms, dropout_threshold, dropout_scale, seed_bh,
+                                 mask_base, stride_ml, stride_ms, dropout_threshold, dropout_scale,
+                                 seed_bh,
                                  MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                                  HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if SPLIT == 1:
@@ -782,7 +788,8 @@ def _attn_bwd_dq_inner(
         vT = _load_dot_operand(v_base, offs_dv, offs_n, Dv, S, stride_vd, stride_vs, DOT_FP32)
         p, ds = _attn_bwd_tile(q, kT, do, vT, lse2[:, None], delta[:, None],
                                offs_m[:, None], offs_n[None, :], n0, L, S, qk_scale,
-                               mask_base, stride_ml, stride_ms, dropout_threshold, dropout_scale, seed_bh,
+                               mask_base, stride_ml, stride_ms, dropout_threshold, dropout_scale,
+                               seed_bh,
                                MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                                HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if MASK_GRAD:

@@ -1,7 +1,7 @@
-"""The attention kernels' dropout generator (kernels/numerics.py), checked bit for bit: our
-Philox-4x32-10 against Random123's published known-answer vectors, and the keep-mask of a score tile,
-in both orientations the passes use, and that of a norm / embedding tile, against the same generator
-written in plain Python. (The
+"""The kernels' dropout generator (kernels/numerics.py), checked bit for bit: our Philox-4x32-10
+against Random123's published known-answer vectors, and the keep-mask of an attention score tile,
+in both orientations the passes use, and that of a norm / embedding tile, against the same
+generator written in plain Python. (The
 rate, the reproducibility and the backward's redraw of the forward's mask are checked through the
 public op in tests/test_attention.py.)"""
 
