@@ -113,9 +113,9 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
 # Start of a row's running max, in log2 units: finite on purpose, so that a hidden pair (score -inf)
 # gets exp2(-inf - m) = 0, never exp2(-inf - -inf) = NaN, even in a row with no visible key yet.
-_MASKED_SCORE = tl.constexpr(-1.0e30)
-# Floor of a finite additive mask value: times log2(e) still finite and above _MASKED_SCORE, so that
-# pairs "masked" with torch.finfo(dtype).min take part as torch's softmax has them (never -inf).
+_ROW_MAX_START = tl.constexpr(-1.0e30)
+# Floor of a finite additive mask value: times log2(e) still finite and above _ROW_MAX_START, so
+# that pairs "masked" with torch.finfo(dtype).min take part as torch's softmax has them.
 _MIN_BIAS = tl.constexpr(-3.0e29)
 
 
@@ -374,7 +374,7 @@ def _attn_fwd_inner(
                 s = qk * qk_scale
             if MASKED:
                 s = tl.where(visible, s, float("-inf"))
-            # m_i starts at the finite _MASKED_SCORE, so m_new is finite and hidden pairs get
+            # m_i starts at the finite _ROW_MAX_START, so m_new is finite and hidden pairs get
             # p = exp2(-inf) = 0, also in a row with no visible key so far (which keeps l = 0).
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -477,7 +477,7 @@ def _attn_fwd_kernel(
     else:
         k_src = k_base
         v_src = v_base
-    m_i = tl.full([BLOCK_M], _MASKED_SCORE, dtype=tl.float32)  # running row max, log2 units
+    m_i = tl.full([BLOCK_M], _ROW_MAX_START, dtype=tl.float32)  # running row max, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # running sum of exp2(s - m_i) @ v
 
