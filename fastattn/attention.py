@@ -23,18 +23,28 @@ from ._validate import (check_dropout_p, check_same_device, check_same_dtype, ch
 MAX_HEAD_DIM = 256
 
 # ---- custom ops: one per launcher, with fake (meta) implementations ----
+#
+# The score modifiers travel as the last six arguments of every op, in this order (see
+# kernels/attention.py attention_fwd): window_left, window_right, bottom_right, softcap, alibi,
+# sinks. _NO_MODS is a call without any.
+_NO_MODS = (-1, -1, False, 0.0, None, None)
 
 
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
                   attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                  seed: Optional[Tensor] = None,
-                  residual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                  seed: Optional[Tensor] = None, residual: bool = False, window_left: int = -1,
+                  window_right: int = -1, bottom_right: bool = False, softcap: float = 0.0,
+                  alibi: Optional[Tensor] = None,
+                  sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), attn_mask broadcastable to
     (B, Hq, L, S) -> out (B, Hq, L, Ev), lse (B, Hq, L) fp32, out_lo: with residual (a backward
     follows) and fp16 / bf16 inputs out's rounding residual shaped as out, else empty. seed: the
-    dropout seed, (1,) int64 on q's device (see _validate.dropout_seed), None when dropout_p == 0."""
-    return _dispatch.launcher("attention_fwd", "attention", q)(q, k, v, scale, is_causal, attn_mask, dropout_p, seed, residual)
+    dropout seed, (1,) int64 on q's device (see _validate.dropout_seed), None when dropout_p == 0.
+    alibi (B, Hq) fp32 slopes (stride 0 where broadcast), sinks (Hq,)."""
+    return _dispatch.launcher("attention_fwd", "attention", q)(
+        q, k, v, scale, is_causal, attn_mask, dropout_p, seed, residual, window_left, window_right,
+        bottom_right, softcap, alibi, sinks)
 
 
 def _residual_like(out: Tensor, residual: bool) -> Tensor:
@@ -45,8 +55,14 @@ def _residual_like(out: Tensor, residual: bool) -> Tensor:
     return out.new_empty(out.shape if keep else (0,))
 
 
+def _sinks_grad_like(q: Tensor, sinks: Optional[Tensor]) -> Tensor:
+    """Fake dsinks: shaped as sinks, or empty."""
+    return sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
+
+
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None, residual=False):
+def _attention_fwd_fake(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None,
+                        residual=False, *mods):
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]))
     if k.shape[2] == 0:  # no keys: the launcher stores no residual
@@ -58,36 +74,46 @@ def _attention_fwd_fake(q, k, v, scale, is_causal, attn_mask=None, dropout_p=0.0
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, is_causal: bool, attn_mask: Optional[Tensor] = None,
                   dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-                  mask_grad: bool = False, out_lo: Optional[Tensor] = None
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  mask_grad: bool = False, out_lo: Optional[Tensor] = None,
+                  window_left: int = -1, window_right: int = -1, bottom_right: bool = False,
+                  softcap: float = 0.0, alibi: Optional[Tensor] = None,
+                  sinks: Optional[Tensor] = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """do, out (B, Hq, L, Ev); lse (B, Hq, L); out_lo as attention_fwd returned it -> dq, dk, dv
-    shaped as q, k, v, and the gradient of the float attn_mask (shaped as it) when mask_grad,
-    else an empty tensor."""
-    return _dispatch.launcher("attention_bwd", "attention", q)(do, q, k, v, out, lse, scale, is_causal, attn_mask, dropout_p, seed,
-                              mask_grad, out_lo)
+    shaped as q, k, v, the gradient of the float attn_mask (shaped as it) when mask_grad, else an
+    empty tensor, and that of sinks (shaped as them; empty without)."""
+    return _dispatch.launcher("attention_bwd", "attention", q)(
+        do, q, k, v, out, lse, scale, is_causal, attn_mask, dropout_p, seed, mask_grad, out_lo,
+        window_left, window_right, bottom_right, softcap, alibi, sinks)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None,
-      mask_grad=False, out_lo=None):
+def _attention_bwd_fake(do, q, k, v, out, lse, scale, is_causal, attn_mask=None, dropout_p=0.0,
+                        seed=None, mask_grad=False, out_lo=None, window_left=-1, window_right=-1,
+                        bottom_right=False, softcap=0.0, alibi=None, sinks=None):
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask,
+            _sinks_grad_like(q, sinks))
 
 
 @torch.library.custom_op("fastattn::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                          is_causal: bool, dropout_p: float, seed: Optional[Tensor],
-                         residual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                         residual: bool = False, window_left: int = -1, window_right: int = -1,
+                         bottom_right: bool = False, softcap: float = 0.0,
+                         alibi: Optional[Tensor] = None,
+                         sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev), cu_seqlens (B + 1,) int32 ->
     out (Tq, Hq, Ev), lse (Hq, Tq) fp32, out_lo (as attention_fwd)."""
-    return _dispatch.launcher("varlen_attention_fwd", "attention", q)(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, scale, is_causal, dropout_p, seed, residual)
+    return _dispatch.launcher("varlen_attention_fwd", "attention", q)(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+        dropout_p, seed, residual, window_left, window_right, bottom_right, softcap, alibi, sinks)
 
 
 @varlen_attention_fwd.register_fake
-def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
-      dropout_p, seed, residual=False):
+def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               scale, is_causal, dropout_p, seed, residual=False, *mods):
     Tq, Hq, _ = q.shape
     out = q.new_empty((Tq, Hq, v.shape[-1]))
     return out, q.new_empty((Hq, Tq), dtype=torch.float32), _residual_like(out, residual)
@@ -97,82 +123,98 @@ def _varlen_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float,
-                         seed: Optional[Tensor], out_lo: Optional[Tensor] = None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+                         seed: Optional[Tensor], out_lo: Optional[Tensor] = None,
+                         window_left: int = -1, window_right: int = -1,
+                         bottom_right: bool = False, softcap: float = 0.0,
+                         alibi: Optional[Tensor] = None, sinks: Optional[Tensor] = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """do, out (Tq, Hq, Ev); lse (Hq, Tq); out_lo as the forward returned it -> dq, dk, dv shaped
-    as q, k, v."""
-    return _dispatch.launcher("varlen_attention_bwd", "attention", q)(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p, seed,
-                                     out_lo)
+    as q, k, v, and dsinks (as attention_bwd's)."""
+    return _dispatch.launcher("varlen_attention_bwd", "attention", q)(
+        do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+        is_causal, dropout_p, seed, out_lo, window_left, window_right, bottom_right, softcap,
+        alibi, sinks)
 
 
 @varlen_attention_bwd.register_fake
-def _varlen_attention_bwd_fake(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-      is_causal, dropout_p, seed, out_lo=None):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _varlen_attention_bwd_fake(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, scale, is_causal, dropout_p, seed, out_lo=None,
+                               window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
+                               alibi=None, sinks=None):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            _sinks_grad_like(q, sinks))
 
 
 # ---- autograd ----
 
 
-def _attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed, residual):
-    """fastattn::attention_fwd (see _dispatch.run), argument order as _AttentionFn's."""
+def _attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed, residual, mods):
+    """fastattn::attention_fwd (see _dispatch.run), argument order as _AttentionFn's; mods: the
+    score modifiers in the ops' order (_NO_MODS)."""
     return _dispatch.run("attention_fwd", "attention", q, q, k, v, scale, is_causal, attn_mask,
-                         dropout_p, seed, residual)
+                         dropout_p, seed, residual, *mods)
 
 
 class _AttentionFn(torch.autograd.Function):
-    """out, lse = attention(q, k, v, attn_mask) on (B, H, N, D) tensors. Saves q, k, v, out, lse,
-    the mask and (fp16 / bf16) out's rounding residual, from which the backward's delta is exact;
-    the dropout mask is not saved but redrawn from the seed. lse is returned for merging partial
-    attentions; it carries no gradient. A float attn_mask that requires grad gets one."""
+    """out, lse = attention(q, k, v, attn_mask, sinks) on (B, H, N, D) tensors. Saves q, k, v,
+    out, lse, the mask, the ALiBi slopes, the sinks and (fp16 / bf16) out's rounding residual, from
+    which the backward's delta is exact; the dropout mask is not saved but redrawn from the seed.
+    lse is returned for merging partial attentions; it carries no gradient. A float attn_mask
+    and sinks that require grad get one."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, scale, is_causal, dropout_p, seed):
-        needs_grad = any(ctx.needs_input_grad[:4])
+    def forward(ctx, q, k, v, attn_mask, sinks, scale, is_causal, dropout_p, seed, mods):
+        needs_grad = any(ctx.needs_input_grad[:5])
         out, lse, out_lo = _attention_fwd(q, k, v, attn_mask, scale, is_causal, dropout_p, seed,
-                                          needs_grad)
+                                          needs_grad, (*mods, sinks))
         ctx.mark_non_differentiable(lse)
         ctx.scale, ctx.is_causal, ctx.dropout_p = scale, is_causal, dropout_p
+        ctx.window_cap = mods[:4]  # window_left, window_right, bottom_right, softcap
         ctx.mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
         if needs_grad:
-            ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed, out_lo)
+            ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed, out_lo, mods[4], sinks)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, attn_mask, seed, out_lo = ctx.saved_tensors
-        dq, dk, dv, dmask = _dispatch.run(
-            "attention_bwd", "attention", q, dout, q, k, v, out, lse, ctx.scale, ctx.is_causal, attn_mask, ctx.dropout_p, seed,
-            ctx.mask_grad, out_lo)
-        return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None
+        q, k, v, out, lse, attn_mask, seed, out_lo, alibi, sinks = ctx.saved_tensors
+        dq, dk, dv, dmask, dsinks = _dispatch.run(
+            "attention_bwd", "attention", q, dout, q, k, v, out, lse, ctx.scale, ctx.is_causal,
+            attn_mask, ctx.dropout_p, seed, ctx.mask_grad, out_lo, *ctx.window_cap, alibi, sinks)
+        return (dq, dk, dv, dmask if ctx.mask_grad else None,
+                dsinks if sinks is not None else None, None, None, None, None, None)
 
 
 class _VarlenAttentionFn(torch.autograd.Function):
     """out, lse = attention over packed sequences (T, H, D). Saves q, k, v, out, lse, the
-    cu_seqlens and out's rounding residual (as _AttentionFn); lse carries no gradient."""
+    cu_seqlens, the slopes and sinks and out's rounding residual (as _AttentionFn); lse carries
+    no gradient; sinks get one."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                is_causal, dropout_p, seed):
-        needs_grad = any(ctx.needs_input_grad[:3])
+    def forward(ctx, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                is_causal, dropout_p, seed, mods):
+        needs_grad = any(ctx.needs_input_grad[:4])
         out, lse, out_lo = _dispatch.run(
-            "varlen_attention_fwd", "attention", q, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
-            dropout_p, seed, needs_grad)
+            "varlen_attention_fwd", "attention", q, q, k, v, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p, seed, needs_grad, *mods,
+            sinks)
         ctx.mark_non_differentiable(lse)
         ctx.args = (max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p)
+        ctx.window_cap = mods[:4]
         if needs_grad:
-            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, out_lo)
+            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, out_lo,
+                                  mods[4], sinks)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, out_lo = ctx.saved_tensors
-        dq, dk, dv = _dispatch.run(
-            "varlen_attention_bwd", "attention", q, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, seed, out_lo)
-        return dq, dk, dv, *([None] * 8)
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, out_lo, alibi, sinks = ctx.saved_tensors
+        dq, dk, dv, dsinks = _dispatch.run(
+            "varlen_attention_bwd", "attention", q, dout, q, k, v, out, lse, cu_seqlens_q,
+            cu_seqlens_k, *ctx.args, seed, out_lo, *ctx.window_cap, alibi, sinks)
+        return dq, dk, dv, dsinks if sinks is not None else None, *([None] * 9)
 
 
 # ---- validation ----
@@ -216,6 +258,54 @@ def _check_scale(scale, head_dim: int) -> float:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     return float(scale)
+
+
+def _score_mods(query: Tensor, Hq: int, batch: tuple[int, ...], window_size, bottom_right,
+                softcap, alibi_slopes, sinks) -> tuple[tuple, Optional[Tensor]]:
+    """The score modifiers checked: ((window_left, window_right, bottom_right, softcap, alibi),
+    sinks) with alibi a (*batch, Hq) view of alibi_slopes ((Hq,) or (*batch, Hq), or None) and
+    sinks (Hq,) or None."""
+    if (window_size == (-1, -1) and bottom_right is False and softcap == 0.0
+            and alibi_slopes is None and sinks is None):
+        return _NO_MODS[:5], None  # the plain call, without the checks below (host cost)
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1
+                       for w in window_size)):
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = "
+                         f"unbounded), got {window_size!r}")
+    if not isinstance(bottom_right, bool):
+        raise TypeError(f"bottom_right must be a bool, got {bottom_right!r}")
+    if (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
+            or not math.isfinite(softcap) or softcap < 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = no cap), got {softcap!r}")
+    alibi = None
+    if alibi_slopes is not None:
+        _check_head_param("alibi_slopes", alibi_slopes, query)
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes requires grad, but fastattn computes no gradient for "
+                             "ALiBi slopes (flash-attn neither): pass alibi_slopes.detach()")
+        shape = tuple(alibi_slopes.shape)
+        if (alibi_slopes.dim() > len(batch) + 1 or shape[-1:] != (Hq,) or any(
+                n not in (1, b) for n, b in zip(reversed(shape[:-1]), reversed(batch)))):
+            raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or (*batch, Hq) = "
+                             f"{[*batch, Hq]} (broadcastable), got {list(shape)}")
+        alibi = alibi_slopes[(None,) * (len(batch) + 1 - alibi_slopes.dim())].expand(*batch, Hq)
+    if sinks is not None:
+        _check_head_param("sinks", sinks, query)
+        if tuple(sinks.shape) != (Hq,):
+            raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), one logit per query head, "
+                             f"got {list(sinks.shape)}")
+    return (window_size[0], window_size[1], bottom_right, float(softcap), alibi), sinks
+
+
+def _check_head_param(name: str, t, query: Tensor) -> None:
+    """A per-head float tensor on query's device (ALiBi slopes, sinks)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype "
+                        f"{str(t.dtype).removeprefix('torch.')}")
+    check_same_device(query=query, **{name: t})
 
 
 def _broadcast(what: str, shapes: dict[str, tuple[int, ...]], hint: str = "") -> tuple[int, ...]:
@@ -298,28 +388,38 @@ def _merge_batch(t: Tensor, n_batch: int) -> Optional[Tensor]:
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_batch: int,
-               scale: float, is_causal: bool, dropout_p: float) -> tuple[Tensor, Tensor]:
+               scale: float, is_causal: bool, dropout_p: float, mods: tuple,
+               sinks: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Attention on q (*batch, Hq, L, E), k, v (*batch, Hkv, S, E / Ev), mask (*batch, H', L', S')
-    or None, all with the same n_batch batch dims (views: stride 0 where broadcast) -> out
-    (*batch, Hq, L, Ev), lse (*batch, Hq, L). One launch over the merged batch when the batch
-    dims' strides merge for every tensor; else one call per index of the first batch dim."""
+    or None, all with the same n_batch batch dims (views: stride 0 where broadcast), mods
+    (window_left, window_right, bottom_right, softcap, alibi (*batch, Hq) or None), sinks (Hq,)
+    or None -> out (*batch, Hq, L, Ev), lse (*batch, Hq, L). One launch over the merged batch
+    when the batch dims' strides merge for every tensor; else one call per index of the first
+    batch dim."""
     batch = q.shape[:n_batch]
+    alibi = mods[4]
     if n_batch == 1:  # already (B, H, N, D)
-        merged = [q, k, v, mask]
+        merged = [q, k, v, mask, alibi]
     else:
-        merged = [_merge_batch(t, n_batch) if t is not None else None for t in (q, k, v, mask)]
-    if all(m is not None for m, t in zip(merged, (q, k, v, mask)) if t is not None):
+        merged = [_merge_batch(t, n_batch) if t is not None else None
+                  for t in (q, k, v, mask, alibi)]
+    if all(m is not None for m, t in zip(merged, (q, k, v, mask, alibi)) if t is not None):
         seed = dropout_seed(dropout_p, q.device) if dropout_p else None
-        if _dispatch.needs_grad(*merged):
-            out, lse = _AttentionFn.apply(*merged, scale, is_causal, dropout_p, seed)
+        mods = (*mods[:4], merged[4]) if n_batch != 1 else mods
+        if _dispatch.needs_grad(*merged[:4], sinks):
+            out, lse = _AttentionFn.apply(*merged[:4], sinks, scale, is_causal, dropout_p, seed,
+                                          mods)
         else:
-            out, lse, _ = _attention_fwd(*merged, scale, is_causal, dropout_p, seed, False)
+            out, lse, _ = _attention_fwd(*merged[:4], scale, is_causal, dropout_p, seed, False,
+                                         (*mods, sinks))
         if n_batch == 1:
             return out, lse
         # (B, Hq, L, Ev) -> (*batch, Hq, L, Ev)
         return out.view(*batch, *out.shape[1:]), lse.view(*batch, *lse.shape[1:])
     parts = [_attention(q[i], k[i], v[i], None if mask is None else mask[i], n_batch - 1, scale,
-                        is_causal, dropout_p) for i in range(batch[0])]
+                        is_causal, dropout_p,
+                        (*mods[:4], None if alibi is None else alibi[i]), sinks)
+             for i in range(batch[0])]
     return torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts])
 
 
@@ -329,7 +429,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_batch:
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, *, return_lse: bool = False):
+                                 enable_gqa: bool = False, *, return_lse: bool = False,
+                                 window_size: tuple[int, int] = (-1, -1),
+                                 bottom_right: bool = False, softcap: float = 0.0,
+                                 alibi_slopes: Optional[Tensor] = None,
+                                 sinks: Optional[Tensor] = None):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, FlashAttention-2 in Triton.
 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), at least 2-D, fp32 /
@@ -359,6 +463,18 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     random numbers as torch's dropout.) Each (batch, head, query, key) gets its own random number
     while L * S <= 2^32.
 
+    Score modifiers, keyword-only (flash-attn's, applied in the kernel; all off by default, so
+    the call is torch's): window_size (left, right), -1 = unbounded: query i sees keys
+    i + off - left ... i + off + right only, key blocks wholly outside never read (is_causal is
+    right = 0); bottom_right: is_causal, the window and ALiBi aligned to the bottom-right corner,
+    off = S - L (flash-attn's causal: the last query sees the last key), else off = 0 (torch's
+    top-left); softcap > 0: the scaled scores become softcap * tanh(score / softcap) before
+    attn_mask is added (Gemma 2); alibi_slopes (Hq,) or (..., Hq) float: the score of (i, j)
+    gets -slope * |j - (i + off)|, never materialised (no gradient: pass a tensor that does not
+    require grad); sinks (Hq,) float: a learnable logit per head that joins each row's softmax
+    with no value (GPT-OSS, StreamingLLM; the lse includes it, a row that sees no key gets 0), with
+    its gradient.
+
     Returns out (..., Hq, L, Ev) in the input dtype, its leading dims the broadcast ones (as torch:
     (L, Ev) for 2-D inputs); with return_lse=True, (out, lse) where lse (..., Hq, L) fp32 is the
     natural-log logsumexp of the (masked) scaled scores of each query row (-inf for a row that
@@ -369,11 +485,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     L, S = query.shape[-2], key.shape[-2]
     mask = _attention_mask(attn_mask, query, (*batch, Hq, L, S))
     check_dropout_p(dropout_p)  # the seed is drawn per launch
+    mods, sinks = _score_mods(query, Hq, batch, window_size, bottom_right, softcap, alibi_slopes,
+                              sinks)
     # (..., N, D) -> (*batch, H, N, D): stride-0 views on the broadcast dims
     q = _expand(query, (*batch, Hq, L, query.shape[-1]))
     k = _expand(key, (*batch, Hkv, S, key.shape[-1]))
     v = _expand(value, (*batch, Hkv, S, value.shape[-1]))
-    out, lse = _attention(q, k, v, mask, len(batch), scale, bool(is_causal), float(dropout_p))
+    out, lse = _attention(q, k, v, mask, len(batch), scale, bool(is_causal), float(dropout_p),
+                          mods, sinks)
     if max(query.dim(), key.dim(), value.dim()) == 2:  # (1, L, Ev) -> (L, Ev), as torch
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
@@ -419,7 +538,9 @@ def _check_cu_seqlens(name: str, cu_seqlens, total: int, max_name: str, max_seql
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      dropout_p: float = 0.0, scale: Optional[float] = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, window_size: tuple[int, int] = (-1, -1),
+                     bottom_right: bool = False, softcap: float = 0.0,
+                     alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None):
     """Attention over a packed batch of variable-length sequences (FlashAttention's varlen API).
 
     q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev): the tokens of all sequences one after another,
@@ -429,7 +550,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     attending to k, v[cu_k[b]:cu_k[b + 1]] only. max_seqlen_q / _k: ints at least the longest
     sequence (they size the launch grid). causal: query i of a sequence sees its keys j <= i
     (top-left aligned, as is_causal). dropout_p, scale: as in scaled_dot_product_attention. A query
-    with no key (an empty key sequence) gets output 0.
+    with no key (an empty key sequence) gets output 0. window_size, bottom_right, softcap,
+    alibi_slopes ((Hq,) or (B, Hq): a row per sequence), sinks: as in
+    scaled_dot_product_attention, aligned per sequence.
 
     Returns out (Tq, Hq, Ev) in the input dtype; with return_lse=True, (out, lse) with lse
     (Hq, Tq) fp32, without gradient. Use unpad / pad to run a padded (B, N, ...) batch this way.
@@ -446,10 +569,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"sequences, got {cu_seqlens_q.numel() - 1} and "
                          f"{cu_seqlens_k.numel() - 1}")
     scale = _check_scale(scale, q.shape[-1])
+    mods, sinks = _score_mods(q, q.shape[1], (cu_seqlens_q.numel() - 1,), window_size,
+                              bottom_right, softcap, alibi_slopes, sinks)
     seed = dropout_seed(dropout_p, q.device)
     q, k, v, cu_seqlens_q, cu_seqlens_k = _distinct(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    out, lse = _VarlenAttentionFn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, scale, bool(causal), float(dropout_p), seed)
+    out, lse = _VarlenAttentionFn.apply(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, scale, bool(causal), float(dropout_p), seed,
+                                        mods)
     return (out, lse) if return_lse else out
 
 

@@ -7,7 +7,9 @@ composition where they are not:
     attention_fwd / _bwd     aten._scaled_dot_product_flash_attention_for_cpu (+ _backward); GQA
                              native; Ev != E by zero-padding the shorter head dim; bool masks as
                              additive 0 / -inf; rows that see no key fixed up to lse -inf.
-                             Dropout and the float-mask gradient: a fp32 composition (_Composed).
+                             Dropout, the float-mask gradient and the score modifiers (window,
+                             bottom-right alignment, softcap, ALiBi, sinks): a fp32 composition
+                             (_Composed).
     varlen_attention_*       the same, one call per packed sequence.
     norm_fwd / norm_bwd      torch.native_layer_norm (+ native_layer_norm_backward),
                              torch._fused_rms_norm where present; the RMSNorm backward composed.
@@ -76,18 +78,31 @@ def _no_keys(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_zeros((B, Hq, L, v.shape[-1])), lse, q.new_empty((0,))
 
 
+def _has_mods(is_causal, window_left, window_right, bottom_right, softcap, alibi, sinks) -> bool:
+    """Whether a call has score modifiers (which only _Composed applies; bottom_right changes
+    is_causal, and the window and ALiBi, which are modifiers themselves)."""
+    return (window_left >= 0 or window_right >= 0 or softcap > 0.0 or alibi is not None
+            or sinks is not None or (bottom_right and is_causal))
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
                   attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-                  seed: Tensor | None = None, residual: bool = False
+                  seed: Tensor | None = None, residual: bool = False, window_left: int = -1,
+                  window_right: int = -1, bottom_right: bool = False, softcap: float = 0.0,
+                  alibi: Tensor | None = None, sinks: Tensor | None = None
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.attention_fwd: q (B, Hq, L, E), k, v
     (B, Hkv, S, E / Ev) -> out (B, Hq, L, Ev) in q's dtype (contiguous), lse (B, Hq, L) fp32,
     out_lo empty (this path keeps no rounding residual)."""
+    mods = (window_left, window_right, bottom_right, softcap, alibi, sinks)
     L, S, Ev = q.shape[2], k.shape[2], v.shape[-1]
     if L == 0 or S == 0:
-        return _no_keys(q, v)
-    if dropout_p > 0.0:
-        out, lse = _Composed(q, k, v, scale, is_causal, attn_mask, dropout_p, seed).forward()
+        out, lse, lo = _no_keys(q, v)
+        return out, lse if sinks is None or L == 0 else lse.copy_(
+            sinks.float()[None, :, None].expand(lse.shape)), lo
+    if dropout_p > 0.0 or _has_mods(is_causal, *mods):
+        out, lse = _Composed(q, k, v, scale, is_causal, attn_mask, dropout_p, seed,
+                             mods).forward()
         return out, lse, q.new_empty((0,))
     d = max(q.shape[-1], Ev)
     q, scale = _positive_scale(q, scale)
@@ -101,17 +116,22 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, is_causal: bool, attn_mask: Tensor | None = None,
                   dropout_p: float = 0.0, seed: Tensor | None = None,
-                  mask_grad: bool = False,
-                  out_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  mask_grad: bool = False, out_lo: Tensor | None = None, window_left: int = -1,
+                  window_right: int = -1, bottom_right: bool = False, softcap: float = 0.0,
+                  alibi: Tensor | None = None, sinks: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.attention_bwd: dq, dk, dv shaped as q, k, v
-    (contiguous, dk and dv summed over the query heads of a kv head), and with mask_grad the
-    float mask's gradient dS summed to its shape (else empty). out_lo is ignored (always empty)."""
+    (contiguous, dk and dv summed over the query heads of a kv head), with mask_grad the float
+    mask's gradient dS summed to its shape (else empty), and the sinks' gradient (else empty).
+    out_lo is ignored (always empty)."""
+    mods = (window_left, window_right, bottom_right, softcap, alibi, sinks)
     L, S = q.shape[2], k.shape[2]
     if L == 0 or S == 0:
         dmask = attn_mask.new_zeros(attn_mask.shape) if mask_grad else q.new_empty((0,))
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
-    if dropout_p > 0.0 or mask_grad:
-        return _Composed(q, k, v, scale, is_causal, attn_mask, dropout_p, seed).backward(
+        dsinks = torch.zeros_like(sinks) if sinks is not None else q.new_empty((0,))
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask, dsinks
+    if dropout_p > 0.0 or mask_grad or _has_mods(is_causal, *mods):
+        return _Composed(q, k, v, scale, is_causal, attn_mask, dropout_p, seed, mods).backward(
             do, out, lse, mask_grad)
     E, Ev = q.shape[-1], v.shape[-1]
     d = max(E, Ev)
@@ -133,7 +153,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
             grad[b, rows] = part[..., :grad.shape[-1]]
     if sign < 0:  # the gradient of the flipped q (see _positive_scale)
         grads[0].neg_()
-    return (*grads, q.new_empty((0,)))
+    return (*grads, q.new_empty((0,)), q.new_empty((0,)))
 
 
 def _pieces(B: int, Hkv: int, n: int = 4) -> list[tuple[slice, slice]]:
@@ -150,17 +170,23 @@ def _pieces(B: int, Hkv: int, n: int = 4) -> list[tuple[slice, slice]]:
 
 class _Composed:
     """Attention as fp32 matrix products over the (B, Hq, L, S) scores: for dropout (the keep-mask
-    from the seed, as reference.dropout_keep) and the float-mask gradient, which the fused op does
-    not give. GQA without repeating k, v: q viewed (B, Hkv, G, L, E), query head h reads kv head
-    h // G."""
+    from the seed, as reference.dropout_keep), the float-mask gradient and the score modifiers,
+    which the fused op does not give. GQA without repeating k, v: q viewed (B, Hkv, G, L, E),
+    query head h reads kv head h // G. mods: (window_left, window_right, bottom_right, softcap,
+    alibi (B, Hq) or (Hq,), sinks (Hq,)), as the kernels take them."""
 
-    def __init__(self, q, k, v, scale, is_causal, attn_mask, dropout_p, seed):
+    def __init__(self, q, k, v, scale, is_causal, attn_mask, dropout_p, seed,
+                 mods=(-1, -1, False, 0.0, None, None)):
         B, Hq, L, E = q.shape
         self.Hkv, S = k.shape[1], k.shape[2]
         self.G = Hq // self.Hkv
         self.q, self.k, self.v = self._grouped(q), k.float(), v.float()
         self.dtypes = (q.dtype, k.dtype, v.dtype)
         self.scale, self.is_causal, self.attn_mask = scale, is_causal, attn_mask
+        left, right, self.bottom_right, self.softcap, alibi, sinks = mods
+        self.window = (left, 0 if is_causal else right)
+        self.alibi = None if alibi is None else self._grouped(alibi.expand(B, Hq)[..., None])
+        self.sinks = sinks
         keep = dropout_keep(seed, (B, Hq, L, S), dropout_p, q.device) if dropout_p > 0 else None
         self.z = None if keep is None else self._grouped(keep * _kept_scale(dropout_p))
 
@@ -168,36 +194,60 @@ class _Composed:
         """(B, Hq, L, X) -> (B, Hkv, G, L, X) fp32."""
         return t.float().unflatten(1, (self.Hkv, self.G))
 
-    def _probs(self, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """P = exp(s - lse) (B, Hkv, G, L, S) with hidden pairs and rows that see no key 0, and
-        lse (B, Hq, L) (computed here when not given)."""
+    def _scores(self) -> tuple[Tensor, Tensor | None]:
+        """The scores (B, Hkv, G, L, S) with every modifier and mask applied (hidden pairs -inf),
+        and the softcap's tanh (for its derivative) or None."""
         s = torch.einsum("bhgle,bhse->bhgls", self.q, self.k).mul_(self.scale)
+        t = None
+        if self.softcap > 0:
+            t = s.div_(self.softcap).tanh_()
+            s = t * self.softcap
+        L, S = s.shape[-2:]
+        off = S - L if self.bottom_right else 0
+        rel = (torch.arange(S, device=s.device)[None, :] - torch.arange(L, device=s.device)[:, None]
+               - off)  # (L, S): key index minus aligned query index
+        if self.alibi is not None:
+            s = s.sub_(self.alibi[..., None] * rel.abs())
         mask = self.attn_mask
         if mask is not None:
             # (B, H', L', S') -> (B, Hkv, G, L', S') or (B, 1, 1, L', S')
             mask = mask.unflatten(1, (self.Hkv, self.G) if mask.shape[1] > 1 else (1, 1))
             s = s.masked_fill_(~mask, _NEG_INF) if mask.dtype == torch.bool else s.add_(mask)
-        if self.is_causal:
-            L, S = s.shape[-2:]
-            s = s.masked_fill_(torch.ones(L, S, dtype=torch.bool, device=s.device).triu_(1),
-                               _NEG_INF)
+        left, right = self.window
+        if right >= 0:
+            s = s.masked_fill_(rel > right, _NEG_INF)
+        if left >= 0:
+            s = s.masked_fill_(rel < -left, _NEG_INF)
+        return s, t
+
+    def _probs(self, lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """P = exp(s - lse) (B, Hkv, G, L, S) with hidden pairs and rows that see no key 0, lse
+        (B, Hq, L) (computed here when not given; with sinks it includes them), and the softcap's
+        tanh or None."""
+        s, t = self._scores()
         if lse is None:
-            lse = torch.logsumexp(s, dim=-1).flatten(1, 2)  # (B, Hq, L); -inf for unseen rows
+            if self.sinks is not None:
+                B, L = s.shape[0], s.shape[-2]
+                sink = self._grouped(self.sinks[None, :, None, None].expand(B, -1, L, 1))
+                lse = torch.logsumexp(torch.cat([s, sink], dim=-1), dim=-1).flatten(1, 2)
+            else:
+                lse = torch.logsumexp(s, dim=-1).flatten(1, 2)  # (B, Hq, L); -inf: unseen rows
         finite = lse.masked_fill(lse == _NEG_INF, 0.0).unflatten(1, (self.Hkv, self.G))
-        return s.sub_(finite[..., None]).exp_(), lse
+        return s.sub_(finite[..., None]).exp_(), lse, t
 
     def forward(self) -> tuple[Tensor, Tensor]:
-        p, lse = self._probs()
+        p, lse, _ = self._probs()
         if self.z is not None:
             p.mul_(self.z)
         out = torch.einsum("bhgls,bhsd->bhgld", p, self.v).flatten(1, 2)
         return out.to(self.dtypes[0]), lse.contiguous()
 
     def backward(self, do: Tensor, out: Tensor, lse: Tensor,
-                 mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """FlashAttention-2's formulas with Z the kept-and-rescaled mask (1 without dropout):
-        dV = (P Z)^T dO, dS = P (Z dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q."""
-        p, _ = self._probs(lse)
+        dV = (P Z)^T dO, dS = P (Z dO V^T - rowsum(dO O)), dQ = scale dS' K, dK = scale dS'^T Q
+        with dS' = dS (1 - tanh^2) under a softcap; d(sink) = -sum_rows exp(sink - lse) delta."""
+        p, _, t = self._probs(lse)
         do5 = self._grouped(do)
         delta = (do5 * self._grouped(out)).sum(dim=-1, keepdim=True)  # (B, Hkv, G, L, 1)
         dp = torch.einsum("bhgld,bhsd->bhgls", do5, self.v)
@@ -206,11 +256,16 @@ class _Composed:
             dp.mul_(self.z)
         dv = torch.einsum("bhgls,bhgld->bhsd", pz, do5)
         ds = dp.sub_(delta).mul_(p)
-        dq = torch.einsum("bhgls,bhse->bhgle", ds, self.k).mul_(self.scale).flatten(1, 2)
-        dk = torch.einsum("bhgls,bhgle->bhse", ds, self.q).mul_(self.scale)
         dmask = (ds.flatten(1, 2).sum_to_size(self.attn_mask.shape).to(self.attn_mask.dtype)
-                 if mask_grad else dq.new_empty((0,), dtype=self.dtypes[0]))
-        return (*(g.to(dt) for g, dt in zip((dq, dk, dv), self.dtypes)), dmask)
+                 if mask_grad else do.new_empty((0,)))
+        ds_qk = ds if t is None else ds * (1 - t * t)
+        dq = torch.einsum("bhgls,bhse->bhgle", ds_qk, self.k).mul_(self.scale).flatten(1, 2)
+        dk = torch.einsum("bhgls,bhgle->bhse", ds_qk, self.q).mul_(self.scale)
+        dsinks = do.new_empty((0,))
+        if self.sinks is not None:
+            p_sink = (self.sinks.float()[None, :, None] - lse).exp()  # (B, Hq, L)
+            dsinks = -(p_sink * delta.flatten(1, 2)[..., 0]).sum(dim=(0, 2)).to(self.sinks.dtype)
+        return (*(g.to(dt) for g, dt in zip((dq, dk, dv), self.dtypes)), dmask, dsinks)
 
 
 def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[slice, slice]]:
@@ -229,18 +284,28 @@ def _sequence_seed(seed: Tensor | None, b: int) -> Tensor | None:
     return None if seed is None else seed * 1_000_003 + b
 
 
+def _sequence_slopes(alibi: Tensor | None, b: int) -> Tensor | None:
+    """The ALiBi slopes of sequence b: (1, Hq) of a (B, Hq) tensor, or the (Hq,) ones."""
+    return alibi if alibi is None or alibi.dim() == 1 else alibi[b:b + 1]
+
+
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                          is_causal: bool, dropout_p: float = 0.0,
-                         seed: Tensor | None = None,
-                         residual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                         seed: Tensor | None = None, residual: bool = False,
+                         window_left: int = -1, window_right: int = -1,
+                         bottom_right: bool = False, softcap: float = 0.0,
+                         alibi: Tensor | None = None,
+                         sinks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.varlen_attention_fwd: attention_fwd on each
     packed sequence. out (Tq, Hq, Ev), lse (Hq, Tq), out_lo empty."""
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     for b, (rq, rk) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         o, l, _ = attention_fwd(_one_sequence(q, rq), _one_sequence(k, rk), _one_sequence(v, rk),
-                                scale, is_causal, None, dropout_p, _sequence_seed(seed, b))
+                                scale, is_causal, None, dropout_p, _sequence_seed(seed, b), False,
+                                window_left, window_right, bottom_right, softcap,
+                                _sequence_slopes(alibi, b), sinks)
         out[rq], lse[:, rq] = o[0].transpose(0, 1), l[0]
     return out, lse, q.new_empty((0,))
 
@@ -248,19 +313,26 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
 def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float = 0.0,
-                         seed: Tensor | None = None,
-                         out_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                         seed: Tensor | None = None, out_lo: Tensor | None = None,
+                         window_left: int = -1, window_right: int = -1,
+                         bottom_right: bool = False, softcap: float = 0.0,
+                         alibi: Tensor | None = None, sinks: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as fastattn.kernels.attention.varlen_attention_bwd: attention_bwd on each
     packed sequence (keys of no sequence get zero gradients)."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dsinks = torch.zeros_like(sinks) if sinks is not None else q.new_empty((0,))
     for b, (rq, rk) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
         grads = attention_bwd(_one_sequence(do, rq), _one_sequence(q, rq), _one_sequence(k, rk),
                               _one_sequence(v, rk), _one_sequence(out, rq),
                               lse[None, :, rq].contiguous(), scale, is_causal, None, dropout_p,
-                              _sequence_seed(seed, b))
+                              _sequence_seed(seed, b), False, None, window_left, window_right,
+                              bottom_right, softcap, _sequence_slopes(alibi, b), sinks)
         for grad, g, rows in zip((dq, dk, dv), grads, (rq, rk, rk)):
             grad[rows] = g[0].transpose(0, 1)
-    return dq, dk, dv
+        if sinks is not None:
+            dsinks += grads[4]
+    return dq, dk, dv, dsinks
 
 
 # ---- layer norm / rms norm ----

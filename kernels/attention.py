@@ -105,7 +105,7 @@ import triton.language as tl
 from . import autotune
 from .configs import (arch_major, attention_bwd_candidates, attention_fwd_candidates,
                       attention_kv_descriptors, device_guard, interpreting, next_power_of_2)
-from .numerics import dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg
+from .numerics import dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg, tanh
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd"]
 
@@ -198,14 +198,12 @@ def _head_rows(base, off_b, off_h, start, stride_b, stride_h, stride_row):
 
 
 @triton.jit
-def _load_lse2(lse_ptrs, valid, HAS_MASK: tl.constexpr):
-    """Base-2 logsumexp of some query rows (0 past the end). With a mask, a row that saw no key
-    (lse = -inf) reads +inf, so that its recomputed P = exp2(s - lse2) is exactly 0, not
-    exp2(+inf). (Without one every row the backward visits sees a key: key 0 at least.)"""
-    lse2 = tl.load(lse_ptrs, mask=valid, other=0.0) * _LOG2E
-    if HAS_MASK:
-        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-    return lse2
+def _load_lse2(lse_ptrs, valid):
+    """Base-2 logsumexp of some query rows. A row that saw no key (lse = -inf), and a row past the
+    end (not loaded), read +inf, so that its recomputed P = exp2(s - lse2) is exactly 0 (not
+    exp2(+inf), nor a probability of a row that does not exist)."""
+    lse2 = tl.load(lse_ptrs, mask=valid, other=float("inf")) * _LOG2E
+    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
 
 
 # The score-tile helpers below work in either orientation: the caller passes the dot operands and
@@ -213,30 +211,81 @@ def _load_lse2(lse_ptrs, valid, HAS_MASK: tl.constexpr):
 # k_idx = offs_n[None, :] for a (BLOCK_M, BLOCK_N) tile of q @ k^T (forward, dQ), or
 # q_idx = offs_m[None, :] and k_idx = offs_n[:, None] for a (BLOCK_N, BLOCK_M) tile of k @ q^T
 # (dK/dV, which then gets P^T and dS^T directly as the left operands of its products).
+#
+# Which keys a query sees: key j of query i takes part iff i + diag_lo <= j <= i + diag_hi, the
+# diagonals of _diagonals (WINDOW_RIGHT: causal, or a window's right side; WINDOW_LEFT: a window's
+# left side; each side unbounded without its flag).
 
 
 @triton.jit
-def _visible(q_idx, k_idx, S, IS_CAUSAL: tl.constexpr):
-    """Mask of the (query, key) pairs that take part: key in range, and key <= query if causal."""
+def _diagonals(L, S, window_left, window_right, bottom_right):
+    """(diag_lo, diag_hi, off) of a (batch entry's) L x S score matrix: off = S - L when the
+    diagonal is bottom-right aligned (flash-attn's causal; the last query sees the last key), else
+    0 (top-left, torch's); a window (left, right) around it, causal being right = 0."""
+    off = bottom_right * (S - L)
+    return off - window_left, off + window_right, off
+
+
+@triton.jit
+def _softcap_factors(scale, softcap, SOFTCAP: tl.constexpr):
+    """(cap_in, cap_out) of _scores: a capped score in log2 units is
+    tanh(qk * cap_in) * cap_out = softcap * tanh(qk * scale / softcap) * log2(e)."""
+    if SOFTCAP:
+        return scale / softcap, softcap * _LOG2E
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of (batch off_b, query head off_h) in log2 units (0.0 without ALiBi)."""
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + off_b.to(tl.int64) * stride_ab + off_h.to(tl.int64) * stride_ah)
+        return slope.to(tl.float32) * _LOG2E
+    else:
+        return 0.0
+
+
+@triton.jit
+def _visible(q_idx, k_idx, S, diag_lo, diag_hi,
+             WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Mask of the (query, key) pairs that take part: key in range, and inside the window."""
     visible = k_idx < S
-    if IS_CAUSAL:
-        visible = visible & (q_idx >= k_idx)
+    if WINDOW_RIGHT:
+        visible = visible & (k_idx <= q_idx + diag_hi)
+    if WINDOW_LEFT:
+        visible = visible & (k_idx >= q_idx + diag_lo)
     return visible
 
 
 @triton.jit
-def _scores(a, b, q_idx, k_idx, L, S,
+def _scores(a, b, q_idx, k_idx, shift, L, S, diag_lo, diag_hi, off,
+            qk_scale, cap_in, cap_out, slope2,
             mask_base, stride_ml, stride_ms,  # attn_mask of this (batch, query head)
-            MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-            MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(qk, bias, visible) of a score tile: the score of a pair in log2 units is
-    qk * scale * log2(e) + bias, with qk = a @ b (q @ k^T, or k @ q^T) in fp32 and bias the
-    attn_mask's part (read here, tile by tile, when HAS_MASK; else the constant 0.0, and the
-    callers fold the scale into exp2's FFMA): -inf for the pairs it hides, else the float mask *
-    log2(e) or 0. visible: with MASKED, the causal / ragged-end element mask (only diagonal and
-    last blocks pay for it), else the constant True; the callers give the pairs it hides -inf."""
+            MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+            HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+            SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ACCURATE: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """(s, t): s the tile's scores in log2 units minus `shift` (a row statistic broadcast like
+    q_idx, or 0.0), hidden pairs -inf; t = tanh of the capped score (SOFTCAP, for the backward's
+    derivative 1 - t^2), else 0.0. With qk = a @ b (q @ k^T, or k @ q^T) in fp32, the score of a
+    pair is, in flash-attn's order,
+        qk * scale, or softcap * tanh(qk * scale / softcap)   (SOFTCAP: cap_in = scale / softcap,
+                                                               cap_out = softcap * log2(e))
+        - slope * |j - (i + off)|                             (HAS_ALIBI: slope2 = slope * log2(e))
+        + attn_mask                                           (HAS_MASK: a bool one hides pairs)
+    and with MASKED the pairs outside the window or past S are hidden (only the blocks at the
+    window's edges and the last block pay for it). Hidden pairs get -inf, never a select after
+    the exp2: the callers' row max starts finite (_ROW_MAX_START)."""
     qk = tl.dot(a, b, input_precision=DOT_PRECISION)
-    bias = 0.0
+    t = 0.0
+    if SOFTCAP:
+        t = tanh(qk * cap_in, ACCURATE)
+        s = t * cap_out - shift
+    else:
+        s = qk * qk_scale - shift  # one FFMA
+    if HAS_ALIBI:  # |j - i - off| in fp32 from the index vectors: one FADD and one FFMA per score
+        s -= slope2 * tl.abs(k_idx.to(tl.float32) - (q_idx + off).to(tl.float32))
     if HAS_MASK:
         if KEY_PADDING:  # one row of keys for every query: load a vector, broadcast below
             offsets = k_idx.to(tl.int64) * stride_ms
@@ -248,15 +297,14 @@ def _scores(a, b, q_idx, k_idx, L, S,
             # From the byte m (0 or 1) with one integer multiply-add and no predicate per score:
             # (m - 1) * 2**23 is 0, or 0xFF800000, the bits of -inf.
             keep = tl.load(mask_base + offsets, mask=in_range, other=0).to(tl.int32)
-            bias = ((keep - 1) * 0x800000).to(tl.float32, bitcast=True)
+            s += ((keep - 1) * 0x800000).to(tl.float32, bitcast=True)
         else:
             mask = tl.load(mask_base + offsets, mask=in_range, other=float("-inf")).to(tl.float32)
-            bias = tl.where(mask == float("-inf"), float("-inf"),
-                            tl.maximum(mask, _MIN_BIAS) * _LOG2E)
-    visible = True
+            s += tl.where(mask == float("-inf"), float("-inf"), tl.maximum(mask, _MIN_BIAS) * _LOG2E)
     if MASKED:
-        visible = _visible(q_idx, k_idx, S, IS_CAUSAL)
-    return qk, bias, visible
+        s = tl.where(_visible(q_idx, k_idx, S, diag_lo, diag_hi, WINDOW_LEFT, WINDOW_RIGHT),
+                     s, float("-inf"))
+    return s, t
 
 
 @triton.jit
@@ -270,21 +318,43 @@ def _dropout_keep(seed_bh, q_idx, k_idx, n0, dropout_threshold):
 
 
 @triton.jit
-def _key_block_bounds(m0, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key range a query block [m0, m0 + BLOCK_M) visits, as (n_full, n_end):
-    key blocks starting in [0, n_full) need no element mask, those in [n_full, n_end) do.
+def _block_phases(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """The key (or query) ranges of _key_block_bounds / _query_block_bounds made consecutive and
+    block-aligned: [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked, each
+    possibly empty; lo, full_lo and full_hi (unless it is hi) multiples of BLOCK, so that each
+    block is in one phase."""
+    end = tl.cdiv(hi, BLOCK) * BLOCK
+    lo = tl.minimum(lo, end)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), end)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), end)
+    return lo, full_lo, full_hi, hi
 
-    A key block [n, n + BLOCK_N) needs no mask when it lies inside [0, S) and, if causal, every row of
-    the query block sees all of it: n + BLOCK_N - 1 <= m0. Causal rows see no key beyond
-    m0 + BLOCK_M - 1, so blocks above the diagonal are never visited.
+
+@triton.jit
+def _key_block_bounds(m0, S, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr,
+                      WINDOW_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range a query block [m0, m0 + BLOCK_M) visits, as (n_lo, n_full_lo, n_full_hi, n_hi):
+    key blocks starting in [n_full_lo, n_full_hi) need no element mask, those in [n_lo, n_full_lo)
+    (the window's left edge) and [n_full_hi, n_hi) (its right edge, the diagonal, and the ragged
+    block at S) do. Blocks wholly outside the window are never visited.
+
+    A key block [n, n + BLOCK_N) needs no mask when it lies inside [0, S) and every row of the
+    query block sees all of it: n + BLOCK_N - 1 <= m0 + diag_hi (the first row) and
+    n >= m0 + BLOCK_M - 1 + diag_lo (the last row). (Offsets clamped at 0 before dividing.)
     """
-    if IS_CAUSAL:
-        n_end = tl.minimum(S, m0 + BLOCK_M)
-        n_full = (tl.minimum(S, m0 + 1) // BLOCK_N) * BLOCK_N
+    if WINDOW_RIGHT:
+        n_hi = tl.minimum(tl.maximum(m0 + BLOCK_M + diag_hi, 0), S)
+        n_full_hi = (tl.maximum(tl.minimum(S, m0 + 1 + diag_hi), 0) // BLOCK_N) * BLOCK_N
     else:
-        n_end = S
-        n_full = (S // BLOCK_N) * BLOCK_N
-    return n_full, n_end
+        n_hi = S
+        n_full_hi = (S // BLOCK_N) * BLOCK_N
+    if WINDOW_LEFT:
+        n_lo = (tl.maximum(m0 + diag_lo, 0) // BLOCK_N) * BLOCK_N
+        n_full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + diag_lo, 0), BLOCK_N) * BLOCK_N
+    else:
+        n_lo = 0
+        n_full_lo = 0
+    return _block_phases(n_lo, n_full_lo, n_full_hi, n_hi, BLOCK_N)
 
 
 @triton.jit
@@ -312,21 +382,30 @@ def _key_block_start(block_ids, i, KEY_PADDING: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _query_block_bounds(n0, L, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Query range that sees key block [n0, n0 + BLOCK_N), as (m_start, m_full): query blocks starting
-    in [m_start, m_full) need the causal mask, those in [m_full, L) do not.
+def _query_block_bounds(n0, L, m_hi, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr,
+                        WINDOW_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range that sees key block [n0, n0 + BLOCK_N), as _key_block_bounds' mirror
+    (m_lo, m_full_lo, m_full_hi, m_hi): query blocks starting in [m_full_lo, m_full_hi) see all of
+    it, those in [m_lo, m_full_lo) (the diagonal) and [m_full_hi, m_hi) (the window's left edge)
+    need the element mask. m_hi: L, or 0 for a key block that no query sees (key padding).
 
-    Causal: rows i < n0 see none of the block (skipped); a query block [m, m + BLOCK_M) sees all of
-    it when m >= n0 + BLOCK_N - 1. Query rows past L and key rows past S need no mask here: rows past
-    L load q = dO = 0 (so contribute exactly 0 to dK, dV), and key rows past S are never stored.
+    Query i sees key j iff j - diag_hi <= i <= j - diag_lo; a query block [m, m + BLOCK_M) sees all
+    of the key block when m >= n0 + BLOCK_N - 1 - diag_hi and m + BLOCK_M - 1 <= n0 - diag_lo.
+    Query rows past L and key rows past S need no mask in the unmasked phase: rows past L load
+    q = dO = 0 and lse = +inf (so contribute exactly 0 to dK, dV), and keys past S are never stored.
     """
-    if IS_CAUSAL:
-        m_start = (n0 // BLOCK_M) * BLOCK_M
-        m_full = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    if WINDOW_RIGHT:
+        m_lo = (tl.maximum(n0 - diag_hi, 0) // BLOCK_M) * BLOCK_M
+        m_full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag_hi, 0), BLOCK_M) * BLOCK_M
     else:
-        m_start = 0
-        m_full = 0
-    return m_start, tl.minimum(m_full, L)
+        m_lo = 0
+        m_full_lo = 0
+    if WINDOW_LEFT:
+        m_hi = tl.minimum(tl.maximum(n0 + BLOCK_N - diag_lo, 0), m_hi)
+        m_full_hi = (tl.maximum(n0 - diag_lo + 1, 0) // BLOCK_M) * BLOCK_M
+    else:
+        m_full_hi = m_hi
+    return _block_phases(m_lo, m_full_lo, m_full_hi, m_hi, BLOCK_M)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,11 +420,12 @@ def _attn_fwd_inner(
     k_src, v_src,  # K, V of this (batch, kv head): row pointers, or descriptors with KV_TMA
     mask_base,  # attn_mask of this (batch, query head)
     block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
-    offs_m, n_lo, n_hi, L, S, D, Dv,
+    offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, off,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
-    qk_scale, dropout_threshold, seed_bh,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
+    MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     KV_TMA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -363,17 +443,12 @@ def _attn_fwd_inner(
         else:
             kT = _load_dot_operand(k_src, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
             v = _load_dot_operand(v_src, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
-        if MASKED or HAS_MASK:
-            qk, bias, visible = _scores(q, kT, offs_m[:, None], offs_n[None, :], L, S,
-                                        mask_base, stride_ml, stride_ms,
-                                        MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                                        DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            if HAS_MASK:
-                s = qk * qk_scale + bias
-            else:
-                s = qk * qk_scale
-            if MASKED:
-                s = tl.where(visible, s, float("-inf"))
+        if MASKED or HAS_MASK or SOFTCAP or HAS_ALIBI:
+            s, _ = _scores(q, kT, offs_m[:, None], offs_n[None, :], 0.0, L, S, diag_lo, diag_hi,
+                           off, qk_scale, cap_in, cap_out, slope2, mask_base, stride_ml, stride_ms,
+                           MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                           SOFTCAP, HAS_ALIBI, DTYPE == tl.float32,
+                           DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
             # m_i starts at the finite _ROW_MAX_START, so m_new is finite and hidden pairs get
             # p = exp2(-inf) = 0, also in a row with no visible key so far (which keeps l = 0).
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -396,7 +471,12 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["dropout_threshold"])  # one compile for every p
+# Runtime scalars that vary per call without changing the code: not specialised (a window of 1,
+# or 16, would otherwise compile a kernel of its own).
+_UNSPECIALISED = ["dropout_threshold", "window_left", "window_right", "bottom_right"]
+
+
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _attn_fwd_kernel(
     # pointers
     Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
@@ -409,6 +489,8 @@ def _attn_fwd_kernel(
     KeyBlocks,  # (B, cdiv(S, BLOCK_N)) int32: key blocks with a visible key first (KEY_PADDING)
     KeyBlockCounts,  # (B, cdiv(S, BLOCK_N) + 1) int32: visible blocks before each (KEY_PADDING)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
+    Alibi,  # (B, Hq) float32 ALiBi slopes through strides (0 on a broadcast batch) (HAS_ALIBI)
+    Sinks,  # (Hq,) sink logits, any float dtype (HAS_SINKS)
     # sizes
     Hq, L, S, D, Dv,  # L, S: the sequence lengths (varlen: the packed row counts)
     GROUP,  # Hq // Hkv
@@ -420,13 +502,18 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_lseb, stride_lseh,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_ab, stride_ah,
     # runtime scalars
     scale,  # softmax scale applied to q @ k^T
+    window_left, window_right,  # window sides (WINDOW_LEFT / WINDOW_RIGHT; causal: right = 0)
+    bottom_right,  # 1: the diagonal is bottom-right aligned (see _diagonals), 0: top-left
+    softcap,  # > 0: scores capped to softcap * tanh(score / softcap) (SOFTCAP)
     dropout_threshold, dropout_scale,  # numerics.dropout_threshold(p); 1 / (1 - p) (0 if p == 1)
     Seed,  # (1,) int64 dropout seed on the device (read when HAS_DROPOUT)
     # constexpr flags
-    IS_CAUSAL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_LO: tl.constexpr,  # also write OutLo (half-precision inputs whose backward follows)
     KV_TMA: tl.constexpr,  # read K, V through tensor descriptors (TMA on Hopper): unit last
@@ -440,8 +527,8 @@ def _attn_fwd_kernel(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    if IS_CAUSAL:
-        # Later query blocks see more keys: launch the heaviest blocks first.
+    if WINDOW_RIGHT:
+        # Later query blocks see more keys (causal): launch the heaviest blocks first.
         pid_m = tl.num_programs(0) - 1 - pid_m
     off_hkv = off_h // GROUP
     q_start, L = _sequence(CuSeqlensQ, off_b, L, IS_VARLEN)
@@ -465,6 +552,9 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qk_scale = scale * _LOG2E  # exp(scale * x) == exp2(qk_scale * x)
+    cap_in, cap_out = _softcap_factors(scale, softcap, SOFTCAP)
+    slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
+    diag_lo, diag_hi, off = _diagonals(L, S, window_left, window_right, bottom_right)
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
     if KV_TMA:
@@ -481,25 +571,36 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # running sum of exp2(s - m_i) @ v
 
-    n_full, n_end = _key_block_bounds(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts,
-        offs_m, 0, n_full, L, S, D, Dv,
-        stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
-        qk_scale, dropout_threshold, seed_bh,
-        False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
-        KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts,
-        offs_m, n_full, n_end, L, S, D, Dv,
-        stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
-        qk_scale, dropout_threshold, seed_bh,
-        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
-        KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )
+    n_lo, n_full_lo, n_full_hi, n_hi = _key_block_bounds(m0, S, diag_lo, diag_hi, WINDOW_LEFT,
+                                                         WINDOW_RIGHT, BLOCK_M, BLOCK_N)
+    for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):
+        if phase == 0:  # the window's left edge: masked
+            lo, hi = n_lo, n_full_lo
+        elif phase == 1:  # the key blocks every row sees whole: no element mask
+            lo, hi = n_full_lo, n_full_hi
+        else:  # the right edge (the causal diagonal) and the ragged block at S: masked
+            lo, hi = n_full_hi, n_hi
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts,
+            offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
+            stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
+            qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
+            phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+            SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )
 
-    # Rows that saw no key (l = 0) get out = 0 and lse = -inf instead of 0/0.
+    if HAS_SINKS:
+        # The head's sink is one more logit of each row's softmax, with no value: rescale to the
+        # larger of the row max and the sink, and add its term to the normaliser.
+        sink2 = tl.load(Sinks + off_h).to(tl.float32) * _LOG2E
+        m_sink = tl.maximum(m_i, sink2)
+        alpha = tl.exp2(m_i - m_sink)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.exp2(sink2 - m_sink)
+        m_i = m_sink
+    # Rows that saw no key (l = 0) get out = 0 and lse = -inf instead of 0/0 (with a sink: out = 0
+    # and lse = the sink).
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -526,6 +627,9 @@ def _attn_bwd_preprocess_kernel(
     OutLo,  # as Out (its strides): the forward's rounding residual of Out (HAS_LO)
     dO,  # same shape as Out
     Delta,  # laid out as Lse: (B, Hq, L), or (Hq, Tq), float32
+    Lse,  # laid out as Delta (HAS_SINKS)
+    Sinks,  # (Hq,) sink logits (HAS_SINKS)
+    dSinksPart,  # (Hq, B, cdiv(L, BLOCK_M)) float32: each program's part of d(sinks) (HAS_SINKS)
     CuSeqlensQ,  # (B + 1,) int32 (IS_VARLEN)
     # sizes
     L, Dv,
@@ -534,13 +638,17 @@ def _attn_bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_deltab, stride_deltah,
     # constexpr flags
-    IS_VARLEN: tl.constexpr, HAS_LO: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LO: tl.constexpr, HAS_SINKS: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta = rowsum(dO * O) = rowsum(P * dP), the softmax-backward correction term. O is the
     fp32 output, Out + OutLo, when the forward stored its residual: delta from a rounded fp16 /
-    bf16 Out errs by rowsum(dO * rounding error), and every dQ / dK entry inherits that."""
+    bf16 Out errs by rowsum(dO * rounding error), and every dQ / dK entry inherits that.
+
+    With sinks, also this block's part of d(sink) = -sum over rows of P(sink) * delta, where
+    P(sink) = exp(sink - lse) (the sink's dS: its dP is 0, it has no value), summed by the launcher
+    in a fixed order (deterministic)."""
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -557,6 +665,13 @@ def _attn_bwd_preprocess_kernel(
     delta = tl.sum(o * do, 1)
     delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
     tl.store(delta_base + offs_m, delta, mask=offs_m < L)
+    if HAS_SINKS:
+        lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
+        lse2 = _load_lse2(lse_base + offs_m, offs_m < L)  # +inf past L: P(sink) = 0
+        sink2 = tl.load(Sinks + off_h).to(tl.float32) * _LOG2E
+        part = -tl.sum(tl.exp2(sink2 - lse2) * delta, 0)
+        program = (off_h * tl.num_programs(2) + off_b) * tl.num_programs(0) + pid_m
+        tl.store(dSinksPart + program, part)
 
 
 @triton.jit
@@ -564,35 +679,33 @@ def _attn_bwd_tile(
     a_s, b_s,  # s = a_s @ b_s: q @ k^T, or k @ q^T for the transposed tile
     a_dp, b_dp,  # dP = a_dp @ b_dp: dO @ V^T, or V @ dO^T
     lse2, delta,  # fp32 per query row, broadcast like q_idx: base-2 logsumexp and rowsum(dO * O)
-    q_idx, k_idx, n0, L, S, qk_scale,  # n0: the first key of the tile (k_idx = n0 + arange)
+    q_idx, k_idx, n0, L, S, diag_lo, diag_hi, off,  # n0: the tile's first key (k_idx = n0 + ...)
+    qk_scale, cap_in, cap_out, slope2,
     mask_base, stride_ml, stride_ms,
     dropout_threshold, dropout_scale, seed_bh,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACCURATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Recompute the probabilities of one tile (or of its transpose) and the score gradient, as
-    (P * Z, dS): the probabilities that multiplied V (Z = dropout keep-mask / (1 - p), 1 without
-    dropout) and dS.
+    """Recompute the probabilities of one tile (or of its transpose) and the score gradients, as
+    (P * Z, dS, dS_qk): the probabilities that multiplied V (Z = dropout keep-mask / (1 - p), 1
+    without dropout), the gradient dS w.r.t. the final scores (that of an additive mask), and
+    dS_qk, w.r.t. the scaled q @ k^T (dS times the softcap's derivative 1 - tanh^2; dS itself
+    without a cap); the callers apply the factor `scale` once to their accumulators.
 
-    P = exp2(s - lse2) is the forward's softmax (s = qk * scale * log2(e) + bias in log2 units, one
-    FFMA without a mask; no max/sum pass is needed); hidden pairs (bias = -inf) get P = 0, and so
-    has every pair of a row that saw no key (all hidden; lse2 = +inf, see _load_lse2). dS =
-    P * (dP * Z - delta) with dP = dO @ V^T is the gradient w.r.t. the scores s * scale + mask:
-    that of an additive mask, and up to the factor `scale` (which the callers apply once to their
-    accumulators) that of q @ k^T.
+    P = exp2(s - lse2) is the forward's softmax (_scores, with s - lse2 one FFMA without
+    modifiers; no max/sum pass is needed); hidden pairs (s = -inf) get P = 0, and so has every pair
+    of a row that saw no key (lse2 = +inf, see _load_lse2). dS = P * (dP * Z - delta) with
+    dP = dO @ V^T.
     """
-    qk, bias, visible = _scores(a_s, b_s, q_idx, k_idx, L, S, mask_base, stride_ml, stride_ms,
-                                MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                                DOT_PRECISION)
-    if HAS_MASK:
-        if MASKED:
-            bias = tl.where(visible, bias, float("-inf"))
-        x = qk * qk_scale + bias - lse2
+    if MASKED or HAS_MASK or SOFTCAP or HAS_ALIBI:
+        x, t = _scores(a_s, b_s, q_idx, k_idx, lse2, L, S, diag_lo, diag_hi, off,
+                       qk_scale, cap_in, cap_out, slope2, mask_base, stride_ml, stride_ms,
+                       MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                       SOFTCAP, HAS_ALIBI, ACCURATE, DOT_PRECISION)
     else:
-        x = qk * qk_scale - lse2  # one FFMA
-        if MASKED:
-            x = tl.where(visible, x, float("-inf"))
+        x = tl.dot(a_s, b_s, input_precision=DOT_PRECISION) * qk_scale - lse2  # one FFMA
     p = tl.exp2(x)  # 0 where hidden
     dp = tl.dot(a_dp, b_dp, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
@@ -603,7 +716,10 @@ def _attn_bwd_tile(
     else:
         pz = p
     ds = p * (dp - delta)
-    return pz, ds
+    if SOFTCAP:
+        return pz, ds, ds * (1.0 - t * t)
+    else:
+        return pz, ds, ds
 
 
 @triton.jit
@@ -611,16 +727,17 @@ def _attn_bwd_dkdv_inner(
     dk, dv,  # accumulators: (BLOCK_N, BLOCK_D // SPLIT), (BLOCK_N, BLOCK_DV // SPLIT) fp32
     k, v,  # dot operands of this program's key block, whole rows
     q_base, do_base, lse_base, delta_base, mask_base,  # of one (batch, query head)
-    offs_n, n0, part, m_lo, m_hi, L, S, D, Dv,  # offs_n = n0 + arange(BLOCK_N): this block's keys
+    offs_n, n0, part, m_lo, m_hi, L, S, D, Dv, diag_lo, diag_hi, off,  # offs_n: n0 + arange
     stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
-    qk_scale, dropout_threshold, dropout_scale, seed_bh,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
+    MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """dV += (P * Z)^T @ dO and dK += dS^T @ Q over the query blocks starting in [m_lo, m_hi), for
-    column part `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO).
+    """dV += (P * Z)^T @ dO and dK += dS_qk^T @ Q over the query blocks starting in [m_lo, m_hi),
+    for column part `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO).
 
     The tiles are computed transposed, (BLOCK_N, BLOCK_M): sT = k @ q^T, so that P^T and dS^T are
     produced directly in the layout of the left operand of the two products.
@@ -634,15 +751,17 @@ def _attn_bwd_dkdv_inner(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT = _load_dot_operand(q_base, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
         do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
-        # Rows past L read lse = delta = 0; with q = dO = 0 they then add exactly 0 below.
-        lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_MASK)
+        # Rows past L read lse = +inf (P = 0), delta = 0, q = dO = 0: they add exactly 0 below.
+        lse2 = _load_lse2(lse_base + offs_m, offs_m < L)
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
-        pT, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
-                                 offs_m[None, :], offs_n[:, None], n0, L, S, qk_scale,
-                                 mask_base, stride_ml, stride_ms, dropout_threshold, dropout_scale,
-                                 seed_bh,
-                                 MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                                 HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        pT, _, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
+                                    offs_m[None, :], offs_n[:, None], n0, L, S, diag_lo, diag_hi,
+                                    off, qk_scale, cap_in, cap_out, slope2,
+                                    mask_base, stride_ml, stride_ms, dropout_threshold,
+                                    dropout_scale, seed_bh,
+                                    MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL,
+                                    KEY_PADDING, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                                    DTYPE == tl.float32, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if SPLIT == 1:
             q = tl.trans(qT)
         else:  # this part's columns of q and dO, read again (from L2: the whole rows just were)
@@ -655,7 +774,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["dropout_threshold"])  # one compile for every p
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _attn_bwd_dkdv_kernel(
     # pointers
     Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
@@ -668,6 +787,7 @@ def _attn_bwd_dkdv_kernel(
     dV,  # shaped as V
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
+    Alibi,  # (B, Hq) float32 ALiBi slopes through strides (HAS_ALIBI)
     # sizes
     Hq, L, S, D, Dv,
     GROUP,  # Hq // Hkv
@@ -680,11 +800,14 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_lseb, stride_lseh,
     stride_mb, stride_mh, stride_ml, stride_ms,
-    # runtime scalars
-    scale, dropout_threshold, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
+    stride_ab, stride_ah,
+    # runtime scalars (as the forward's)
+    scale, window_left, window_right, bottom_right, softcap,
+    dropout_threshold, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
     # constexpr flags
-    IS_CAUSAL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
@@ -709,6 +832,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qk_scale = scale * _LOG2E
+    cap_in, cap_out = _softcap_factors(scale, softcap, SOFTCAP)
+    diag_lo, diag_hi, off = _diagonals(L, S, window_left, window_right, bottom_right)
 
     k_base = _head_rows(K, off_b, off_hkv, k_start, stride_kb, stride_kh, stride_ks)
     v_base = _head_rows(V, off_b, off_hkv, k_start, stride_vb, stride_vh, stride_vs)
@@ -717,15 +842,18 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D // SPLIT], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV // SPLIT], dtype=tl.float32)
 
-    m_start, m_full = _query_block_bounds(n0, L, IS_CAUSAL, BLOCK_M, BLOCK_N)
     seed = load_seed(Seed, HAS_DROPOUT)
-    m_end = L
+    m_hi = L
     if KEY_PADDING:
         # A key block whose keys are all padding is seen by no query: skip its loops (dK = dV = 0).
         key_row = Mask + off_b.to(tl.int64) * stride_mb  # the batch's one row of keys
         keys = tl.load(key_row + offs_n.to(tl.int64) * stride_ms, mask=offs_n < S, other=0)
-        m_end = tl.where(tl.max(keys.to(tl.int32), 0) > 0, L, 0)
-        m_full = tl.minimum(m_full, m_end)
+        m_hi = tl.where(tl.max(keys.to(tl.int32), 0) > 0, L, 0)
+    # The causal diagonal (masked), the query blocks that see the key block whole, the window's
+    # left edge (masked).
+    m_lo, m_full_lo, m_full_hi, m_hi = _query_block_bounds(n0, L, m_hi, diag_lo, diag_hi,
+                                                           WINDOW_LEFT, WINDOW_RIGHT,
+                                                           BLOCK_M, BLOCK_N)
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g  # query heads off_hkv * GROUP ... + GROUP - 1 read this kv head
         q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
@@ -734,22 +862,23 @@ def _attn_bwd_dkdv_kernel(
         delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
         mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
         seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-            offs_n, n0, part, m_start, m_full, L, S, D, Dv,
-            stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
-            qk_scale, dropout_threshold, dropout_scale, seed_bh,
-            True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
-            DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
-        )
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-            offs_n, n0, part, m_full, m_end, L, S, D, Dv,
-            stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
-            qk_scale, dropout_threshold, dropout_scale, seed_bh,
-            False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT,
-            DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
-        )
+        slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
+        for phase in tl.static_range(3 if WINDOW_LEFT else 2):
+            if phase == 0:
+                lo, hi = m_lo, m_full_lo
+            elif phase == 1:
+                lo, hi = m_full_lo, m_full_hi
+            else:
+                lo, hi = m_full_hi, m_hi
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                offs_n, n0, part, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
+                stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
+                qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
+                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
+            )
 
     dk *= scale  # d(scores)/dK carries the softmax scale once
     dk_base = _head_rows(dK, off_b, off_hkv, k_start, stride_dkb, stride_dkh, stride_dks)
@@ -767,15 +896,17 @@ def _attn_bwd_dq_inner(
     k_base, v_base, mask_base,  # K, V of this (batch, kv head); attn_mask of this (batch, head)
     block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
     dmask_base,  # dMask of this (batch, head) (MASK_GRAD)
-    offs_m, n_lo, n_hi, L, S, D, Dv,
+    offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, off,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
-    qk_scale, dropout_threshold, dropout_scale, seed_bh,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
+    MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dQ += dS @ K over the key blocks starting in [n_lo, n_hi); with MASK_GRAD also store dS."""
+    """dQ += dS_qk @ K over the key blocks starting in [n_lo, n_hi); with MASK_GRAD also store
+    dS."""
     DTYPE = k_base.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -786,19 +917,22 @@ def _attn_bwd_dq_inner(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
         vT = _load_dot_operand(v_base, offs_dv, offs_n, Dv, S, stride_vd, stride_vs, DOT_FP32)
-        p, ds = _attn_bwd_tile(q, kT, do, vT, lse2[:, None], delta[:, None],
-                               offs_m[:, None], offs_n[None, :], n0, L, S, qk_scale,
-                               mask_base, stride_ml, stride_ms, dropout_threshold, dropout_scale,
-                               seed_bh,
-                               MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                               HAS_DROPOUT, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        _, ds, ds_qk = _attn_bwd_tile(q, kT, do, vT, lse2[:, None], delta[:, None],
+                                      offs_m[:, None], offs_n[None, :], n0, L, S, diag_lo, diag_hi,
+                                      off, qk_scale, cap_in, cap_out, slope2,
+                                      mask_base, stride_ml, stride_ms, dropout_threshold,
+                                      dropout_scale, seed_bh,
+                                      MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL,
+                                      KEY_PADDING, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                                      DTYPE == tl.float32, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if MASK_GRAD:
             _store_tile(dmask_base, ds, offs_m, offs_n, L, S, stride_dml, stride_dms)
-        dq += tl.dot(_dot_operand(ds, DTYPE, DOT_FP32), tl.trans(kT), input_precision=DOT_PRECISION)
+        dq += tl.dot(_dot_operand(ds_qk, DTYPE, DOT_FP32), tl.trans(kT),
+                     input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.jit(do_not_specialize=["dropout_threshold"])  # one compile for every p
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _attn_bwd_dq_kernel(
     # pointers
     Q,  # (B, Hq, L, D), or (Tq, Hq, D) when IS_VARLEN
@@ -812,6 +946,7 @@ def _attn_bwd_dq_kernel(
     dMask,  # (B, Hq, L, S) float32, zero-initialised: dS (MASK_GRAD)
     KeyBlocks, KeyBlockCounts,  # visible key blocks per batch, as in the forward (KEY_PADDING)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
+    Alibi,  # (B, Hq) float32 ALiBi slopes through strides (HAS_ALIBI)
     # sizes
     Hq, L, S, D, Dv,
     GROUP,  # Hq // Hkv
@@ -824,12 +959,15 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     stride_lseb, stride_lseh,
     stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_ab, stride_ah,
     stride_dmb, stride_dmh, stride_dml, stride_dms,
-    # runtime scalars
-    scale, dropout_threshold, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
+    # runtime scalars (as the forward's)
+    scale, window_left, window_right, bottom_right, softcap,
+    dropout_threshold, dropout_scale, Seed,  # Seed: (1,) int64 on the device (HAS_DROPOUT)
     # constexpr flags
-    IS_CAUSAL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
@@ -839,7 +977,7 @@ def _attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    if IS_CAUSAL:
+    if WINDOW_RIGHT:
         pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first, as in the forward
     off_hkv = off_h // GROUP
     q_start, L = _sequence(CuSeqlensQ, off_b, L, IS_VARLEN)
@@ -852,6 +990,9 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qk_scale = scale * _LOG2E
+    cap_in, cap_out = _softcap_factors(scale, softcap, SOFTCAP)
+    slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
+    diag_lo, diag_hi, off = _diagonals(L, S, window_left, window_right, bottom_right)
 
     q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
     do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
@@ -867,27 +1008,29 @@ def _attn_bwd_dq_kernel(
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
     do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
-    lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_MASK)
+    lse2 = _load_lse2(lse_base + offs_m, offs_m < L)
     delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    n_full, n_end = _key_block_bounds(m0, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts, dmask_base,
-        offs_m, 0, n_full, L, S, D, Dv,
-        stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
-        qk_scale, dropout_threshold, dropout_scale, seed_bh,
-        False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, MASK_GRAD,
-        DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts, dmask_base,
-        offs_m, n_full, n_end, L, S, D, Dv,
-        stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
-        qk_scale, dropout_threshold, dropout_scale, seed_bh,
-        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, KEY_PADDING, HAS_DROPOUT, MASK_GRAD,
-        DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )
+    n_lo, n_full_lo, n_full_hi, n_hi = _key_block_bounds(m0, S, diag_lo, diag_hi, WINDOW_LEFT,
+                                                         WINDOW_RIGHT, BLOCK_M, BLOCK_N)
+    for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the forward
+        if phase == 0:
+            lo, hi = n_lo, n_full_lo
+        elif phase == 1:
+            lo, hi = n_full_lo, n_full_hi
+        else:
+            lo, hi = n_full_hi, n_hi
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts,
+            dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
+            stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml,
+            stride_dms, qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale,
+            seed_bh,
+            phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+            SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD, DOT_FP32, DOT_PRECISION,
+            BLOCK_N, BLOCK_D, BLOCK_DV,
+        )
 
     dq *= scale
     dq_base = _head_rows(dQ, off_b, off_h, q_start, stride_dqb, stride_dqh, stride_dql)
@@ -1008,30 +1151,55 @@ def _tuning_key(name: str, q: torch.Tensor, D: int, Dv: int, L: int, S: int, fla
             autotune.seq_bucket(L), autotune.seq_bucket(S))
 
 
+def _mod_args(is_causal: bool, mods: dict, placeholder: torch.Tensor
+              ) -> tuple[torch.Tensor, tuple[int, int], tuple, dict]:
+    """The score modifiers of `mods` (window, bottom_right, softcap, alibi: see attention_fwd) as
+    the kernels take them: (Alibi pointer, its (batch, head) strides, the runtime scalars
+    (window_left, window_right, bottom_right, softcap), constexpr flags). is_causal is a window
+    right side of 0, as flash-attn has it."""
+    left, right = mods.get("window", (-1, -1))
+    if is_causal:
+        right = 0
+    softcap, alibi = mods.get("softcap", 0.0), mods.get("alibi")
+    flags = dict(WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, SOFTCAP=softcap > 0.0,
+                 HAS_ALIBI=alibi is not None)
+    scalars = (max(left, 0), max(right, 0), int(bool(mods.get("bottom_right", False))),
+               float(softcap))
+    if alibi is None:
+        return placeholder, (0, 0), scalars, flags
+    return alibi, (0, alibi.stride(0)) if alibi.dim() == 1 else alibi.stride(), scalars, flags
+
+
 def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed,
-                cu_seqlens) -> None:
+                cu_seqlens, mods) -> None:
     """Launch the forward kernel, padded (cu_seqlens None) or varlen (cu_seqlens (cu_q, cu_k));
     out_lo: a tensor shaped and strided as out that receives the output's rounding residual, or
-    None. The launch setting: configs.py's candidates, tuned on Hopper (kernels/autotune.py)."""
+    None; mods: the score modifiers (attention_fwd's keywords). The launch setting: configs.py's
+    candidates, tuned on Hopper (kernels/autotune.py)."""
     varlen = cu_seqlens is not None
     if scale < 0:  # the kernel takes scale >= 0 (see _attn_fwd_inner): q.k * s == (-q).k * (-s)
         q, scale = q.neg(), -scale
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     candidates = attention_fwd_candidates(max(D, Dv), q.dtype, q.device, dropout_p > 0.0)
     mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)
+    alibi, alibi_strides, mod_scalars, mod_flags = _mod_args(is_causal, mods, lse)
+    sinks = mods.get("sinks")
     cu_q, cu_k = cu_seqlens if varlen else (lse, lse)
-    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen,
-                 STORE_LO=out_lo is not None, KV_TMA=_kv_descriptor_flag(q, k, v), **mask_flags,
-                 **_dot_flags(q.dtype), **_block_dims(D, Dv))
+    flags = dict(**mod_flags, HAS_SINKS=sinks is not None, HAS_DROPOUT=dropout_p > 0.0,
+                 IS_VARLEN=varlen, STORE_LO=out_lo is not None,
+                 KV_TMA=_kv_descriptor_flag(q, k, v), **mask_flags, **_dot_flags(q.dtype),
+                 **_block_dims(D, Dv))
 
     def launch(cfg: dict) -> None:
         blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, cfg["BLOCK_N"], lse)
         _attn_fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)](
             q, k, v, out, out if out_lo is None else out_lo, lse, mask, blocks, counts, cu_q, cu_k,
+            alibi, lse if sinks is None else sinks,
             Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv, n_blocks,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
-            scale, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse),
+            *alibi_strides,
+            scale, *mod_scalars, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse),
             **flags, **cfg,
         )
 
@@ -1048,32 +1216,33 @@ def _tuned(name: str, candidates: list[dict], launch, q: torch.Tensor, D: int, D
 
 
 def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale, is_causal,
-                attn_mask, dropout_p, seed, cu_seqlens) -> None:
+                attn_mask, dropout_p, seed, cu_seqlens, mods) -> torch.Tensor | None:
     """Launch the three backward kernels, padded or varlen as _launch_fwd; out_lo: the forward's
     residual of out, or None; dmask: a zeroed (B, Hq, L, S) fp32 buffer that receives dS, or
     None. The dK/dV and dQ settings are tuned apart (each kernel writes its outputs whole, so a
-    timing launch may repeat)."""
+    timing launch may repeat). Returns d(sinks) (Hq,) fp32 with mods["sinks"], else None."""
     varlen = cu_seqlens is not None
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     delta = torch.empty_like(lse)
     cfg = attention_bwd_candidates(max(D, Dv), q.dtype, q.device, dropout_p > 0.0)
     mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)
+    alibi, alibi_strides, mod_scalars, mod_flags = _mod_args(is_causal, mods, lse)
     cu_q, cu_k = cu_seqlens if varlen else (lse, lse)
-    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
+    flags = dict(**mod_flags, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
                  **_dot_flags(q.dtype), **_block_dims(D, Dv))
     qkv_strides = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
                    *_strides4(do, varlen))
     sizes = (Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv)
-    scalars = (scale, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse))
+    scalars = (scale, *mod_scalars, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse))
     stat_strides = _row_stat_strides(lse, varlen)
     mask_grad = dmask is not None
 
     def launch_dkdv(dkdv: dict) -> None:
         _attn_bwd_dkdv_kernel[(triton.cdiv(S, dkdv["BLOCK_N"]) * dkdv["SPLIT"], Hkv, B)](
-            q, k, v, do, lse, delta, dk, dv, mask, cu_q, cu_k,
+            q, k, v, do, lse, delta, dk, dv, mask, cu_q, cu_k, alibi,
             *sizes,
             *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
-            *mask_strides,
+            *mask_strides, *alibi_strides,
             *scalars,
             **flags, **dkdv,
         )
@@ -1082,9 +1251,9 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
         blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, dq_cfg["BLOCK_N"], lse)
         _attn_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
             q, k, v, do, lse, delta, dq, mask, dmask if mask_grad else lse, blocks, counts,
-            cu_q, cu_k,
+            cu_q, cu_k, alibi,
             *sizes, n_blocks,
-            *qkv_strides, *_strides4(dq, varlen), *stat_strides, *mask_strides,
+            *qkv_strides, *_strides4(dq, varlen), *stat_strides, *mask_strides, *alibi_strides,
             *(dmask.stride() if mask_grad else (0, 0, 0, 0)),
             *scalars,
             MASK_GRAD=mask_grad, **flags, **dq_cfg,
@@ -1092,16 +1261,23 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
 
     with device_guard(q):
         pre = cfg["preprocess"]
-        _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre["BLOCK_M"]), Hq, B)](
-            out, out if out_lo is None else out_lo, do, delta, cu_q,
+        pre_grid = (triton.cdiv(L, pre["BLOCK_M"]), Hq, B)
+        sinks = mods.get("sinks")
+        dsinks_part = (torch.empty((Hq, B * pre_grid[0]), dtype=torch.float32, device=q.device)
+                       if sinks is not None else None)
+        _attn_bwd_preprocess_kernel[pre_grid](
+            out, out if out_lo is None else out_lo, do, delta, lse,
+            lse if sinks is None else sinks, lse if sinks is None else dsinks_part, cu_q,
             sizes[1], Dv,
             *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
-            IS_VARLEN=varlen, HAS_LO=out_lo is not None, BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
+            IS_VARLEN=varlen, HAS_LO=out_lo is not None, HAS_SINKS=sinks is not None,
+            BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
         )
         if S > 0:
             launch_dkdv(_tuned("dkdv", cfg["dkdv"], launch_dkdv, q, D, Dv, L, S, flags))
         launch_dq(_tuned("dq", cfg["dq"], launch_dq, q, D, Dv, L, S,
                          dict(flags, MASK_GRAD=mask_grad)))
+    return None if sinks is None else dsinks_part.sum(dim=1)
 
 
 def _residual(out: torch.Tensor, residual: bool) -> torch.Tensor | None:
@@ -1115,22 +1291,43 @@ def _residual_arg(out_lo: torch.Tensor | None) -> torch.Tensor | None:
     return out_lo if out_lo is not None and out_lo.numel() > 0 else None
 
 
+def _mods(window_left: int, window_right: int, bottom_right: bool, softcap: float,
+          alibi: torch.Tensor | None, sinks: torch.Tensor | None) -> dict:
+    """The score modifiers as _launch_fwd / _launch_bwd take them."""
+    return dict(window=(window_left, window_right), bottom_right=bottom_right, softcap=softcap,
+                alibi=alibi, sinks=sinks)
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool,
                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                  seed: torch.Tensor | None = None, residual: bool = False
+                  seed: torch.Tensor | None = None, residual: bool = False,
+                  window_left: int = -1, window_right: int = -1, bottom_right: bool = False,
+                  softcap: float = 0.0, alibi: torch.Tensor | None = None,
+                  sinks: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention forward.
 
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): same dtype (fp32/fp16/bf16) and device,
     any strides, Hq % Hkv == 0, D and Dv <= 256. Causal masking is top-left aligned (query i sees
-    keys j <= i). attn_mask: None, or at most 4-D and broadcastable to (B, Hq, L, S); bool (True =
-    takes part) or float (added to the scores; -inf hides a pair); applied together with
-    is_causal. dropout_p in [0, 1]: dropout on the probabilities, drawn from `seed`, a (1,) int64
-    tensor on q's device that the kernels read (None when dropout_p == 0). Returns out
-    (B, Hq, L, Dv) contiguous in q.dtype, lse (B, Hq, L) float32, the natural-log logsumexp of
-    the (masked) scores per row (-inf for a row that sees no key, whose out is 0), and out_lo:
-    with residual=True (a backward follows) and an fp16 / bf16 q, out's rounding residual
-    (out32 - out, shaped as out, for an accurate delta in attention_bwd), else an empty tensor.
+    keys j <= i) unless bottom_right. attn_mask: None, or at most 4-D and broadcastable to
+    (B, Hq, L, S); bool (True = takes part) or float (added to the scores; -inf hides a pair);
+    applied together with is_causal. dropout_p in [0, 1]: dropout on the probabilities, drawn
+    from `seed`, a (1,) int64 tensor on q's device that the kernels read (None when
+    dropout_p == 0). Returns out (B, Hq, L, Dv) contiguous in q.dtype, lse (B, Hq, L) float32, the
+    natural-log logsumexp of the (masked) scores per row (-inf for a row that sees no key, whose
+    out is 0), and out_lo: with residual=True (a backward follows) and an fp16 / bf16 q, out's
+    rounding residual (out32 - out, shaped as out, for an accurate delta in attention_bwd), else
+    an empty tensor.
+
+    Score modifiers (flash-attn's; each off by default, and a call without them runs the plain
+    kernel): window_left, window_right, -1 = unbounded: query i sees keys
+    i + off - left ... i + off + right (is_causal is right = 0); bottom_right: the diagonal of
+    is_causal, the window and ALiBi is bottom-right aligned, off = S - L (flash-attn's; varlen: per
+    sequence), else top-left, off = 0 (torch's); softcap > 0: the scaled scores become
+    softcap * tanh(score / softcap), before the mask is added; alibi: (Hq,) or (B, Hq) float32
+    slopes, the score of (i, j) gets -slope * |j - (i + off)|, never materialised (no gradient);
+    sinks: (Hq,) float, one more logit per head in each row's softmax with no value (lse includes
+    it; a row that sees no key gets out 0 and lse = the sink), with a gradient.
     """
     B, Hq, L, D = q.shape
     S, Dv = k.shape[2], v.shape[3]
@@ -1139,11 +1336,13 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     none = q.new_empty((0,))
     if lse.numel() == 0:  # L == 0 (or B * Hq == 0): nothing to compute
         return out, lse, none
-    if S == 0:  # no keys: softmax over an empty set
-        return out.zero_(), lse.fill_(float("-inf")), none
+    if S == 0:  # no keys: softmax over an empty set (and the sink, if any)
+        lse = lse.fill_(float("-inf")) if sinks is None else lse.copy_(
+            sinks.float()[None, :, None].expand(B, Hq, L))
+        return out.zero_(), lse, none
     out_lo = _residual(out, residual)
     _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask, dropout_p, seed,
-                None)
+                None, _mods(window_left, window_right, bottom_right, softcap, alibi, sinks))
     return out, lse, none if out_lo is None else out_lo
 
 
@@ -1151,15 +1350,19 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   out: torch.Tensor, lse: torch.Tensor, scale: float, is_causal: bool,
                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                   seed: torch.Tensor | None = None, mask_grad: bool = False,
-                  out_lo: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  out_lo: torch.Tensor | None = None, window_left: int = -1,
+                  window_right: int = -1, bottom_right: bool = False, softcap: float = 0.0,
+                  alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention backward (FlashAttention-2, deterministic: no atomics).
 
-    do (B, Hq, L, Dv) any strides; q, k, v, scale, is_causal, attn_mask, dropout_p, seed as given to
-    attention_fwd; out, lse, out_lo as it returned them (out_lo None or empty: delta from out). Returns dq (B, Hq, L, D), dk (B, Hkv, S, D),
-    dv (B, Hkv, S, Dv), contiguous, in q.dtype, and dmask: with mask_grad (a float attn_mask) the
-    gradient of the additive mask, shaped and typed as attn_mask (dS summed over its broadcast dims;
-    this needs a (B, Hq, L, S) fp32 buffer), else an empty tensor.
+    do (B, Hq, L, Dv) any strides; q, k, v, scale, is_causal, attn_mask, dropout_p, seed and the
+    score modifiers as given to attention_fwd; out, lse, out_lo as it returned them (out_lo None or
+    empty: delta from out). Returns dq (B, Hq, L, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv),
+    contiguous, in q.dtype; dmask: with mask_grad (a float attn_mask) the gradient of the additive
+    mask, shaped and typed as attn_mask (dS summed over its broadcast dims; this needs a
+    (B, Hq, L, S) fp32 buffer), else an empty tensor; dsinks: with sinks their gradient, shaped
+    and typed as sinks, else an empty tensor.
     """
     B, Hq, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -1167,30 +1370,46 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dk = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, Hkv, S, Dv), dtype=q.dtype, device=q.device)
     dmask = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if mask_grad else None
+    dsinks = None
     if L > 0 and S > 0 and B * Hq > 0:
-        _launch_bwd(do, q, k, v, out, _residual_arg(out_lo), lse.contiguous(), dq, dk, dv, dmask,
-                    B, L, S, scale, is_causal, attn_mask, dropout_p, seed, None)
+        dsinks = _launch_bwd(do, q, k, v, out, _residual_arg(out_lo), lse.contiguous(), dq, dk, dv,
+                             dmask, B, L, S, scale, is_causal, attn_mask, dropout_p, seed, None,
+                             _mods(window_left, window_right, bottom_right, softcap, alibi, sinks))
     else:  # nothing attends: every gradient is 0 (or empty)
         for grad in (dq, dk, dv):
             grad.zero_()
+    dsinks = _sinks_grad(dsinks, sinks, q)
     if not mask_grad:
-        return dq, dk, dv, q.new_empty((0,))
+        return dq, dk, dv, q.new_empty((0,)), dsinks
     # dS of the full (B, Hq, L, S) problem, summed over the dims the mask broadcasts along.
-    return dq, dk, dv, dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    return dq, dk, dv, dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype), dsinks
+
+
+def _sinks_grad(dsinks: torch.Tensor | None, sinks: torch.Tensor | None,
+                q: torch.Tensor) -> torch.Tensor:
+    """The gradient of sinks in their dtype (0 where nothing attended), or an empty tensor."""
+    if sinks is None:
+        return q.new_empty((0,))
+    return (dsinks if dsinks is not None else torch.zeros_like(sinks, dtype=torch.float32)
+            ).to(sinks.dtype)
 
 
 def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float = 0.0,
-                         seed: torch.Tensor | None = None, residual: bool = False
+                         seed: torch.Tensor | None = None, residual: bool = False,
+                         window_left: int = -1, window_right: int = -1,
+                         bottom_right: bool = False, softcap: float = 0.0,
+                         alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention forward on packed variable-length sequences.
 
     q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv) any strides; cu_seqlens_q / _k (B + 1,) int32,
     starting at 0, non-decreasing, ending at Tq / Tk: sequence b is rows cu[b] .. cu[b + 1] - 1;
     max_seqlen_*: at least the longest sequence. Each sequence attends to its own keys only, as
-    attention_fwd would on it alone (causal: top-left aligned per sequence). Returns out
-    (Tq, Hq, Dv) contiguous in q.dtype, lse (Hq, Tq) float32 and out_lo as attention_fwd.
+    attention_fwd would on it alone (causal and the score modifiers aligned per sequence; alibi
+    (B, Hq) has a row per sequence). Returns out (Tq, Hq, Dv) contiguous in q.dtype, lse
+    (Hq, Tq) float32 and out_lo as attention_fwd.
     """
     Tq, Hq, _ = q.shape
     out = torch.empty((Tq, Hq, v.shape[2]), dtype=q.dtype, device=q.device)
@@ -1199,7 +1418,8 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if lse.numel() > 0:  # then B >= 1 and max_seqlen_q >= 1
         _launch_fwd(q, k, v, out, out_lo, lse, cu_seqlens_q.numel() - 1, max_seqlen_q,
                     max_seqlen_k, scale, is_causal, None, dropout_p, seed,
-                    (cu_seqlens_q, cu_seqlens_k))
+                    (cu_seqlens_q, cu_seqlens_k),
+                    _mods(window_left, window_right, bottom_right, softcap, alibi, sinks))
     return out, lse, q.new_empty((0,)) if out_lo is None else out_lo
 
 
@@ -1207,17 +1427,22 @@ def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          scale: float, is_causal: bool, dropout_p: float = 0.0,
-                         seed: torch.Tensor | None = None, out_lo: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         seed: torch.Tensor | None = None, out_lo: torch.Tensor | None = None,
+                         window_left: int = -1, window_right: int = -1,
+                         bottom_right: bool = False, softcap: float = 0.0,
+                         alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of varlen_attention_fwd (same arguments; do (Tq, Hq, Dv) any strides; out_lo as
     it returned). Returns dq (Tq, Hq, D), dk (Tk, Hkv, D), dv (Tk, Hkv, Dv), contiguous, in
-    q.dtype."""
+    q.dtype, and dsinks as attention_bwd."""
     dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    dsinks = None
     if lse.numel() > 0:
-        _launch_bwd(do, q, k, v, out, _residual_arg(out_lo), lse.contiguous(), dq, dk, dv, None,
-                    cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, scale, is_causal, None,
-                    dropout_p, seed, (cu_seqlens_q, cu_seqlens_k))
+        dsinks = _launch_bwd(do, q, k, v, out, _residual_arg(out_lo), lse.contiguous(), dq, dk, dv,
+                             None, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, scale,
+                             is_causal, None, dropout_p, seed, (cu_seqlens_q, cu_seqlens_k),
+                             _mods(window_left, window_right, bottom_right, softcap, alibi, sinks))
     else:  # no queries: no key gets a gradient
         dk.zero_()
         dv.zero_()
-    return dq, dk, dv
+    return dq, dk, dv, _sinks_grad(dsinks, sinks, q)

@@ -133,17 +133,17 @@ def _options(cfg: dict) -> dict:
 # Feature combinations of the attention kernels: the default run compiles FEATURES at head dim 128;
 # --all-rows compiles ALL_FEATURES at every head dim of the tables (what configs.py's claims rest on).
 FEATURES = {
-    "causal": dict(IS_CAUSAL=True),
+    "causal": dict(WINDOW_RIGHT=True),
     "key padding + dropout": dict(HAS_MASK=True, MASK_IS_BOOL=True, KEY_PADDING=True,
                                   HAS_DROPOUT=True),
-    "float mask + grad + causal": dict(HAS_MASK=True, MASK_GRAD=True, IS_CAUSAL=True),
-    "varlen + causal": dict(IS_VARLEN=True, IS_CAUSAL=True),
+    "float mask + grad + causal": dict(HAS_MASK=True, MASK_GRAD=True, WINDOW_RIGHT=True),
+    "varlen + causal": dict(IS_VARLEN=True, WINDOW_RIGHT=True),
 }
 ALL_FEATURES = {
     "plain": {}, **FEATURES,
-    "bool mask + causal": dict(HAS_MASK=True, MASK_IS_BOOL=True, IS_CAUSAL=True),
+    "bool mask + causal": dict(HAS_MASK=True, MASK_IS_BOOL=True, WINDOW_RIGHT=True),
     "key padding + dropout + causal": dict(HAS_MASK=True, MASK_IS_BOOL=True, KEY_PADDING=True,
-                                           HAS_DROPOUT=True, IS_CAUSAL=True),
+                                           HAS_DROPOUT=True, WINDOW_RIGHT=True),
 }
 
 
@@ -155,7 +155,7 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
     configs.interpreting = lambda: False  # ask for the GPU's settings
     configs.arch_major = lambda device: arch // 10
     ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "OutLo", "dO", "dK", "dV", "dQ")}
-    ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "dMask")})
+    ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "dMask", "Alibi", "Sinks", "dSinksPart")})
     ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "CuSeqlensQ", "CuSeqlensK")})
     ptrs["Seed"] = "*i64"
     for d, (feature, flags) in itertools.product(head_dims, features.items()):
@@ -165,7 +165,8 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
         fwd = configs.attention_fwd_candidates(d, torch.bfloat16, gpu, dropout)[0]
         bwd = {name: c if name == "preprocess" else c[0] for name, c in
                configs.attention_bwd_candidates(d, torch.bfloat16, gpu, dropout).items()}
-        base = dict(IS_CAUSAL=False, HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False,
+        base = dict(WINDOW_LEFT=False, WINDOW_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False,
+                    HAS_SINKS=False, HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False,
                     HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
                     STORE_LO=True,  # training: the forward keeps out's rounding residual
                     KV_TMA=arch >= 90,  # K / V by tensor descriptors, as the launcher picks
@@ -181,7 +182,7 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
                                             ).items() if k in fn.arg_names}
             yield fn, name, {**ptrs, **mask_ptr}, consts, _options(cfg)
         pre = bwd["preprocess"]
-        consts = {k: v for k, v in dict(IS_VARLEN=base["IS_VARLEN"], HAS_LO=True,
+        consts = {k: v for k, v in dict(IS_VARLEN=base["IS_VARLEN"], HAS_LO=True, HAS_SINKS=False,
                                         BLOCK_M=pre["BLOCK_M"], BLOCK_DV=d).items()
                   if k in AT._attn_bwd_preprocess_kernel.arg_names}
         yield AT._attn_bwd_preprocess_kernel, name, ptrs, consts, _options(pre)

@@ -47,7 +47,7 @@ def check_against_reference(B, Hq, Hkv, L, S, D, Dv, is_causal, dtype, strided=F
     mask_grad = attn_mask is not None and attn_mask.is_floating_point()
 
     out, lse, _ = attention.attention_fwd(q, k, v, scale, is_causal, attn_mask)
-    dq, dk, dv, dmask = attention.attention_bwd(do, q, k, v, out, lse, scale, is_causal, attn_mask,
+    dq, dk, dv, dmask, _ = attention.attention_bwd(do, q, k, v, out, lse, scale, is_causal, attn_mask,
                                                 mask_grad=mask_grad)
     assert dmask.numel() == (attn_mask.numel() if mask_grad else 0)
 
@@ -204,7 +204,7 @@ def test_key_padding_skips_padded_key_blocks():
     k_nan, v_nan = (t.masked_fill(whole_blocks, float("nan")) for t in (k, v))
 
     out, lse, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, False, key_mask)
-    dq, dk, dv, _ = attention.attention_bwd(do, q, k_nan, v_nan, out, lse, D**-0.5, False, key_mask)
+    dq, dk, dv, _, _ = attention.attention_bwd(do, q, k_nan, v_nan, out, lse, D**-0.5, False, key_mask)
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert not t.isnan().any(), f"{name}: a fully padded key block was read"
     assert not dk[whole_blocks.expand_as(dk)].any() and not dv[whole_blocks.expand_as(dv)].any()
@@ -251,7 +251,7 @@ def test_no_queries(is_causal, monkeypatch):
     out, lse, _ = attention.attention_fwd(q, k, v, 0.2, is_causal)
     assert out.shape == (2, 4, 0, 24) and out.dtype == torch.float16
     assert lse.shape == (2, 4, 0) and lse.dtype == torch.float32
-    dq, dk, dv, _ = attention.attention_bwd(do, q, k, v, out, lse, 0.2, is_causal)
+    dq, dk, dv, _, _ = attention.attention_bwd(do, q, k, v, out, lse, 0.2, is_causal)
     assert dq.shape == (2, 4, 0, 32)
     assert dk.shape == (2, 2, 5, 32) and dv.shape == (2, 2, 5, 24)
     assert not dk.any() and not dv.any()
