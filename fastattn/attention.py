@@ -145,6 +145,44 @@ def _varlen_attention_bwd_fake(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
             _sinks_grad_like(q, sinks))
 
 
+@torch.library.custom_op("fastattn::attention_probs", mutates_args=())
+def attention_probs(q: Tensor, k: Tensor, scale: float, is_causal: bool,
+                    attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                    seed: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
+                    bottom_right: bool = False, softcap: float = 0.0,
+                    alibi: Optional[Tensor] = None) -> Tensor:
+    """q (B, Hq, L, E), k (B, Hkv, S, E) -> (B, Hq, L, S): flash-attn's S_dmask of the forward with
+    these arguments (see kernels/attention.py attention_probs)."""
+    return _dispatch.launcher("attention_probs", "attention", q)(
+        q, k, scale, is_causal, attn_mask, dropout_p, seed, window_left, window_right,
+        bottom_right, softcap, alibi)
+
+
+@attention_probs.register_fake
+def _attention_probs_fake(q, k, scale, is_causal, attn_mask=None, dropout_p=0.0, seed=None, *mods):
+    return q.new_empty((*q.shape[:3], k.shape[2]))
+
+
+@torch.library.custom_op("fastattn::varlen_attention_probs", mutates_args=())
+def varlen_attention_probs(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, scale: float, is_causal: bool,
+                           dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+                           window_left: int = -1, window_right: int = -1,
+                           bottom_right: bool = False, softcap: float = 0.0,
+                           alibi: Optional[Tensor] = None) -> Tensor:
+    """q (Tq, Hq, E), k (Tk, Hkv, E) -> (B, Hq, max_seqlen_q, max_seqlen_k) (see
+    kernels/attention.py varlen_attention_probs)."""
+    return _dispatch.launcher("varlen_attention_probs", "attention", q)(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal,
+        dropout_p, seed, window_left, window_right, bottom_right, softcap, alibi)
+
+
+@varlen_attention_probs.register_fake
+def _varlen_attention_probs_fake(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 *rest):
+    return q.new_empty((cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k))
+
+
 # ---- autograd ----
 
 
@@ -389,11 +427,13 @@ def _merge_batch(t: Tensor, n_batch: int) -> Optional[Tensor]:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_batch: int,
                scale: float, is_causal: bool, dropout_p: float, mods: tuple,
-               sinks: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+               sinks: Optional[Tensor], return_probs: bool = False
+               ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Attention on q (*batch, Hq, L, E), k, v (*batch, Hkv, S, E / Ev), mask (*batch, H', L', S')
     or None, all with the same n_batch batch dims (views: stride 0 where broadcast), mods
     (window_left, window_right, bottom_right, softcap, alibi (*batch, Hq) or None), sinks (Hq,)
-    or None -> out (*batch, Hq, L, Ev), lse (*batch, Hq, L). One launch over the merged batch
+    or None -> out (*batch, Hq, L, Ev), lse (*batch, Hq, L), and with return_probs flash-attn's
+    S_dmask of the very call (*batch, Hq, L, S) (else None). One launch over the merged batch
     when the batch dims' strides merge for every tensor; else one call per index of the first
     batch dim."""
     batch = q.shape[:n_batch]
@@ -412,15 +452,21 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], n_batch:
         else:
             out, lse, _ = _attention_fwd(*merged[:4], scale, is_causal, dropout_p, seed, False,
                                          (*mods, sinks))
+        probs = None
+        if return_probs:  # the same seed: the dropout mask of this very call
+            probs = _dispatch.run("attention_probs", "attention", q, *merged[:2], scale,
+                                  is_causal, merged[3], dropout_p, seed, *mods)
         if n_batch == 1:
-            return out, lse
+            return out, lse, probs
         # (B, Hq, L, Ev) -> (*batch, Hq, L, Ev)
-        return out.view(*batch, *out.shape[1:]), lse.view(*batch, *lse.shape[1:])
+        return (out.view(*batch, *out.shape[1:]), lse.view(*batch, *lse.shape[1:]),
+                None if probs is None else probs.view(*batch, *probs.shape[1:]))
     parts = [_attention(q[i], k[i], v[i], None if mask is None else mask[i], n_batch - 1, scale,
                         is_causal, dropout_p,
-                        (*mods[:4], None if alibi is None else alibi[i]), sinks)
+                        (*mods[:4], None if alibi is None else alibi[i]), sinks, return_probs)
              for i in range(batch[0])]
-    return torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts])
+    return (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]),
+            torch.stack([p[2] for p in parts]) if return_probs else None)
 
 
 # ---- public functions ----
@@ -433,7 +479,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  window_size: tuple[int, int] = (-1, -1),
                                  bottom_right: bool = False, softcap: float = 0.0,
                                  alibi_slopes: Optional[Tensor] = None,
-                                 sinks: Optional[Tensor] = None):
+                                 sinks: Optional[Tensor] = None, return_probs: bool = False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, FlashAttention-2 in Triton.
 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), at least 2-D, fp32 /
@@ -478,7 +524,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     Returns out (..., Hq, L, Ev) in the input dtype, its leading dims the broadcast ones (as torch:
     (L, Ev) for 2-D inputs); with return_lse=True, (out, lse) where lse (..., Hq, L) fp32 is the
     natural-log logsumexp of the (masked) scaled scores of each query row (-inf for a row that
-    sees no key), without gradient.
+    sees no key), without gradient. return_probs=True (a debugging aid, flash-attn's
+    return_attn_probs) appends probs (..., Hq, L, S) in the input dtype, without gradient:
+    exp(score - rowmax) of the scores as the kernel saw them (scaled, capped, biased, masked;
+    hidden pairs 0), with the sign bit set where this call's dropout dropped the pair.
     """
     batch, Hq, Hkv = _attention_shapes(query, key, value, enable_gqa)
     scale = _check_scale(scale, query.shape[-1])
@@ -491,10 +540,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     q = _expand(query, (*batch, Hq, L, query.shape[-1]))
     k = _expand(key, (*batch, Hkv, S, key.shape[-1]))
     v = _expand(value, (*batch, Hkv, S, value.shape[-1]))
-    out, lse = _attention(q, k, v, mask, len(batch), scale, bool(is_causal), float(dropout_p),
-                          mods, sinks)
+    out, lse, probs = _attention(q, k, v, mask, len(batch), scale, bool(is_causal),
+                                 float(dropout_p), mods, sinks, bool(return_probs))
     if max(query.dim(), key.dim(), value.dim()) == 2:  # (1, L, Ev) -> (L, Ev), as torch
-        out, lse = out[0], lse[0]
+        out, lse, probs = out[0], lse[0], None if probs is None else probs[0]
+    if return_probs:
+        return (out, lse, probs) if return_lse else (out, probs)
     return (out, lse) if return_lse else out
 
 
@@ -540,7 +591,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      dropout_p: float = 0.0, scale: Optional[float] = None,
                      return_lse: bool = False, window_size: tuple[int, int] = (-1, -1),
                      bottom_right: bool = False, softcap: float = 0.0,
-                     alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None):
+                     alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+                     return_probs: bool = False):
     """Attention over a packed batch of variable-length sequences (FlashAttention's varlen API).
 
     q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev): the tokens of all sequences one after another,
@@ -552,7 +604,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     (top-left aligned, as is_causal). dropout_p, scale: as in scaled_dot_product_attention. A query
     with no key (an empty key sequence) gets output 0. window_size, bottom_right, softcap,
     alibi_slopes ((Hq,) or (B, Hq): a row per sequence), sinks: as in
-    scaled_dot_product_attention, aligned per sequence.
+    scaled_dot_product_attention, aligned per sequence. return_probs: as there, probs
+    (B, Hq, max_seqlen_q, max_seqlen_k) with sequence b's (Lb, Sb) in the top-left corner.
 
     Returns out (Tq, Hq, Ev) in the input dtype; with return_lse=True, (out, lse) with lse
     (Hq, Tq) fp32, without gradient. Use unpad / pad to run a padded (B, N, ...) batch this way.
@@ -576,6 +629,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     out, lse = _VarlenAttentionFn.apply(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, bool(causal), float(dropout_p), seed,
                                         mods)
+    if return_probs:  # the forward's seed: the dropout mask of this very call
+        probs = _dispatch.run("varlen_attention_probs", "attention", q, q, k, cu_seqlens_q,
+                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
+                              float(dropout_p), seed, *mods)
+        return (out, lse, probs) if return_lse else (out, probs)
     return (out, lse) if return_lse else out
 
 

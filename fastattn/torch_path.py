@@ -268,6 +268,43 @@ class _Composed:
         return (*(g.to(dt) for g, dt in zip((dq, dk, dv), self.dtypes)), dmask, dsinks)
 
 
+def attention_probs(q: Tensor, k: Tensor, scale: float, is_causal: bool,
+                    attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                    seed: Tensor | None = None, window_left: int = -1, window_right: int = -1,
+                    bottom_right: bool = False, softcap: float = 0.0,
+                    alibi: Tensor | None = None) -> Tensor:
+    """Same contract as fastattn.kernels.attention.attention_probs (this path's dropout mask)."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    if L == 0 or S == 0:
+        return q.new_zeros((B, Hq, L, S))
+    mods = (window_left, window_right, bottom_right, softcap, alibi, None)
+    composed = _Composed(q, k, k[..., :1], scale, is_causal, attn_mask, 0.0, None, mods)
+    s = composed._scores()[0].flatten(1, 2)  # (B, Hq, L, S)
+    rowmax = s.amax(dim=-1, keepdim=True)
+    p = (s - rowmax.masked_fill(rowmax == _NEG_INF, 0.0)).exp()
+    if dropout_p > 0.0:
+        p = torch.where(dropout_keep(seed, (B, Hq, L, S), dropout_p, q.device), p, -p)
+    return p.to(q.dtype)
+
+
+def varlen_attention_probs(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, scale: float, is_causal: bool,
+                           dropout_p: float = 0.0, seed: Tensor | None = None,
+                           window_left: int = -1, window_right: int = -1,
+                           bottom_right: bool = False, softcap: float = 0.0,
+                           alibi: Tensor | None = None) -> Tensor:
+    """Same contract as fastattn.kernels.attention.varlen_attention_probs."""
+    B = cu_seqlens_q.numel() - 1
+    probs = q.new_zeros((B, q.shape[1], max_seqlen_q, max_seqlen_k))
+    for b, (rq, rk) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
+        p = attention_probs(_one_sequence(q, rq), _one_sequence(k, rk), scale, is_causal, None,
+                            dropout_p, _sequence_seed(seed, b), window_left, window_right,
+                            bottom_right, softcap, _sequence_slopes(alibi, b))
+        probs[b, :, :p.shape[2], :p.shape[3]] = p[0]
+    return probs
+
+
 def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[slice, slice]]:
     """(query rows, key rows) of each packed sequence."""
     q, k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

@@ -107,7 +107,8 @@ from .configs import (arch_major, attention_bwd_candidates, attention_fwd_candid
                       attention_kv_descriptors, device_guard, interpreting, next_power_of_2)
 from .numerics import dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg, tanh
 
-__all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd"]
+__all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd",
+           "attention_probs", "varlen_attention_probs"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
@@ -613,6 +614,75 @@ def _attn_fwd_kernel(
         lo_base = _head_rows(OutLo, off_b, off_h, q_start, stride_ob, stride_oh, stride_ol)
         _store_tile(lo_base, lo, offs_m, offs_dv, L, Dv, stride_ol, stride_od)
     tl.store(lse_base + offs_m, lse, mask=offs_m < L)
+
+
+@triton.jit(do_not_specialize=_UNSPECIALISED)
+def _attn_probs_kernel(
+    # pointers
+    Q, K,  # as the forward's
+    Probs,  # (B, Hq, L_max, S_max), zero-initialised: exp(s - rowmax), negative where dropped
+    Mask, CuSeqlensQ, CuSeqlensK, Alibi,  # as the forward's
+    # sizes
+    Hq, L, S, D, GROUP,
+    # strides
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_pb, stride_ph, stride_pl, stride_ps,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_ab, stride_ah,
+    # runtime scalars (as the forward's)
+    scale, window_left, window_right, bottom_right, softcap, dropout_threshold, Seed,
+    # constexpr flags
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # block sizes
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """flash-attn's S_dmask (return_attn_probs; a debugging aid that materialises the L x S matrix):
+    one program per (query block, query head, batch) writes exp(s - rowmax) of its rows, s the
+    scores as the forward sees them (the same _scores, every modifier and mask; hidden pairs 0),
+    rowmax their row max, with the sign bit set where this call's dropout dropped the pair (the
+    forward's mask: the same seed and generator)."""
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hkv = off_h // GROUP
+    q_start, L = _sequence(CuSeqlensQ, off_b, L, IS_VARLEN)
+    k_start, S = _sequence(CuSeqlensK, off_b, S, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
+    k_base = _head_rows(K, off_b, off_hkv, k_start, stride_kb, stride_kh, stride_ks)
+    p_base = _head_rows(Probs, off_b, off_h, 0, stride_pb, stride_ph, 0)
+    mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
+    seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cap_in, cap_out = _softcap_factors(scale, softcap, SOFTCAP)
+    slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
+    diag_lo, diag_hi, off = _diagonals(L, S, window_left, window_right, bottom_right)
+    q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
+    m_i = tl.full([BLOCK_M], _ROW_MAX_START, dtype=tl.float32)
+    for sweep in tl.static_range(2):  # the row max, then the probabilities
+        for n0 in range(0, S, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
+            s, _ = _scores(q, kT, offs_m[:, None], offs_n[None, :], 0.0, L, S, diag_lo, diag_hi,
+                           off, scale * _LOG2E, cap_in, cap_out, slope2, mask_base, stride_ml,
+                           stride_ms, True, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL,
+                           False, SOFTCAP, HAS_ALIBI, Q.dtype.element_ty == tl.float32,
+                           DOT_PRECISION)
+            if sweep == 0:
+                m_i = tl.maximum(m_i, tl.max(s, 1))
+            else:
+                p = tl.exp2(s - m_i[:, None])
+                if HAS_DROPOUT:
+                    keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], n0,
+                                         dropout_threshold)
+                    p = tl.where(keep, p, -p)
+                _store_tile(p_base, p, offs_m, offs_n, L, S, stride_pl, stride_ps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1280,6 +1350,32 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     return None if sinks is None else dsinks_part.sum(dim=1)
 
 
+def _launch_probs(q, k, probs, B, L, S, scale, is_causal, attn_mask, dropout_p, seed, cu_seqlens,
+                  mods) -> None:
+    """Launch _attn_probs_kernel into probs (B, Hq, L, S) (varlen: L, S the longest sequences),
+    zero-initialised, with the forward's first launch setting (a debugging path: not tuned)."""
+    varlen = cu_seqlens is not None
+    if scale < 0:  # as the forward: scale >= 0
+        q, scale = q.neg(), -scale
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    cfg = attention_fwd_candidates(D, q.dtype, q.device, dropout_p > 0.0)[0]
+    mask, mask_strides, mask_flags = _mask_args(attn_mask, probs, B, Hq, L, S)
+    mask_flags.pop("KEY_PADDING")  # the general path reads every block
+    alibi, alibi_strides, mod_scalars, mod_flags = _mod_args(is_causal, mods, probs)
+    cu_q, cu_k = cu_seqlens if varlen else (probs, probs)
+    with device_guard(q):
+        _attn_probs_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)](
+            q, k, probs, mask, cu_q, cu_k, alibi,
+            Hq, *_kernel_lengths(q, k, L, S, varlen), D, Hq // Hkv,
+            *_strides4(q, varlen), *_strides4(k, varlen), *probs.stride(), *mask_strides,
+            *alibi_strides,
+            scale, *mod_scalars, dropout_args(dropout_p)[0], seed_arg(seed, dropout_p, probs),
+            **mod_flags, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
+            **_dot_flags(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=_block_dims(D, D)["BLOCK_D"], num_warps=cfg.get("num_warps", 4),
+        )
+
+
 def _residual(out: torch.Tensor, residual: bool) -> torch.Tensor | None:
     """The buffer for out's rounding residual (shaped and strided as out), or None: asked for by
     a forward whose backward follows, and needed for fp16 / bf16 outputs only."""
@@ -1446,3 +1542,39 @@ def varlen_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dk.zero_()
         dv.zero_()
     return dq, dk, dv, _sinks_grad(dsinks, sinks, q)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
+                    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                    seed: torch.Tensor | None = None, window_left: int = -1,
+                    window_right: int = -1, bottom_right: bool = False, softcap: float = 0.0,
+                    alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """flash-attn's S_dmask of attention_fwd with the same arguments (and seed): (B, Hq, L, S) in
+    q.dtype, exp(score - rowmax) of each row's scores as the forward sees them (hidden pairs 0),
+    negative where that forward's dropout dropped the pair. Materialises the L x S matrix."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    probs = torch.zeros((B, Hq, L, S), dtype=q.dtype, device=q.device)
+    if probs.numel() > 0:
+        _launch_probs(q, k, probs, B, L, S, scale, is_causal, attn_mask, dropout_p, seed, None,
+                      _mods(window_left, window_right, bottom_right, softcap, alibi, None))
+    return probs
+
+
+def varlen_attention_probs(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                           scale: float, is_causal: bool, dropout_p: float = 0.0,
+                           seed: torch.Tensor | None = None, window_left: int = -1,
+                           window_right: int = -1, bottom_right: bool = False,
+                           softcap: float = 0.0, alibi: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """attention_probs of varlen_attention_fwd: (B, Hq, max_seqlen_q, max_seqlen_k), sequence b's
+    probabilities in the top-left corner of probs[b] (zeros elsewhere)."""
+    B = cu_seqlens_q.numel() - 1
+    probs = torch.zeros((B, q.shape[1], max_seqlen_q, max_seqlen_k), dtype=q.dtype,
+                        device=q.device)
+    if probs.numel() > 0:
+        _launch_probs(q, k, probs, B, max_seqlen_q, max_seqlen_k, scale, is_causal, None,
+                      dropout_p, seed, (cu_seqlens_q, cu_seqlens_k),
+                      _mods(window_left, window_right, bottom_right, softcap, alibi, None))
+    return probs
