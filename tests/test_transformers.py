@@ -1,6 +1,7 @@
 """Hugging Face models on fastattn: attn_implementation="fastattn" against "eager" on outputs and
-every parameter gradient (GPT-2, BERT with padded batches, Llama with GQA), and patch / unpatch.
-Tiny configs built locally: nothing is downloaded."""
+every parameter gradient (GPT-2, BERT with padded batches, Llama with GQA; Mistral, Qwen2,
+Gemma 2 / 3 and GPT-OSS with sliding windows, softcap and sinks, generate() and a KV cache too),
+the mask builder, and patch / unpatch. Tiny configs built locally: nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn import reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -97,24 +99,27 @@ def test_model_matches_eager(name, padded, device):
     _compare(eager, ours, run, device)
 
 
-# ---- decoder families: every keyword they hand the attention function is applied or refused ----
+# ---- decoder families: softcap, sinks and sliding windows applied in the kernel ----
 
 _DECODER = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-# name -> (config class, extra config, the keyword fastattn must refuse, or None when it matches).
-# Sliding windows (4) shorter than the sequences (12 + generated tokens), GQA 4:2 everywhere.
+# name -> (config class, extra config, what the kernel calls get: the set of windows (sliding
+# layers (3, 0): the query's key and the 3 before it; full layers unbounded), softcap, sinks).
+# Sliding windows (4) shorter than the sequences (12 + generated tokens), GQA 4:2 everywhere;
+# Gemma 2's cap at 1.0 on weights 15x the default scale, so that capping changes the scores.
+_SLIDING, _FULL, _BOTH = {(3, 0)}, {(-1, -1)}, {(3, 0), (-1, -1)}
 _FAMILIES = {
-    "llama": ("LlamaConfig", {}, None),
-    "mistral-window": ("MistralConfig", dict(sliding_window=4), None),
+    "llama": ("LlamaConfig", {}, (_FULL, 0.0, False)),
+    "mistral-window": ("MistralConfig", dict(sliding_window=4), (_SLIDING, 0.0, False)),
     "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4,
-                                         max_window_layers=1), None),
-    "gemma2-softcap": ("Gemma2Config", dict(sliding_window=4), "softcap"),
-    "gemma2-window": ("Gemma2Config", dict(sliding_window=4, attn_logit_softcapping=None), None),
-    "gemma3-window": ("Gemma3TextConfig", dict(sliding_window=4), None),
+                                         max_window_layers=1), (_BOTH, 0.0, False)),
+    "gemma2-softcap": ("Gemma2Config", dict(sliding_window=4, attn_logit_softcapping=1.0,
+                                            initializer_range=0.3), (_BOTH, 1.0, False)),
+    "gemma3-window": ("Gemma3TextConfig", dict(sliding_window=4), (_SLIDING, 0.0, False)),
     "gpt-oss-sinks": ("GptOssConfig", dict(sliding_window=4, num_local_experts=4,
-                                           num_experts_per_tok=2), "s_aux"),
+                                           num_experts_per_tok=2), (_BOTH, 0.0, True)),
 }
 
 
@@ -125,28 +130,58 @@ def _left_padded_batch(device, lengths=(12, 7), n=12):
     return ids * mask, mask  # padding (id 0) on the left, as for generate()
 
 
+def _kernel_calls(monkeypatch) -> list[dict]:
+    """What fastattn.scaled_dot_product_attention gets from the integration, call by call."""
+    calls = []
+    real = fa_hf.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append(dict(kwargs, L=q.shape[-2], S=k.shape[-2],
+                          mask=None if attn_mask is None else tuple(attn_mask.shape)))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(fa_hf, "scaled_dot_product_attention", spy)
+    return calls
+
+
 @pytest.mark.parametrize("name", list(_FAMILIES))
-def test_decoder_family_matches_eager_or_refuses(name, device):
-    """Tiny random Llama, Mistral and Qwen2 (sliding window shorter than the sequence), Gemma 2
-    (softcap; and without it, windows), Gemma 3 and GPT-OSS (sinks) on a left-padded batch: with
-    "fastattn" the logits, every parameter gradient and greedy generate() tokens equal "eager"'s,
-    or the first call raises a ValueError naming the keyword fastattn cannot apply."""
-    config_cls, extra, refused = _FAMILIES[name]
+def test_decoder_family_matches_eager(name, device, monkeypatch):
+    """Tiny random Llama, Mistral and Qwen2 (sliding windows shorter than the sequence), Gemma 2
+    (softcap and windows), Gemma 3 and GPT-OSS (sinks and windows) on a left-padded batch: with
+    "fastattn" the logits, every parameter gradient (the sinks' too), greedy generate() tokens and
+    a continuation through a KV cache (4 queries on 12 keys) equal "eager"'s. Every kernel call
+    gets the window as a window with the causal mask and at most a (B, 1, 1, S) key mask (no
+    dense (B, 1, L, S) mask), bottom-right aligned when L != S, and the cap / the sinks."""
+    config_cls, extra, (windows, softcap, has_sinks) = _FAMILIES[name]
     config = getattr(transformers, config_cls)(**_DECODER, **extra)
     eager, ours = _pair(transformers.AutoModelForCausalLM.from_config, config, device)
     ids, mask = _left_padded_batch(device)
+    calls = _kernel_calls(monkeypatch)
 
     def run(model):
         return model(ids, attention_mask=mask).logits * mask[..., None]
 
-    if refused is not None:
-        with pytest.raises(ValueError, match=rf"{refused}=.*use attn_implementation='eager'"):
-            run(ours)
-    else:
-        _compare(eager, ours, run, device, atol=1e-5)
-        generated = [m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-                     for m in (ours, eager)]
-        assert torch.equal(*generated), generated
+    _compare(eager, ours, run, device, atol=1e-5)
+    generated = [m.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+                 for m in (ours, eager)]
+    assert torch.equal(*generated), generated
+    with torch.no_grad():
+        continued = []
+        for m in (ours, eager):
+            cache = m(ids[:, :8], attention_mask=mask[:, :8], use_cache=True).past_key_values
+            continued.append(m(ids[:, 8:], attention_mask=mask, past_key_values=cache).logits)
+    torch.testing.assert_close(*continued, atol=1e-5, rtol=1e-4)
+
+    assert calls and all(c["is_causal"] for c in calls), calls
+    assert all(c["mask"] in (None, (2, 1, 1, c["S"])) for c in calls), calls
+    assert all(c["bottom_right"] == (c["L"] != c["S"]) for c in calls), calls
+    assert {c["L"] for c in calls} >= {1, 4, 12}  # prefill, decoding, the continuation
+    assert {c["window_size"] for c in calls} == windows, calls
+    assert {c["softcap"] for c in calls} == {softcap}, calls
+    sinks = [m.sinks for m in ours.modules() if hasattr(m, "sinks")]
+    assert len(sinks) == (2 if has_sinks else 0)
+    assert all(any(c["sinks"] is s for s in sinks) if has_sinks else c["sinks"] is None
+               for c in calls)
 
 
 class _Attention(torch.nn.Module):
@@ -159,8 +194,6 @@ def _qkv(device, B=2, H=4, L=6, D=8):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("softcap", 30.0, "softcap=30.0.*soft-capping"),
-    ("s_aux", torch.zeros(4), r"s_aux=<tensor \[4\]>.*sinks"),
     ("output_attentions", True, "output_attentions=True"),
     ("seq_idx", torch.zeros(6, dtype=torch.int32), "seq_idx"),
     ("alibi_slopes", torch.ones(4), "alibi_slopes.*does not know this keyword"),
@@ -183,11 +216,70 @@ def test_keywords_without_a_value_or_effect_are_accepted(device):
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
-def test_sliding_window_without_a_mask_is_refused(device):
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_window_softcap_and_sinks_are_applied_in_the_kernel(causal, device):
+    """sliding_window, softcap and s_aux on q, k, v without a mask, 5 queries on 9 keys (a
+    decoding chunk): the output and the gradients of q, k, v and the sinks equal the float64
+    reference's with the window (W - 1, 0) causal, (W - 1, W - 1) not, bottom-right aligned."""
+    torch.manual_seed(4)
+    q = torch.randn(2, 4, 5, 8, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, device=device, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, device=device, requires_grad=True)
+    module = _Attention()
+    module.is_causal = causal
+    with fastattn.record_backends() as ran:
+        out, _ = fa_hf.attention_forward(module, q, k, v, None, scaling=0.5, sliding_window=3,
+                                         softcap=2.0, s_aux=sinks)
+        grads = torch.autograd.grad(out.sum(), (q, k, v, sinks))
+    assert {("attention_fwd", fastattn.backend(device)),
+            ("attention_bwd", fastattn.backend(device))} <= set(ran)
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    ref, _ = reference.scaled_dot_product_attention(
+        *inputs[:3], causal, 0.5, window=(2, 0 if causal else 2), bottom_right=True, softcap=2.0,
+        sinks=inputs[3])
+    ref_grads = torch.autograd.grad(ref.sum(), inputs)
+    torch.testing.assert_close(out, ref.transpose(1, 2).float(), atol=1e-5, rtol=1e-5)
+    for name, g, r in zip("q k v sinks".split(), grads, ref_grads):
+        torch.testing.assert_close(g, r.float(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_two_dimensional_mask_not_made_by_the_mask_builder_is_refused(device):
     q, k, v = _qkv(device)
-    with pytest.raises(ValueError, match="sliding_window=3 with 6 keys and no attention_mask"):
-        fa_hf.attention_forward(_Attention(), q, k, v, None, sliding_window=3)
-    fa_hf.attention_forward(_Attention(), q, k, v, None, sliding_window=6)  # covers every key
+    with pytest.raises(ValueError, match=r"2-D attention_mask \[2, 6\].*did not make"):
+        fa_hf.attention_forward(_Attention(), q, k, v, torch.ones(2, 6, dtype=torch.bool,
+                                                                  device=device))
+    with pytest.raises(ValueError, match="sliding_window must be a positive int.*got 0"):
+        fa_hf.attention_forward(_Attention(), q, k, v, None, sliding_window=0)
+
+
+def test_mask_builder_hands_over_causal_patterns_as_key_padding(device):
+    """transformers' causal and sliding-window causal patterns with the last query at the last
+    key become the (B, S) key-padding mask tagged with the window (sliced at kv_offset, as a
+    sliding-window cache's keys are); any other pattern, and a static cache's longer buffer (its
+    prefill ends before its last key), get transformers' dense SDPA mask."""
+    from transformers import masking_utils as mu
+
+    padding = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8], dtype=torch.bool, device=device)
+    sizes = dict(batch_size=2, q_length=3, kv_length=6, q_offset=5, kv_offset=2,
+                 attention_mask=padding, device=device)
+    window = mu.sliding_window_causal_mask_function(4)
+    keys = fa_hf.attention_mask(mask_function=window, local_size=4, **sizes)
+    assert keys.shape == (2, 6) and getattr(keys, fa_hf._CAUSAL_SPEC) == (4, True)
+    torch.testing.assert_close(keys, padding[:, 2:])
+    keys = fa_hf.attention_mask(mask_function=mu.causal_mask_function,
+                                **{**sizes, "attention_mask": None})
+    assert keys.shape == (2, 6) and bool(keys.all())
+    assert getattr(keys, fa_hf._CAUSAL_SPEC) == (None, False)
+    dense = dict(
+        or_pattern=dict(mask_function=mu.or_masks(window, mu.causal_mask_function)),
+        chunked=dict(mask_function=mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=int)),
+                     local_size=4),
+        static_cache=dict(mask_function=mu.causal_mask_function, q_offset=0, kv_offset=0))
+    for case, kwargs in dense.items():
+        mask = fa_hf.attention_mask(**{**sizes, **kwargs})
+        assert mask.shape == (2, 1, 3, 6) and not hasattr(mask, fa_hf._CAUSAL_SPEC), case
+        torch.testing.assert_close(mask, mu.sdpa_mask(**{**sizes, **kwargs},
+                                                      allow_is_causal_skip=False), msg=case)
 
 
 def test_position_bias_is_added_as_in_transformers_sdpa(device):
@@ -212,19 +304,26 @@ def test_position_bias_is_added_as_in_transformers_sdpa(device):
 
 def test_packed_sequences_run_as_varlen(device):
     """cu_seq_lens_q / _k (a packed batch of one row, as DataCollatorWithFlattening gives) attend
-    within each sequence only: equal to attention on each sequence alone."""
+    within each sequence only: equal to attention on each sequence alone; with sliding_window,
+    softcap and sinks, to the float64 reference on each sequence."""
     q, k, v = _qkv(device, B=1, L=9)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
     with fastattn.record_backends() as ran:
-        out, _ = fa_hf.attention_forward(_Attention(), q, k, v, None, cu_seq_lens_q=cu,
-                                         cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+        out, _ = fa_hf.attention_forward(_Attention(), q, k, v, None, **packed)
     assert ("varlen_attention_fwd", fastattn.backend(device)) in ran
     parts = [torch.nn.functional.scaled_dot_product_attention(
-        q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], is_causal=True) for a, b in ((0, 4), (4, 9))]
+        q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], is_causal=True)
+        for a, b in ((0, 4), (4, 9))]
     torch.testing.assert_close(out, torch.cat(parts, dim=2).transpose(1, 2), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="sliding_window=3 to packed sequences"):
-        fa_hf.attention_forward(_Attention(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                sliding_window=3)
+    sinks = torch.randn(4, device=device)
+    out, _ = fa_hf.attention_forward(_Attention(), q, k, v, None, sliding_window=3, softcap=2.0,
+                                     s_aux=sinks, **packed)
+    parts = [reference.scaled_dot_product_attention(
+        *(t[..., a:b, :].double() for t in (q, k, v)), True, window=(2, 0), softcap=2.0,
+        sinks=sinks.double())[0] for a, b in ((0, 4), (4, 9))]
+    torch.testing.assert_close(out, torch.cat(parts, dim=2).transpose(1, 2).float(), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_bert_key_padding_mask_is_passed_in_its_compact_form(device, monkeypatch):

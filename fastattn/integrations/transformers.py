@@ -8,9 +8,13 @@
 
 register() adds "fastattn" to transformers' AttentionInterface (the attention function) and to its
 AttentionMaskInterface (the mask builder; without it transformers would pass attention_mask=None
-and padding would be silently ignored). The masks are torch-SDPA style booleans (True = attend);
-a padding-only bidirectional mask (BERT) is handed over as (B, 1, 1, S), the key-padding form on
-which fastattn's kernel skips fully padded key blocks.
+and padding would be silently ignored). A causal or sliding-window causal mask (transformers' own
+patterns, nothing or'ed / and'ed on) whose last query and last key are one position is handed over
+as its (B, S) key-padding part, tagged with the window: the kernel applies the causal mask
+(bottom-right aligned, so decoding steps with a KV cache too), the window and the key padding,
+and no (B, 1, L, S) mask is built. Every other mask is a torch-SDPA style boolean (True =
+attend); a padding-only bidirectional mask (BERT) is handed over as (B, 1, 1, S), the key-padding
+form on which fastattn's kernel skips fully padded key blocks.
 """
 
 from __future__ import annotations
@@ -29,22 +33,33 @@ NAME = "fastattn"
 # What transformers may hand the attention function besides q, k, v and the mask, and what
 # fastattn does with each. Every other keyword with a value (not None / False) is refused.
 #   applied:          dropout, scaling, is_causal, position_bias (added to the mask, as HF's SDPA
-#                     path does), cu_seq_lens_q / _k + max_length_q / _k (packed sequences, run
-#                     with varlen_attention as flash-attn's path does; batch 1)
-#   in the mask:      sliding_window, position_ids (the mask builder registered with the attention
-#                     function puts the window and packed-sequence boundaries into attention_mask)
+#                     path does), softcap (Gemma 2: the kernel caps the scaled scores to
+#                     softcap * tanh(s / softcap) before the mask), s_aux (GPT-OSS's sinks, (Hq,):
+#                     one more logit per head in each row's softmax, with no value; it gets its
+#                     gradient), cu_seq_lens_q / _k + max_length_q / _k (packed sequences, run with
+#                     varlen_attention as flash-attn's path does; batch 1)
+#   in the kernel:    sliding_window, as a window: W keys, the query's own and the W - 1 before it
+#                     (transformers' kv_idx > q_idx - W), with the causal mask and the key padding
+#                     when the mask builder handed over a (B, S) key-padding mask (window from the
+#                     mask pattern), from the keyword when no mask is given (flash-attn's reading:
+#                     causal (W - 1, 0), bidirectional (W - 1, W - 1)), and for packed sequences
+#   in the mask:      sliding_window, position_ids with any other mask (the dense mask the builder
+#                     makes holds the window and the packed-sequence boundaries)
 #   no effect here:   _NO_EFFECT below (model-level flags that reach every layer's kwargs)
-#   refused if set:   softcap, s_aux (attention sinks), output_attentions, seq_idx
+#   refused if set:   output_attentions, seq_idx
 _NO_EFFECT = frozenset({"use_cache", "output_router_logits", "output_hidden_states",
                         "num_items_in_batch", "cache_position", "past_key_values",
                         "past_key_value", "return_dict", "layer_idx"})
+_APPLIED = frozenset({"softcap", "s_aux", "sliding_window", "position_ids"})
 _REFUSED = {
-    "softcap": "attention logit soft-capping (Gemma 2 / 3) is not fused in fastattn yet",
-    "s_aux": "learnable attention sinks (GPT-OSS) are not fused in fastattn yet",
     "output_attentions": "fastattn never materialises the attention weights",
     "seq_idx": "per-token sequence indices are not read by fastattn; pass cu_seq_lens_q / _k",
 }
 _VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+# Attribute of the (B, S) key-padding masks attention_mask() makes for causal patterns: (window,
+# padded), window None or W keys, padded False when no key is padding (the mask is all True).
+_CAUSAL_SPEC = "_fastattn_causal"
 
 
 def _has_value(value) -> bool:
@@ -55,7 +70,7 @@ def _check_keywords(module: nn.Module, kwargs: dict) -> None:
     """Refuse, naming it, every keyword that would change the result and that fastattn does not
     apply (see the table above)."""
     for key, value in kwargs.items():
-        if key in _NO_EFFECT or key in _VARLEN or key in ("sliding_window", "position_ids"):
+        if key in _NO_EFFECT or key in _VARLEN or key in _APPLIED:
             continue
         if not _has_value(value):
             continue
@@ -67,6 +82,36 @@ def _check_keywords(module: nn.Module, kwargs: dict) -> None:
 
 def _describe(value) -> str:
     return f"<tensor {list(value.shape)}>" if isinstance(value, Tensor) else repr(value)
+
+
+def _score_modifiers(kwargs: dict) -> dict:
+    """fastattn's softcap / sinks arguments from transformers' softcap / s_aux keywords."""
+    softcap = kwargs.get("softcap")
+    return {"softcap": 0.0 if softcap is None else float(softcap), "sinks": kwargs.get("s_aux")}
+
+
+def _window_size(window, causal: bool) -> tuple[int, int]:
+    """fastattn's (left, right) window for transformers' sliding_window of W keys: the query's own
+    key and the W - 1 before it when causal, W - 1 either side (flash-attn's symmetric reading)
+    when not; (-1, -1), unbounded, for None."""
+    if window is None:
+        return (-1, -1)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window must be a positive int (the keys a query sees), got "
+                         f"{window!r}")
+    return (window - 1, 0 if causal else window - 1)
+
+
+def _causal_spec(module: nn.Module, mask: Tensor) -> tuple[Optional[int], bool]:
+    """(window, padded) of a (B, S) key-padding mask made by attention_mask() below."""
+    spec = getattr(mask, _CAUSAL_SPEC, None)
+    if spec is None:
+        raise ValueError(f"attn_implementation='fastattn' got a 2-D attention_mask "
+                         f"{list(mask.shape)} from {type(module).__name__} that fastattn's mask "
+                         "builder did not make, so what it hides besides padded keys is unknown; "
+                         "pass a (B, 1, L, S) mask (or build the model with "
+                         "attn_implementation='fastattn' after register())")
+    return spec
 
 
 def _with_position_bias(position_bias: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
@@ -83,8 +128,8 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                       is_causal: bool, dropout: float, scaling: Optional[float],
                       kwargs: dict) -> Tensor:
     """Packed sequences (batch 1, cu_seq_lens_q / _k given) through varlen_attention: each
-    sequence attends to itself only, as flash-attn's path runs them. query (1, Hq, T, D) ->
-    (1, T, Hq, Dv)."""
+    sequence attends to itself only, as flash-attn's path runs them (the causal mask and the
+    window bottom-right aligned in each sequence). query (1, Hq, T, D) -> (1, T, Hq, Dv)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None or cu_k is None:
         raise ValueError("attn_implementation='fastattn' needs both cu_seq_lens_q and "
@@ -92,19 +137,16 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     if query.shape[0] != 1:
         raise ValueError(f"cu_seq_lens_q / _k describe one packed row, but the batch has "
                          f"{query.shape[0]} rows")
-    window = kwargs.get("sliding_window")
     lengths = (cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1])
     max_q, max_k = (kwargs.get(name) for name in ("max_length_q", "max_length_k"))
     max_q, max_k = (int(m) if m is not None else int(n.max()) if n.numel() else 0
                     for m, n in zip((max_q, max_k), lengths))
-    if window is not None and max_k > window:
-        raise ValueError(f"attn_implementation='fastattn' cannot apply sliding_window={window} to "
-                         f"packed sequences (cu_seq_lens_q / _k) of up to {max_k} keys yet; use "
-                         "attn_implementation='eager' or pass a padded batch")
+    window = _window_size(kwargs.get("sliding_window"), is_causal)
     # (1, H, T, D) -> (T, H, D)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     out = varlen_attention(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
-                           causal=is_causal, dropout_p=dropout, scale=scaling)
+                           causal=is_causal, dropout_p=dropout, scale=scaling,
+                           window_size=window, bottom_right=True, **_score_modifiers(kwargs))
     return out[None]  # (T, Hq, Dv) -> (1, T, Hq, Dv)
 
 
@@ -114,9 +156,12 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                       position_bias: Optional[Tensor] = None,
                       **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature. query (B, Hq, L, D), key / value (B, Hkv, S, D)
-    (GQA handled in the kernel, no repeat_kv copies); attention_mask bool or additive float,
-    broadcastable to (B, Hq, L, S), or None. Returns (B, L, Hq, Dv) and no attention weights.
-    Every keyword is applied or refused with a ValueError naming it (the table above)."""
+    (GQA handled in the kernel, no repeat_kv copies); attention_mask: a (B, S) key-padding mask
+    from attention_mask() below (causal, its window, bottom-right aligned: query i sees keys
+    j <= i + S - L), bool or additive float broadcastable to (B, Hq, L, S) (the whole pattern), or
+    None (is_causal, bottom-right aligned, and sliding_window). Returns (B, L, Hq, Dv) and no
+    attention weights. Every keyword is applied or refused with a ValueError naming it (the table
+    above)."""
     _check_keywords(module, kwargs)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -127,27 +172,86 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         return _packed_attention(module, query, key, value, bool(is_causal), dropout, scaling,
                                  kwargs), None
     window = kwargs.get("sliding_window")
-    if window is not None and attention_mask is None and key.shape[2] > window:
-        raise ValueError(f"sliding_window={window} with {key.shape[2]} keys and no attention_mask: "
-                         "fastattn applies the window through the mask, so build the model with "
-                         "attn_implementation='fastattn' after fastattn.integrations.transformers."
-                         "register() (it registers the mask builder too)")
-    # A mask, when given, already holds the causal pattern; one query row (decoding) sees all keys.
-    is_causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
+    if attention_mask is not None and attention_mask.dim() == 2:
+        window, padded = _causal_spec(module, attention_mask)
+        is_causal = True
+        # (B, S) -> (B, 1, 1, S), the key-padding form; None when no key is padding
+        attention_mask = attention_mask[:, None, None, :] if padded else None
+    elif attention_mask is not None:
+        is_causal, window = False, None  # a dense mask holds the whole pattern
+    is_causal = bool(is_causal)
     if position_bias is not None:
         attention_mask = _with_position_bias(position_bias, attention_mask)
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                        dropout_p=dropout, is_causal=is_causal, scale=scaling,
-                                       enable_gqa=query.shape[1] != key.shape[1])
+                                       enable_gqa=query.shape[1] != key.shape[1],
+                                       window_size=_window_size(window, is_causal),
+                                       bottom_right=query.shape[2] != key.shape[2],
+                                       **_score_modifiers(kwargs))
     return out.transpose(1, 2).contiguous(), None  # (B, Hq, L, Dv) -> (B, L, Hq, Dv)
 
 
+def _closure_value(fn, like, name: str):
+    """The value `fn` closes over as `name` when `fn` runs the code of the function `like`, else
+    None."""
+    code = getattr(fn, "__code__", None)
+    if code is None or code is not like.__code__ or name not in code.co_freevars:
+        return None
+    return fn.__closure__[code.co_freevars.index(name)].cell_contents
+
+
+def _causal_window(masking_utils, mask_function) -> Optional[int]:
+    """0 for transformers' causal mask function, W for its sliding-window causal one
+    (sliding_window_causal_mask_function(W): a query sees its own key and the W - 1 before it),
+    None for any other (a pattern or'ed / and'ed on, packed sequences, chunks, ...)."""
+    if mask_function is masking_utils.causal_mask_function:
+        return 0
+    parts = _closure_value(mask_function, masking_utils.sliding_window_causal_mask_function(1),
+                           "mask_functions")
+    if (not isinstance(parts, tuple) or len(parts) != 2
+            or parts[1] is not masking_utils.causal_mask_function):
+        return None
+    window = _closure_value(parts[0], masking_utils.sliding_window_overlay(1), "sliding_window")
+    return window if type(window) is int and window >= 1 else None
+
+
+def _causal_key_mask(masking_utils, batch_size: int, q_length: int, kv_length: int,
+                     q_offset=0, kv_offset=0, mask_function=None,
+                     attention_mask: Optional[Tensor] = None, local_size=None, device="cpu",
+                     **_) -> Optional[Tensor]:
+    """For a causal or sliding-window causal pattern whose last query and last key are one
+    position (q_offset + L == kv_offset + S: no cache, a dynamic or sliding-window cache; not a
+    static cache's longer buffer), the (B, S) bool key-padding mask tagged with its window (the
+    kernel applies the rest); else None. attention_mask: transformers' 2-D padding mask (B, >= S)
+    over absolute key positions, or None."""
+    window = _causal_window(masking_utils, mask_function)
+    aligned = (type(q_offset) is int and type(kv_offset) is int
+               and q_offset + q_length == kv_offset + kv_length)
+    if window is None or not aligned or local_size not in (None, window or None):
+        return None
+    if attention_mask is None:
+        keys = torch.ones((), dtype=torch.bool, device=device).expand(batch_size, kv_length)
+    else:
+        keys = attention_mask.to(device=device, dtype=torch.bool)
+        if (missing := kv_offset + kv_length - keys.shape[-1]) > 0:  # padded as transformers does
+            keys = nn.functional.pad(keys, (0, missing))
+        keys = keys[:, kv_offset:kv_offset + kv_length]  # (B, >= S) -> (B, S)
+    setattr(keys, _CAUSAL_SPEC, (window or None, attention_mask is not None))
+    return keys
+
+
 def attention_mask(**kwargs) -> Optional[Tensor]:
-    """transformers' mask-builder signature: the SDPA boolean mask, or None when the kernel needs
-    none (plain causal, or no padding); padding-only bidirectional masks as (B, 1, 1, S)."""
+    """transformers' mask-builder signature: a tagged (B, S) key-padding mask for causal and
+    sliding-window causal patterns (see _causal_key_mask); else the SDPA boolean mask, always built
+    for causal patterns (attention_forward reads None as a causal mask bottom-right aligned, which
+    a static cache's prefill is not), None for a bidirectional one without padding, and a
+    padding-only bidirectional mask as (B, 1, 1, S)."""
     from transformers import masking_utils
 
-    mask = masking_utils.sdpa_mask(**kwargs)
+    keys = _causal_key_mask(masking_utils, **kwargs)
+    if keys is not None:
+        return keys
+    mask = masking_utils.sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
     bidirectional = kwargs.get("mask_function") is masking_utils.bidirectional_mask_function
     if mask is not None and bidirectional and kwargs.get("local_size") is None:
         # Every query row of a padding-only mask is the same key mask: keep one row.
