@@ -10,12 +10,12 @@ from .layer_norm import add_layer_norm, layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("integrations", "models")  # loaded on first attribute access
+_LAZY_SUBMODULES = ("flash_attn", "integrations", "models")  # loaded on first attribute access
 
 
 def __getattr__(name):
-    """fastattn.models and fastattn.integrations, imported on first use (so `import fastattn`
-    imports neither Triton nor transformers)."""
+    """fastattn.models, fastattn.integrations and fastattn.flash_attn, imported on first use (so
+    `import fastattn` imports neither Triton nor transformers)."""
     if name in _LAZY_SUBMODULES:
         import importlib
 
@@ -38,6 +38,7 @@ def unpatch(model):
     return _unpatch(model)
 
 
-__all__ = ["add_layer_norm", "backend", "bert_embeddings", "checking", "embedding", "gpt_embeddings",
-           "integrations", "layer_norm", "models", "nn", "pad", "patch", "record_backends", "rms_norm",
-           "scaled_dot_product_attention", "unpad", "unpatch", "varlen_attention"]
+__all__ = ["add_layer_norm", "backend", "bert_embeddings", "checking", "embedding", "flash_attn",
+           "gpt_embeddings", "integrations", "layer_norm", "models", "nn", "pad", "patch",
+           "record_backends", "rms_norm", "scaled_dot_product_attention", "unpad", "unpatch",
+           "varlen_attention"]
