@@ -1,5 +1,6 @@
 """Fused scaled-dot-product attention: FlashAttention-2 forward and backward Triton kernels, with
-attention masks, dropout and packed variable-length batches.
+attention masks, dropout, packed variable-length batches and flash-attn's score modifiers (local
+windows, bottom-right causal, softcap, ALiBi, learnable sinks).
 
 Shapes (GQA: each kv head serves GROUP = Hq // Hkv consecutive query heads, torch's enable_gqa rule
 "query head h reads kv head h // GROUP"):
@@ -15,8 +16,11 @@ Inputs may have any strides (e.g. Hugging Face's (B, N, H, D).transpose(1, 2) vi
 takes all four strides of every 4-D tensor, so nothing is copied. Head dims need not be powers of
 two: tiles are padded to BLOCK_D = next_power_of_2(D) in registers and the loads are masked.
 
-One kernel per pass; what a call needs is chosen by constexpr flags, so a call without a mask or
-dropout compiles to the plain kernel:
+One kernel per pass; what a call needs is chosen by constexpr flags, so a call without a mask,
+dropout or score modifier compiles to the plain kernel:
+    WINDOW_RIGHT, WINDOW_LEFT  keys bounded on the right (causal, or a window's right side) / left
+    SOFTCAP, HAS_ALIBI       the score modifiers softcap * tanh(s / softcap), -slope * |j - i - off|
+    HAS_SINKS                (forward, preprocess) a sink logit per head in the softmax
     HAS_MASK, MASK_IS_BOOL   an attn_mask, boolean (True = takes part) or additive float
     KEY_PADDING              the mask is a boolean per-batch key padding mask (B, 1, 1, S)
     HAS_DROPOUT              dropout on the attention probabilities
@@ -31,18 +35,29 @@ Forward (grid (cdiv(L, BLOCK_M), Hq, B): one program per block of BLOCK_M query 
     hardware instruction), and the base-2 lse is converted to natural log only when stored
     (lse = lse2 * ln 2).
 
-Masking. Causal masking (torch's top-left alignment, also when L != S): query i sees keys j <= i.
-The key loop of a query block [m0, m0 + BLOCK_M) is split in two phases: key blocks that every row
-sees in full (no element mask, the fast path), then the diagonal block(s) and the ragged last block
-at S, where a per-element mask is applied. Key blocks entirely above the diagonal are never visited.
-An attn_mask is read tile by tile through its four strides, 0 on broadcast dims, so a (L, S) or
-(B, 1, 1, S) mask is never expanded; it applies in both phases, together with the causal mask.
-A bool mask hides the pairs where it is False; a float mask is added to the scores, and its -inf
-entries hide their pairs. Hidden scores are set to a large negative *finite* value (no inf - inf =
-NaN) and their probabilities forced to exactly 0, so a row that sees no key at all ends with l = 0:
-it gets out = 0 and lse = -inf, and the backward (which reads lse = -inf as "P = 0") gives it zero
-gradients. Finite float-mask values are clamped at -3e29 so that torch.finfo(dtype).min "masks"
-stay finite: a row hidden only by them gets torch's uniform attention, not 0.
+Which keys a query sees (WINDOW_RIGHT / WINDOW_LEFT, runtime window_left / window_right /
+bottom_right, see _diagonals): key j of query i takes part iff i + off - left <= j <= i + off +
+right, off = S - L when bottom-right aligned (flash-attn's; per sequence for varlen), else 0
+(torch's top-left causal); causal is right = 0, and an unbounded side has no flag. The key loop of a
+query block [m0, m0 + BLOCK_M) runs in up to three phases (_key_block_bounds): the blocks at the
+window's left edge (masked), the blocks every row sees in full (no element mask, the fast path),
+and the blocks at its right edge - the causal diagonal - and the ragged last block at S (masked).
+Key blocks wholly outside every row's window are never visited; the dK/dV loop over query blocks
+mirrors this (_query_block_bounds).
+
+Scores (_scores, in flash-attn's order): qk * scale, capped to softcap * tanh(qk * scale / softcap)
+(SOFTCAP; numerics.tanh), minus slope * |j - (i + off)| (HAS_ALIBI, from the (B, Hq) slopes,
+never materialised), plus an attn_mask, read tile by tile through its four strides (0 on
+broadcast dims, so a (L, S) or (B, 1, 1, S) mask is never expanded): a bool mask hides the pairs
+where it is False, a float mask is added, its -inf entries hiding their pairs. Hidden pairs score
+-inf and the running row max starts at a finite value (_ROW_MAX_START), so their probabilities are
+exactly 0, and a row that sees no key at all ends with l = 0: it gets out = 0 and lse = -inf, and
+the backward (which reads such a row's lse as +inf, "P = 0") gives it zero gradients. Finite
+float-mask values are clamped at -3e29 so that torch.finfo(dtype).min "masks" stay finite: a row
+hidden only by them gets torch's uniform attention, not 0. Sinks (HAS_SINKS) join each row's
+softmax normaliser once, after the key loop: l += exp(sink - m) (the lse includes the sink, a row
+that sees no key gets out = 0); the backward's d(sink) = -sum_rows exp(sink - lse) * delta comes
+from the preprocess kernel, in per-block parts summed by the launcher (deterministic).
 
 Key-padding fast path: for a boolean (B, 1, 1, S) mask the launchers list, per batch, the key blocks
 that hold at least one visible key (and running counts of them per block); the forward and dQ loops
@@ -65,14 +80,15 @@ batch stride 0). Programs past the end of their sequence return at once.
 Backward (FlashAttention-2): with P = softmax(s) recomputed from the saved lse and Z the dropout
 keep-mask scaled by 1 / (1 - p) (1 without dropout),
     dV = (P * Z)^T @ dO,    dP = (dO @ V^T) * Z,    dS = P * (dP - delta),   delta = rowsum(dO * O),
-    dQ = scale * dS @ K,    dK = scale * dS^T @ Q,  d(additive mask) = dS.
-Three kernels: a preprocess computing delta; a dK/dV kernel that owns one key block of one kv head
-and loops over the query blocks of all GROUP query heads that read it (so the GQA reduction over
-heads happens in registers, no atomics); a dQ kernel that owns one query block and loops over key
+    dQ = scale * dS' @ K,   dK = scale * dS'^T @ Q, d(additive mask) = dS,
+with dS' = dS * (1 - tanh^2) under a softcap (dS otherwise). Three kernels: a preprocess computing
+delta (and the base-2 lse the loops read, and the sinks' gradient); a dK/dV kernel that owns one
+key block of one kv head and loops over the query blocks of all GROUP query heads that read it (so
+the GQA reduction over heads happens in registers, no atomics); a dQ kernel that owns one query block and loops over key
 blocks (and, for a float mask that needs a gradient, writes dS to a full (B, Hq, L, S) fp32 buffer
 that the launcher sums over the mask's broadcast dims). Both recompute (P, dS) with the same
 helper, the dK/dV kernel in transposed (key-major) orientation so that P^T and dS^T come out
-directly as the left operands of its products. Both reuse the forward's causal loop split. No float
+directly as the left operands of its products. Both reuse the forward's loop phases. No float
 atomics anywhere, so the backward is deterministic (bitwise reproducible run to run).
 
 K and V in the forward (KV_TMA): on Hopper (configs.attention_kv_descriptors) each program makes
@@ -199,12 +215,16 @@ def _head_rows(base, off_b, off_h, start, stride_b, stride_h, stride_row):
 
 
 @triton.jit
-def _load_lse2(lse_ptrs, valid):
-    """Base-2 logsumexp of some query rows. A row that saw no key (lse = -inf), and a row past the
-    end (not loaded), read +inf, so that its recomputed P = exp2(s - lse2) is exactly 0 (not
-    exp2(+inf), nor a probability of a row that does not exist)."""
-    lse2 = tl.load(lse_ptrs, mask=valid, other=float("inf")) * _LOG2E
-    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
+def _load_lse2(lse2_ptrs, valid, HAS_ALIBI: tl.constexpr):
+    """The backward's base-2 logsumexp of some query rows (Lse2, written by the preprocess kernel:
+    +inf for a row that saw no key, so that its recomputed P = exp2(s - lse2) is exactly 0, not
+    exp2(+inf)). Rows past the end read 0: with q = dO = delta = 0 there they add exactly 0 to
+    every gradient, as P = exp2(bias) is finite; with ALiBi they read +inf (P = 0), as a negative
+    slope's bias could overflow exp2. (A zero `other` is free: the load zeroes the register.)"""
+    if HAS_ALIBI:
+        return tl.load(lse2_ptrs, mask=valid, other=float("inf"))
+    else:
+        return tl.load(lse2_ptrs, mask=valid, other=0.0)
 
 
 # The score-tile helpers below work in either orientation: the caller passes the dot operands and
@@ -393,7 +413,8 @@ def _query_block_bounds(n0, L, m_hi, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr
     Query i sees key j iff j - diag_hi <= i <= j - diag_lo; a query block [m, m + BLOCK_M) sees all
     of the key block when m >= n0 + BLOCK_N - 1 - diag_hi and m + BLOCK_M - 1 <= n0 - diag_lo.
     Query rows past L and key rows past S need no mask in the unmasked phase: rows past L load
-    q = dO = 0 and lse = +inf (so contribute exactly 0 to dK, dV), and keys past S are never stored.
+    q = dO = delta = 0 (so contribute exactly 0 to dK, dV; see _load_lse2), and keys past S are
+    never stored.
     """
     if WINDOW_RIGHT:
         m_lo = (tl.maximum(n0 - diag_hi, 0) // BLOCK_M) * BLOCK_M
@@ -404,9 +425,10 @@ def _query_block_bounds(n0, L, m_hi, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr
     if WINDOW_LEFT:
         m_hi = tl.minimum(tl.maximum(n0 + BLOCK_N - diag_lo, 0), m_hi)
         m_full_hi = (tl.maximum(n0 - diag_lo + 1, 0) // BLOCK_M) * BLOCK_M
-    else:
-        m_full_hi = m_hi
-    return _block_phases(m_lo, m_full_lo, m_full_hi, m_hi, BLOCK_M)
+        return _block_phases(m_lo, m_full_lo, m_full_hi, m_hi, BLOCK_M)
+    else:  # two phases, [m_lo, m_full_lo) and [m_full_lo, m_hi): fewer values live in the loop
+        m_full_lo = tl.minimum(m_full_lo, m_hi)
+        return m_lo, m_full_lo, m_hi, m_hi
 
 
 # --------------------------------------------------------------------------------------------------
@@ -697,7 +719,8 @@ def _attn_bwd_preprocess_kernel(
     OutLo,  # as Out (its strides): the forward's rounding residual of Out (HAS_LO)
     dO,  # same shape as Out
     Delta,  # laid out as Lse: (B, Hq, L), or (Hq, Tq), float32
-    Lse,  # laid out as Delta (HAS_SINKS)
+    Lse,  # (B, Hq, L), or (Hq, Tq): float32, natural log (the forward's)
+    Lse2,  # laid out as Delta: the backward's lse, base 2, +inf where lse = -inf
     Sinks,  # (Hq,) sink logits (HAS_SINKS)
     dSinksPart,  # (Hq, B, cdiv(L, BLOCK_M)) float32: each program's part of d(sinks) (HAS_SINKS)
     CuSeqlensQ,  # (B + 1,) int32 (IS_VARLEN)
@@ -715,6 +738,10 @@ def _attn_bwd_preprocess_kernel(
     """delta = rowsum(dO * O) = rowsum(P * dP), the softmax-backward correction term. O is the
     fp32 output, Out + OutLo, when the forward stored its residual: delta from a rounded fp16 /
     bf16 Out errs by rowsum(dO * rounding error), and every dQ / dK entry inherits that.
+
+    Also lse2 = lse * log2(e), the form the dK/dV and dQ loops read, with a row that saw no key
+    (lse = -inf) at +inf, so that their P = exp2(s - lse2) is exactly 0 there (one conversion per
+    row here, instead of one per row and query block in the dK/dV loop).
 
     With sinks, also this block's part of d(sink) = -sum over rows of P(sink) * delta, where
     P(sink) = exp(sink - lse) (the sink's dS: its dP is 0, it has no value), summed by the launcher
@@ -735,9 +762,12 @@ def _attn_bwd_preprocess_kernel(
     delta = tl.sum(o * do, 1)
     delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
     tl.store(delta_base + offs_m, delta, mask=offs_m < L)
+    lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
+    lse2 = tl.load(lse_base + offs_m, mask=offs_m < L, other=float("inf")) * _LOG2E
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # +inf past L too: P = 0
+    lse2_base = _head_rows(Lse2, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
+    tl.store(lse2_base + offs_m, lse2, mask=offs_m < L)
     if HAS_SINKS:
-        lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
-        lse2 = _load_lse2(lse_base + offs_m, offs_m < L)  # +inf past L: P(sink) = 0
         sink2 = tl.load(Sinks + off_h).to(tl.float32) * _LOG2E
         part = -tl.sum(tl.exp2(sink2 - lse2) * delta, 0)
         program = (off_h * tl.num_programs(2) + off_b) * tl.num_programs(0) + pid_m
@@ -821,8 +851,8 @@ def _attn_bwd_dkdv_inner(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT = _load_dot_operand(q_base, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
         do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
-        # Rows past L read lse = +inf (P = 0), delta = 0, q = dO = 0: they add exactly 0 below.
-        lse2 = _load_lse2(lse_base + offs_m, offs_m < L)
+        # Rows past L read q = dO = delta = 0 (and lse2 0 or +inf): they add exactly 0 below.
+        lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_ALIBI)
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
         pT, _, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
                                     offs_m[None, :], offs_n[:, None], n0, L, S, diag_lo, diag_hi,
@@ -851,8 +881,8 @@ def _attn_bwd_dkdv_kernel(
     K,  # (B, Hkv, S, D), or (Tk, Hkv, D)
     V,  # (B, Hkv, S, Dv), or (Tk, Hkv, Dv)
     dO,  # shaped as Out
-    Lse,  # (B, Hq, L), or (Hq, Tq): float32, natural log, unit stride along the query rows
-    Delta,  # laid out as Lse
+    Lse2,  # (B, Hq, L), or (Hq, Tq): float32, the preprocess kernel's base-2 lse, unit row stride
+    Delta,  # laid out as Lse2
     dK,  # shaped as K
     dV,  # shaped as V
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
@@ -928,7 +958,7 @@ def _attn_bwd_dkdv_kernel(
         off_h = off_hkv * GROUP + g  # query heads off_hkv * GROUP ... + GROUP - 1 read this kv head
         q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
         do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
-        lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+        lse_base = _head_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
         delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
         mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
         seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
@@ -1009,8 +1039,8 @@ def _attn_bwd_dq_kernel(
     K,  # (B, Hkv, S, D), or (Tk, Hkv, D)
     V,  # (B, Hkv, S, Dv), or (Tk, Hkv, Dv)
     dO,  # shaped as Out
-    Lse,  # (B, Hq, L), or (Hq, Tq): float32, natural log, unit stride along the query rows
-    Delta,  # laid out as Lse
+    Lse2,  # (B, Hq, L), or (Hq, Tq): float32, the preprocess kernel's base-2 lse, unit row stride
+    Delta,  # laid out as Lse2
     dQ,  # shaped as Q
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
     dMask,  # (B, Hq, L, S) float32, zero-initialised: dS (MASK_GRAD)
@@ -1068,7 +1098,7 @@ def _attn_bwd_dq_kernel(
     do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
     k_base = _head_rows(K, off_b, off_hkv, k_start, stride_kb, stride_kh, stride_ks)
     v_base = _head_rows(V, off_b, off_hkv, k_start, stride_vb, stride_vh, stride_vs)
-    lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+    lse_base = _head_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
     delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
     dmask_base = _head_rows(dMask, off_b, off_h, 0, stride_dmb, stride_dmh, 0)
@@ -1078,7 +1108,7 @@ def _attn_bwd_dq_kernel(
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
     do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
-    lse2 = _load_lse2(lse_base + offs_m, offs_m < L)
+    lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_ALIBI)
     delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -1293,7 +1323,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     timing launch may repeat). Returns d(sinks) (Hq,) fp32 with mods["sinks"], else None."""
     varlen = cu_seqlens is not None
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
-    delta = torch.empty_like(lse)
+    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
     cfg = attention_bwd_candidates(max(D, Dv), q.dtype, q.device, dropout_p > 0.0)
     mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)
     alibi, alibi_strides, mod_scalars, mod_flags = _mod_args(is_causal, mods, lse)
@@ -1309,7 +1339,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
 
     def launch_dkdv(dkdv: dict) -> None:
         _attn_bwd_dkdv_kernel[(triton.cdiv(S, dkdv["BLOCK_N"]) * dkdv["SPLIT"], Hkv, B)](
-            q, k, v, do, lse, delta, dk, dv, mask, cu_q, cu_k, alibi,
+            q, k, v, do, lse2, delta, dk, dv, mask, cu_q, cu_k, alibi,
             *sizes,
             *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
             *mask_strides, *alibi_strides,
@@ -1320,7 +1350,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     def launch_dq(dq_cfg: dict) -> None:
         blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, dq_cfg["BLOCK_N"], lse)
         _attn_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
-            q, k, v, do, lse, delta, dq, mask, dmask if mask_grad else lse, blocks, counts,
+            q, k, v, do, lse2, delta, dq, mask, dmask if mask_grad else lse, blocks, counts,
             cu_q, cu_k, alibi,
             *sizes, n_blocks,
             *qkv_strides, *_strides4(dq, varlen), *stat_strides, *mask_strides, *alibi_strides,
@@ -1336,7 +1366,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
         dsinks_part = (torch.empty((Hq, B * pre_grid[0]), dtype=torch.float32, device=q.device)
                        if sinks is not None else None)
         _attn_bwd_preprocess_kernel[pre_grid](
-            out, out if out_lo is None else out_lo, do, delta, lse,
+            out, out if out_lo is None else out_lo, do, delta, lse, lse2,
             lse if sinks is None else sinks, lse if sinks is None else dsinks_part, cu_q,
             sizes[1], Dv,
             *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
