@@ -21,10 +21,11 @@ Installed from a wheel it is `fastattn-bench` (every option the same; default ou
    model sizes, fp32, fwd and fwd+bwd: time and peak-memory ratios, and import + first call in a
    fresh process, against their targets (bench/cpu_path.py).
 5. Ceilings (GPU): this device's copy bandwidth and bf16 matmul rate, measured in the same run.
-6. Sweep: each case against its peers (torch SDPA's backends and FlexAttention; F.layer_norm /
-   F.rms_norm and their torch.compile'd versions; F.embedding and the eager compositions): ms
-   (median, p20-p80), TFLOP/s or GB/s, % of the ceiling, speedup over each peer (~ where the two
-   timings' spreads overlap), peak memory.
+6. Sweep: each case against its peers (torch SDPA's backends, with the equivalent dense mask for
+   the window and ALiBi score modifiers, the eager composition for softcap, and FlexAttention with
+   the same mask_mod / score_mod; F.layer_norm / F.rms_norm and their torch.compile'd versions;
+   F.embedding and the eager compositions): ms (median, p20-p80), TFLOP/s or GB/s, % of the
+   ceiling, speedup over each peer (~ where the two timings' spreads overlap), peak memory.
 7. Targets: fastattn's performance targets as ratios from this run, and how far each falls short.
 8. Writes DIR/summary.md (what is printed, with every column of the tables), results.json and
    results.csv (the records; schema in bench/report.py) and DIR/<family>.png plots.

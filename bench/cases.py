@@ -4,9 +4,15 @@ work it does, its peers in the sweep, and the sizes swept on each kind of machin
 
 Work counted per case (the same figure for every implementation, so the ratios are time ratios):
 
-    attention        FLOPs  fwd 4·B·H·L·S·D (x0.5 causal); bwd 2.5 x fwd; fwd+bwd 3.5 x fwd.
+    attention        FLOPs  fwd 4·B·H·D·P, P the (query, key) pairs: L·S, L·S/2 causal (the
+                            softcap and ALiBi cases are causal); bwd 2.5 x fwd; fwd+bwd 3.5 x fwd.
                             The padding-mask case counts the dense L x S work: skipping padded
-                            keys shows up as speed.
+                            keys shows up as speed. The sliding-window case (each query i sees
+                            keys i - W + 1 .. i) counts the visible pairs alone,
+                            P = Σ_i |[i - W + 1, i] ∩ [0, S)| = N·W - W(W - 1)/2 for L = S = N >= W,
+                            however many an implementation computes: skipping the blocks outside
+                            the window shows up as speed over peers that compute them (SDPA with
+                            the dense mask).
     layer_norm,      bytes  fwd 2·M·N·e (read x, write y); bwd 3·M·N·e (read x, dy; write dx)
       rms_norm
     add_layer_norm   bytes  fwd 4·M·N·e (read x, residual; write y, h); bwd 3·M·N·e
@@ -121,30 +127,80 @@ def compiled(fn: Fn) -> Fn:
 
 # ---- attention ----
 #
-# size: B, H (query heads), Hkv, L (queries), S (keys), D (head dim). Sweeps keep B·N = 16384
-# tokens and H·D = 2048 (flash-attention's benchmark convention), so every sequence length fills
-# the GPU the same way.
+# size: B, H (query heads), Hkv, L (queries), S (keys), D (head dim); the score-modifier ops also W
+# (attention_window: each query sees its W latest keys, itself included: window_size (W - 1, 0)
+# with is_causal) or softcap (attention_softcap: the cap c, s -> c·tanh(s / c)). Sweeps keep
+# B·N = 16384 tokens and H·D = 2048 (flash-attention's benchmark convention), so every sequence
+# length fills the GPU the same way.
 
 # The peers' names, "torch <name>", and torch.nn.attention.SDPBackend's names for them.
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
-MATH_MAX_SCORES = 2**30  # math backend skipped above this many B·H·L·S scores (time, memory)
+MATH_MAX_SCORES = 2**30  # math backend and eager skipped above this many B·H·L·S scores
+GEMMA2_SOFTCAP = 50.0  # Gemma 2's attention logit cap
 
 
 def _attention_size(n: int, d: int, gqa: bool = False, tokens: int = 16384,
-                    width: int = 2048) -> dict:
+                    width: int = 2048, **mod) -> dict:
     h = width // d
-    return dict(B=max(1, tokens // n), H=h, Hkv=h // 4 if gqa else h, L=n, S=n, D=d)
+    return dict(B=max(1, tokens // n), H=h, Hkv=h // 4 if gqa else h, L=n, S=n, D=d, **mod)
 
 
 def _attention_label(s: dict) -> str:
     seq = f"N{s['L']}" if s["L"] == s["S"] else f"L{s['L']} S{s['S']}"
     heads = f"H{s['H']}" + (f"/{s['Hkv']}" if s["Hkv"] != s["H"] else "")
-    return f"B{s['B']} {heads} {seq} D{s['D']}"
+    mod = (f" W{s['W']}" if "W" in s else "") + (f" cap{s['softcap']:g}" if "softcap" in s else "")
+    return f"B{s['B']} {heads} {seq} D{s['D']}{mod}"
 
 
-def _attention_op(name: str, causal: bool = False, mask: bool = False, gqa: bool = False) -> Op:
-    """One attention variant: plain, causal, a BERT key-padding mask, or grouped-query heads."""
+def alibi_slopes(h: int, device: str) -> Tensor:
+    """ALiBi's head slopes 2^(-8(i+1)/h), i = 0 .. h-1 (Press et al.): (h,) fp32."""
+    return torch.exp2(-8 * torch.arange(1, h + 1, device=device, dtype=torch.float32) / h)
+
+
+def _band(L: int, S: int, left: int, device: str) -> Tensor:
+    """(L, S) bool, True = attend: query i sees keys i - left .. i (top-left aligned; left = -1:
+    every key up to i, the causal mask). Built in place: no (L, S) index tensor."""
+    m = torch.ones(L, S, dtype=torch.bool, device=device).tril_()
+    return m.triu_(-left) if left >= 0 else m
+
+
+def _alibi_bias(slopes: Tensor, L: int, S: int, dtype: torch.dtype) -> Tensor:
+    """The dense float mask of causal ALiBi: -slope[h]·|j - i|, -inf where j > i: (1, H, L, S) in
+    dtype, computed in fp32 a head at a time."""
+    device = slopes.device
+    dist = (torch.arange(S, device=device, dtype=torch.float32)[None, :]
+            - torch.arange(L, device=device, dtype=torch.float32)[:, None]).abs_()  # (L, S)
+    hidden = ~_band(L, S, -1, device)
+    bias = torch.empty(1, slopes.numel(), L, S, dtype=dtype, device=device)
+    for h, slope in enumerate(slopes.tolist()):
+        bias[0, h] = (dist * -slope).masked_fill_(hidden, float("-inf"))
+    return bias
+
+
+def visible_pairs(L: int, S: int, left: int) -> int:
+    """The (query, key) pairs a causal window of keys i - left .. i sees: Σ_i |[i - left, i] ∩
+    [0, S)| (top-left aligned)."""
+    i = torch.arange(L, dtype=torch.int64)
+    return int((i.clamp(max=S - 1) - (i - left).clamp(min=0) + 1).clamp(min=0).sum())
+
+
+def _eager_softcap(t: Tensors) -> Tensor:
+    """Softcapped causal attention as eager PyTorch writes it (Hugging Face's Gemma 2): scores in
+    the input dtype, capped, masked, softmax in fp32."""
+    q, k, v, cap = t["q"], t["k"], t["v"], float(t["softcap"])
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, L, S)
+    s = torch.tanh(s / cap) * cap
+    s = s.masked_fill(~t["dense"], float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def _attention_op(name: str, causal: bool = False, mask: bool = False, gqa: bool = False,
+                  mod: str | None = None) -> Op:
+    """One attention variant: plain, causal, a BERT key-padding mask, grouped-query heads, or a
+    causal one with a score modifier (mod): "window", "softcap" or "alibi". The modifier ops'
+    torch is SDPA with the equivalent dense mask (window: the (L, S) band; alibi: the (1, H, L, S)
+    bias), or for softcap, which no mask expresses, the eager composition."""
     extra = {"enable_gqa": True} if gqa else {}
 
     def make(size, dtype, device, seed):
@@ -157,6 +213,16 @@ def _attention_op(name: str, causal: bool = False, mask: bool = False, gqa: bool
             t["lengths"] = torch.randint(max(1, S // 4), S + 1, (B,), generator=gen, device=device)
             keep = torch.arange(S, device=device) < t["lengths"][:, None]  # (B, S)
             t["mask"] = keep[:, None, None, :]  # (B, 1, 1, S) bool, True = attend
+        # A modifier's scalar rides along as a CPU tensor, read as a number in each call.
+        if mod == "window":
+            t["window"] = torch.tensor([size["W"] - 1, 0])  # (2,) int64: window_size (left, right)
+            t["dense"] = _band(L, S, size["W"] - 1, device)  # (L, S) bool, True = attend
+        elif mod == "softcap":
+            t["softcap"] = torch.tensor(float(size["softcap"]), dtype=torch.float64)  # ()
+            t["dense"] = _band(L, S, -1, device)  # (L, S) bool causal, for the eager composition
+        elif mod == "alibi":
+            t["slopes"] = alibi_slopes(H, device)  # (H,) fp32, no gradient
+            t["dense"] = _alibi_bias(t["slopes"], L, S, dtype)  # (1, H, L, S) float mask
         return Inputs(t, ("q", "k", "v"), _randn(gen, device, dtype, B, H, L, D))
 
     def ours(t):
@@ -164,17 +230,29 @@ def _attention_op(name: str, causal: bool = False, mask: bool = False, gqa: bool
                                                      attn_mask=t.get("mask"), is_causal=causal,
                                                      enable_gqa=gqa)
 
+    def ours_modded(t):
+        return fastattn.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal,
+                                                     **_fastattn_mods(t))
+
     def torch_sdpa(t):
+        if mod is not None:  # the dense mask holds the causal part too (SDPA takes one or other)
+            return F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=t["dense"])
         return F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=t.get("mask"),
                                               is_causal=causal, **extra)
+
+    theirs = _eager_softcap if mod == "softcap" else torch_sdpa
 
     def oracle(t):
         if mask:  # torch's math SDPA in float64 (fastattn.reference takes no mask)
             return torch_sdpa(t)
-        return reference.scaled_dot_product_attention(t["q"], t["k"], t["v"], causal)[0]
+        return reference.scaled_dot_product_attention(t["q"], t["k"], t["v"], causal,
+                                                      **_reference_mods(t))[0]
 
     def work(size, dtype):
-        fwd = 4 * size["B"] * size["H"] * size["L"] * size["S"] * size["D"] * (0.5 if causal else 1)
+        L, S = size["L"], size["S"]
+        pairs = (visible_pairs(L, S, size["W"] - 1) if mod == "window"
+                 else L * S * (0.5 if causal else 1))
+        fwd = 4 * size["B"] * size["H"] * size["D"] * pairs
         return fwd, 2.5 * fwd
 
     def peers(case, t, device, heavy_note):
@@ -187,12 +265,20 @@ def _attention_op(name: str, causal: bool = False, mask: bool = False, gqa: bool
             return run
 
         s = case.size
+        too_many = s["B"] * s["H"] * s["L"] * s["S"] > MATH_MAX_SCORES
         out = {}
-        for name, enum_name in SDPA_BACKENDS.items():
+        if mod == "softcap":  # no SDPA call computes it: the eager composition stands in
+            out["torch sdpa"] = "n/a: SDPA has no softcap, and no attn_mask is equivalent"
+            out["torch eager"] = ("n/a: skipped above 2^30 scores (eager materialises them)"
+                                  if too_many else _eager_softcap)
+            names = {}
+        else:
+            names = SDPA_BACKENDS
+        for name, enum_name in names.items():
             backend = getattr(SDPBackend, enum_name, None)
             if backend is None:
                 out[f"torch {name}"] = f"n/a: torch {torch.__version__} has no {name} backend"
-            elif name == "math" and s["B"] * s["H"] * s["L"] * s["S"] > MATH_MAX_SCORES:
+            elif name == "math" and too_many:
                 out[f"torch {name}"] = "n/a: skipped above 2^30 scores (math materialises them)"
             else:
                 out[f"torch {name}"] = in_backend(backend)
@@ -200,33 +286,86 @@ def _attention_op(name: str, causal: bool = False, mask: bool = False, gqa: bool
             out["torch flex"] = heavy_note or _flex(t, causal, gqa, device)
         return out
 
-    return Op(name, "attention", make, ours, torch_sdpa, oracle, work, peers, _attention_label)
+    return Op(name, "attention", make, ours if mod is None else ours_modded, theirs, oracle, work,
+              peers, _attention_label)
+
+
+def _fastattn_mods(t: Tensors) -> dict:
+    """The score modifiers in t as fastattn's keyword arguments."""
+    mods = {}
+    if "window" in t:
+        mods["window_size"] = tuple(t["window"].tolist())
+    if "softcap" in t:
+        mods["softcap"] = float(t["softcap"])
+    if "slopes" in t:
+        mods["alibi_slopes"] = t["slopes"]
+    return mods
+
+
+def _reference_mods(t: Tensors) -> dict:
+    """The score modifiers in t as fastattn.reference's keyword arguments."""
+    names = {"window_size": "window", "softcap": "softcap", "alibi_slopes": "alibi"}
+    return {names[k]: v for k, v in _fastattn_mods(t).items()}
+
+
+def flex_mods(t: Tensors, causal: bool) -> tuple[Callable | None, Callable | None]:
+    """FlexAttention's (score_mod, mask_mod) for the case in t: the padding mask, the causal
+    window or the causal mask as mask_mod; softcap or ALiBi as score_mod (on the scaled score,
+    as fastattn applies them)."""
+    mask_mod = score_mod = None
+    if "lengths" in t:
+        lengths = t["lengths"]
+
+        def mask_mod(b, h, q, kv):
+            return kv < lengths[b]
+    elif "window" in t:
+        left = int(t["window"][0])
+
+        def mask_mod(b, h, q, kv):
+            return (q >= kv) & (q - kv <= left)
+    elif causal:
+        def mask_mod(b, h, q, kv):
+            return q >= kv
+    if "softcap" in t:
+        cap = float(t["softcap"])
+
+        def score_mod(s, b, h, q, kv):
+            return torch.tanh(s / cap) * cap
+    elif "slopes" in t:
+        slopes = t["slopes"]
+
+        def score_mod(s, b, h, q, kv):
+            return s - slopes[h] * (q - kv).abs()
+    return score_mod, mask_mod
 
 
 def _flex(t: Tensors, causal: bool, gqa: bool, device: str) -> Fn | str:
-    """FlexAttention (compiled) with the case's causal or padding mask as a block mask."""
+    """FlexAttention (compiled) with the case's mask as a block mask and its modifier as
+    score_mod (flex_mods)."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return f"n/a: torch {torch.__version__} has no FlexAttention"
     B, _, L, _ = t["q"].shape
     S = t["k"].shape[2]
+    score_mod, mask_mod = flex_mods(t, causal)
     block_mask = None
-    if "lengths" in t:
-        lengths = t["lengths"]
-        block_mask = create_block_mask(lambda b, h, q, kv: kv < lengths[b], B, None, L, S,
-                                       device=device)
-    elif causal:
-        block_mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, L, S,
+    if mask_mod is not None:
+        block_mask = create_block_mask(mask_mod, B if "lengths" in t else None, None, L, S,
                                        device=device)
     flex = compiled(flex_attention)
-    return lambda t: flex(t["q"], t["k"], t["v"], block_mask=block_mask, enable_gqa=gqa)
+    return lambda t: flex(t["q"], t["k"], t["v"], score_mod=score_mod, block_mask=block_mask,
+                          enable_gqa=gqa)
 
 
 ATTENTION = _attention_op("attention")
 ATTENTION_CAUSAL = _attention_op("attention_causal", causal=True)
 ATTENTION_MASK = _attention_op("attention_padding_mask", mask=True)
 ATTENTION_GQA = _attention_op("attention_gqa", causal=True, gqa=True)
+ATTENTION_WINDOW = _attention_op("attention_window", causal=True, mod="window")
+ATTENTION_SOFTCAP = _attention_op("attention_softcap", causal=True, mod="softcap")
+ATTENTION_ALIBI = _attention_op("attention_alibi", causal=True, mod="alibi")
+SCORE_MOD_OPS = (ATTENTION_WINDOW, ATTENTION_SOFTCAP, ATTENTION_ALIBI)
 
 # ---- layer_norm / rms_norm / add_layer_norm ----
 #
@@ -349,8 +488,8 @@ BERT_EMBEDDINGS = _embedding_op(
     ("word", "pos", "type", "ln_w", "ln_b"), lambda T, N, V: 2 * T + N,
     lambda T, N, V: 2 * T + V + N)
 
-OPS = (ATTENTION, ATTENTION_CAUSAL, ATTENTION_MASK, ATTENTION_GQA, LAYER_NORM, RMS_NORM,
-       ADD_LAYER_NORM, EMBEDDING, GPT_EMBEDDINGS, BERT_EMBEDDINGS)
+OPS = (ATTENTION, ATTENTION_CAUSAL, ATTENTION_MASK, ATTENTION_GQA, *SCORE_MOD_OPS, LAYER_NORM,
+       RMS_NORM, ADD_LAYER_NORM, EMBEDDING, GPT_EMBEDDINGS, BERT_EMBEDDINGS)
 FAMILIES = ("attention", "norm", "embedding")
 
 # ---- what is checked and swept ----
@@ -364,6 +503,14 @@ PARITY_SIZES = {
                          dict(B=1, H=2, Hkv=2, L=100, S=37, D=40)],
     "attention_padding_mask": [dict(B=2, H=3, Hkv=3, L=17, S=29, D=64)],
     "attention_gqa": [dict(B=2, H=4, Hkv=2, L=33, S=33, D=64)],
+    # Small enough for the CPU's quick check; big enough that the window skips key and query
+    # blocks of the interpreter's tiles, and that a cap of 2 bends the unit-variance scores.
+    "attention_window": [dict(B=1, H=2, Hkv=2, L=100, S=100, D=32, W=24),
+                         dict(B=2, H=3, Hkv=3, L=45, S=77, D=40, W=7)],
+    "attention_softcap": [dict(B=1, H=2, Hkv=2, L=50, S=50, D=64, softcap=2.0),
+                          dict(B=1, H=2, Hkv=2, L=100, S=37, D=40, softcap=GEMMA2_SOFTCAP)],
+    "attention_alibi": [dict(B=1, H=4, Hkv=4, L=50, S=50, D=32),
+                        dict(B=1, H=2, Hkv=2, L=100, S=37, D=40)],
     "layer_norm": [dict(M=19, N=768), dict(M=37, N=97), dict(M=5, N=4099)],
     "rms_norm": [dict(M=19, N=768), dict(M=37, N=97), dict(M=5, N=4099)],
     "add_layer_norm": [dict(M=19, N=768), dict(M=5, N=4099)],
@@ -395,24 +542,45 @@ CPU_SIZES = {  # per op family, three sizes along the plots' x axis (interpreter
 PROFILES = ("full", "quick", "cpu", "cpu-quick")
 
 
+def _cpu_size(op: Op, size: dict) -> dict:
+    """A CPU_SIZES size for op: grouped-query heads (4 over 2), a window of a quarter of the
+    keys, Gemma 2's softcap."""
+    extra = {"attention_gqa": dict(H=4), "attention_window": dict(W=size.get("S", 0) // 4),
+             "attention_softcap": dict(softcap=GEMMA2_SOFTCAP)}
+    return {**size, **extra.get(op.name, {})}
+
+
+SWEEP_MODS = {"attention_window": dict(W=4096), "attention_softcap": dict(softcap=GEMMA2_SOFTCAP),
+              "attention_alibi": {}}  # the GPU sweeps' settings: a 4096-key window, Gemma 2's cap
+
+
+def _score_mod_cases(seqs: tuple[tuple[int, ...], ...],
+                     flex_at: tuple[int | None, ...] = (None, None, None)) -> list[Case]:
+    """SCORE_MOD_OPS, d128 bf16 with SWEEP_MODS: each op (in order) at its lengths in seqs,
+    FlexAttention timed at its length in flex_at (None: at none)."""
+    return [Case(op, _attention_size(n, 128, **SWEEP_MODS[op.name]), torch.bfloat16,
+                 flex=n == at) for op, ns, at in zip(SCORE_MOD_OPS, seqs, flex_at) for n in ns]
+
+
 def sweep_cases(profile: str) -> list[Case]:
-    """The sweep, family by family, each family's headline cases (the README targets) first.
-    profile: "full" (GPU: 29 attention, 13 norm and 7 embedding cases, about 4 minutes with
-    compiles), "quick" (GPU: 2 or 3 sizes of fewer ops, without compiled peers), "cpu" (every op
+    """The sweep, family by family, each family's headline cases (the README targets) first, the
+    attention score modifiers (sliding window, softcap, ALiBi) next.
+    profile: "full" (GPU: 38 attention, 13 norm and 7 embedding cases, FlexAttention compiled in
+    5 of them), "quick" (GPU: 2 or 3 sizes of fewer ops, without compiled peers), "cpu" (every op
     at three interpreter-sized shapes) or "cpu-quick" (one op per family at those shapes). Every
     plotted series has several sizes."""
     bf16, fp16 = torch.bfloat16, torch.float16
     if profile in ("cpu", "cpu-quick"):
         ops = (OPS if profile == "cpu"
                else (ATTENTION, LAYER_NORM, EMBEDDING))
-        return [Case(op, dict(size, H=4) if op is ATTENTION_GQA else size, bf16)
-                for op in ops for size in CPU_SIZES[op.family]]
+        return [Case(op, _cpu_size(op, size), bf16) for op in ops for size in CPU_SIZES[op.family]]
     if profile == "quick":
         return ([Case(op, _attention_size(n, 128), bf16)
                  for op in (ATTENTION, ATTENTION_CAUSAL) for n in (1024, 2048, 4096)]
                 + [Case(ATTENTION_MASK, _attention_size(n, 128), bf16) for n in (1024, 2048)]
                 + [Case(ATTENTION_GQA, _attention_size(n, 128, gqa=True), bf16)
                    for n in (2048, 4096)]
+                + _score_mod_cases(((8192, 16384), (2048, 4096), (2048, 4096)))
                 + [Case(op, _norm_size(n), bf16) for op in (LAYER_NORM, RMS_NORM, ADD_LAYER_NORM)
                    for n in (1024, 4096, 16384)]
                 + [Case(EMBEDDING, dict(B=64, N=1024, V=50257, D=d), bf16)
@@ -428,6 +596,8 @@ def sweep_cases(profile: str) -> list[Case]:
          for op in (ATTENTION, ATTENTION_CAUSAL) for n in SEQS]
         + [Case(ATTENTION_MASK, _attention_size(n, 128), bf16, flex=n == 2048)
            for n in (512, 2048, 8192)]
+        + _score_mod_cases(((8192, 16384, 32768), (2048, 4096, 8192), (2048, 4096, 8192)),
+                           flex_at=(32768, 4096, 4096))
         + [Case(ATTENTION_MASK, _attention_size(n, 64), bf16) for n in (512, 2048)]
         + [Case(op, _attention_size(n, 64), bf16) for op in (ATTENTION, ATTENTION_CAUSAL)
            for n in (512, 2048, 8192)]

@@ -1,14 +1,15 @@
 """fastattn-check: does every fastattn op match float64 on this machine's device?
 
     fastattn-check                 # every op, forward and every gradient, at its odd parity sizes
-    fastattn-check --quick         # one size per op (seconds on a GPU; ~15 s on a 2-core CPU)
+    fastattn-check --quick         # one size per op (seconds on a GPU; ~20 s on a 2-core CPU)
     fastattn-check --filter norm   # only the ops whose name matches the regex
     fastattn-check --json FILE     # also write the records (the schema of bench/report.py)
 
 (in a clone: `python -m bench.check`). Every op of `python -m bench`'s parity step (cases.OPS: the
-four attention variants, the three norms, the three embeddings), in every dtype this device runs
-(fp32, fp16, and bf16 where the GPU has it; all three on a CPU, under Triton's interpreter), each
-output and each gradient held to the rule of fastattn.testing.parity:
+seven attention variants, among them the sliding window, softcap and ALiBi score modifiers; the
+three norms; the three embeddings), in every dtype this device runs (fp32, fp16, and bf16 where
+the GPU has it; all three on a CPU, under Triton's interpreter), each output and each gradient
+held to the rule of fastattn.testing.parity:
 
     max|fastattn - ref64| <= 2 * max|torch - ref64| + atol[dtype] * max(1, max|ref64|)
 

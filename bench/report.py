@@ -10,7 +10,8 @@ A record is a flat dict with every key of RECORD_KEYS (None where it does not ap
                  Hopper gate, note = the rules broken, and one extra key "static" with the check's
                  whole record, left out of results.csv)
     op           "attention", "attention_causal", "attention_padding_mask", "attention_gqa",
-                 "layer_norm", "rms_norm", "add_layer_norm", "embedding", "gpt_embeddings",
+                 "attention_window", "attention_softcap", "attention_alibi", "layer_norm",
+                 "rms_norm", "add_layer_norm", "embedding", "gpt_embeddings",
                  "bert_embeddings"; for ceilings "copy" / "matmul"; host records: the public
                  function ("scaled_dot_product_attention", "varlen_attention", ...); cpu-path
                  records: the sweep op's name
@@ -18,9 +19,11 @@ A record is a flat dict with every key of RECORD_KEYS (None where it does not ap
     mode         "fwd" | "bwd" | "fwd+bwd" (parity: "fwd" for out, "bwd" for gradients);
                  cpu-path also "first call" (import fastattn + the first forward, fresh process)
     impl         "fastattn" for ours; peers "torch flash", "torch efficient", "torch cudnn",
-                 "torch math", "torch flex", "torch", "torch compile"; host records also
-                 "above-launcher" (fastattn with no-op launchers)
-    shape, size  the shape as printed ("B8 H16 N2048 D128", "M174762 N768", ...) and as a dict
+                 "torch math", "torch flex", "torch eager" (softcap: the eager composition),
+                 "torch sdpa" (softcap: n/a, no SDPA call computes it), "torch", "torch compile";
+                 host records also "above-launcher" (fastattn with no-op launchers)
+    shape, size  the shape as printed ("B8 H16 N2048 D128", "B1 H16 N32768 D128 W4096",
+                 "M174762 N768", ...) and as a dict
     dtype        "bfloat16", "float16", "float32"
     device       the GPU's name, or "CPU, Triton interpreter" (those figures are not GPU figures);
                  host and cpu-path records on a CPU: "CPU"
@@ -335,7 +338,8 @@ def write_csv(records: list[dict], out: Path) -> Path:
 PLOT_AXES = {"attention": ("L", ("D",)), "norm": ("N", ()), "embedding": ("D", ())}
 # One colour per implementation in every panel; fastattn black and thick.
 PLOT_COLORS = {"fastattn": "black", "torch": "C0", "torch flash": "C0", "torch compile": "C1",
-               "torch efficient": "C1", "torch cudnn": "C2", "torch math": "C3", "torch flex": "C4"}
+               "torch efficient": "C1", "torch cudnn": "C2", "torch math": "C3", "torch flex": "C4",
+               "torch eager": "C5"}
 
 
 def plot(records: list[dict], ceilings: dict[str, float], out: Path, device: str) -> list[Path]:

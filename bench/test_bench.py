@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import fastattn
+from fastattn import reference
 
-from . import DEVICE, HAS_CUDA, cpu_path, host, measure, report
+from . import DEVICE, HAS_CUDA, cases, cpu_path, host, measure, parity, report
 from .__main__ import main
 from .cases import MODES, sweep_cases, step
 
@@ -231,3 +232,129 @@ def test_text_table_fits_the_width():
     rows = [{"a": "x" * 100, "b": "y" * 80, "c": 1.0}]
     lines = report.text_table(rows, width=WIDTH).splitlines()
     assert max(len(line) for line in lines) <= WIDTH and lines[2].endswith("1")
+
+
+# ---- the attention score modifiers (sliding window, softcap, ALiBi) ----
+
+MOD_OPS = cases.SCORE_MOD_OPS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", MOD_OPS, ids=lambda op: op.name)
+def test_score_mod_parity(op, dtype):
+    """Each modifier op's quick parity case (what fastattn-check --quick runs) passes, every
+    output and gradient, on this device's kernels (the interpreter on a CPU)."""
+    case = cases.Case(op, cases.PARITY_SIZES[op.name][0], dtype)
+    rows = parity.check(case, "test")
+    assert [r["output"] for r in rows] == ["out", "dq", "dk", "dv"], rows[0]["note"]
+    assert all(r["pass"] for r in rows), [(r["output"], r["err"], r["bound"]) for r in rows]
+    assert {r["backend"] for r in rows} == {fastattn.backend(DEVICE)}
+
+
+@pytest.mark.parametrize("op", MOD_OPS, ids=lambda op: op.name)
+def test_score_mod_parity_sizes_feel_the_modifier(op):
+    """At the quick parity size (fastattn-check --quick's) the modifier changes the float64
+    answer by far more than the bf16 parity bound: a kernel that ignored it would fail the
+    check. (The softcap's second size has Gemma 2's cap of 50, which unit-variance scores do not
+    reach.)"""
+    inputs = op.make(cases.PARITY_SIZES[op.name][0], torch.float64, "cpu", 1)
+    modded = op.reference(inputs.t)
+    plain = reference.scaled_dot_product_attention(*(inputs.t[n] for n in "qkv"), True)[0]
+    assert (modded - plain).abs().max() > 0.1
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("op", MOD_OPS, ids=lambda op: op.name)
+def test_score_mod_peers_compute_the_case(op):
+    """The peers compute what fastattn does: torch's op (SDPA with the dense mask, or the eager
+    softcap), every SDPA backend that runs here and FlexAttention with flex_mods' mask_mod /
+    score_mod (uncompiled, inputs without grad: its CPU path has no backward) agree with the
+    float64 oracle in fp32."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    size = cases.PARITY_SIZES[op.name][1]
+    inputs = op.make(size, torch.float32, DEVICE, 0)
+    ref = op.reference(inputs.to_float64().t)
+    t = {n: x.detach() for n, x in inputs.t.items()}
+    case = cases.Case(op, size, torch.float32)
+    peers = op.peers(case, t, DEVICE, None)
+    ran = {"torch": op.torch(t)}
+    for impl, fn in peers.items():
+        if isinstance(fn, str):
+            continue
+        try:
+            ran[impl] = fn(t)
+        except RuntimeError as exc:  # a backend that does not run on this device
+            assert "No viable backend" in str(exc) or "No available kernel" in str(exc), exc
+    score_mod, mask_mod = cases.flex_mods(t, causal=True)
+    block_mask = create_block_mask(mask_mod, None, None, size["L"], size["S"], device=DEVICE)
+    ran["flex"] = flex_attention(t["q"], t["k"], t["v"], score_mod=score_mod,
+                                 block_mask=block_mask)
+    assert len(ran) >= 3, list(ran)  # torch's op, a peer and FlexAttention at the least
+    for impl, out in ran.items():
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0, msg=impl)
+
+
+def test_score_mod_peers_are_named():
+    """softcap, which no SDPA call computes, has the eager composition and an n/a for SDPA; the
+    window and ALiBi cases have SDPA's backends (with the dense mask); FlexAttention only where
+    the case asks for it; the eager and math peers skipped above MATH_MAX_SCORES."""
+    note = "n/a: compiled peers not run here"
+    small = dict(B=1, H=2, Hkv=2, L=16, S=16, D=16)
+    big = cases._attention_size(32768, 128, W=4096)
+    for op, size in [(cases.ATTENTION_SOFTCAP, dict(small, softcap=50.0)),
+                     (cases.ATTENTION_WINDOW, dict(small, W=4)), (cases.ATTENTION_ALIBI, small)]:
+        t = op.make(size, torch.float32, "cpu", 0).t
+        peers = op.peers(cases.Case(op, size, torch.float32, flex=True), t, "cpu", note)
+        if op is cases.ATTENTION_SOFTCAP:
+            assert set(peers) == {"torch sdpa", "torch eager", "torch flex"}
+            assert peers["torch sdpa"].startswith("n/a") and callable(peers["torch eager"])
+        else:
+            assert set(peers) == {f"torch {n}" for n in cases.SDPA_BACKENDS} | {"torch flex"}
+        assert peers["torch flex"] == note
+    huge = cases.ATTENTION_SOFTCAP.peers(
+        cases.Case(cases.ATTENTION_SOFTCAP, dict(big, softcap=50.0), torch.bfloat16), {}, "cpu",
+        None)
+    assert huge["torch eager"].startswith("n/a: skipped above 2^30 scores")
+    assert "torch flex" not in huge
+
+
+@pytest.mark.parametrize("L, S, W", [(100, 100, 24), (45, 77, 7), (77, 45, 7), (30, 30, 64),
+                                     (1, 9, 1)])
+def test_window_work_counts_the_visible_pairs(L, S, W):
+    """The window case's work is 4·B·H·D·P with P the pairs its dense mask lets through (every
+    implementation is charged that, whatever it computes); the causal cases count L·S/2."""
+    size = dict(B=2, H=3, Hkv=3, L=L, S=S, D=8, W=W)
+    pairs = int(cases.ATTENTION_WINDOW.make(size, torch.float32, "cpu", 0).t["dense"].sum())
+    assert cases.visible_pairs(L, S, W - 1) == pairs
+    fwd, bwd = cases.ATTENTION_WINDOW.work(size, torch.bfloat16)
+    assert fwd == 4 * 2 * 3 * 8 * pairs and bwd == 2.5 * fwd
+    for op in (cases.ATTENTION_SOFTCAP, cases.ATTENTION_ALIBI):
+        assert op.work(size, torch.bfloat16)[0] == 4 * 2 * 3 * 8 * L * S / 2
+
+
+def test_window_sweep_row_is_the_issues():
+    """The full GPU sweep has the 4096-of-32k window row against FlexAttention, with the work of
+    N·W - W(W - 1)/2 pairs per head; softcap (50) and ALiBi rows against FlexAttention too."""
+    full = cases.sweep_cases("full")
+    window = [c for c in full if c.op is cases.ATTENTION_WINDOW and c.size["L"] == 32768]
+    assert len(window) == 1 and window[0].flex
+    assert window[0].size == dict(B=1, H=16, Hkv=16, L=32768, S=32768, D=128, W=4096)
+    n, w = 32768, 4096
+    assert cases.ATTENTION_WINDOW.work(window[0].size, torch.bfloat16)[0] == \
+        4 * 16 * 128 * (n * w - w * (w - 1) // 2)
+    flexed = {c.op.name for c in full if c.flex}
+    assert {op.name for op in MOD_OPS} <= flexed
+    assert all(c.size["softcap"] == 50.0 for c in full if c.op is cases.ATTENTION_SOFTCAP)
+
+
+def test_alibi_dense_mask_is_the_bias():
+    """The ALiBi case's dense mask (the SDPA peers' attn_mask) is -slope·|j - i| below the
+    diagonal and -inf above, with slopes 2^(-8(h+1)/H)."""
+    size = dict(B=1, H=4, Hkv=4, L=5, S=7, D=8)
+    t = cases.ATTENTION_ALIBI.make(size, torch.float32, "cpu", 0).t
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / 4) for h in range(4)])
+    torch.testing.assert_close(t["slopes"], slopes)
+    i, j = torch.arange(5)[:, None], torch.arange(7)[None, :]
+    want = (-slopes[:, None, None] * (j - i).abs()).masked_fill(j > i, float("-inf"))
+    torch.testing.assert_close(t["dense"], want[None])
