@@ -372,10 +372,9 @@ def _key_block_bounds(m0, S, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr,
     if WINDOW_LEFT:
         n_lo = (tl.maximum(m0 + diag_lo, 0) // BLOCK_N) * BLOCK_N
         n_full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + diag_lo, 0), BLOCK_N) * BLOCK_N
-    else:
-        n_lo = 0
-        n_full_lo = 0
-    return _block_phases(n_lo, n_full_lo, n_full_hi, n_hi, BLOCK_N)
+        return _block_phases(n_lo, n_full_lo, n_full_hi, n_hi, BLOCK_N)
+    else:  # [0, n_full_hi) and [n_full_hi, n_hi), in order already (n_full_hi <= n_hi)
+        return 0, 0, n_full_hi, n_hi
 
 
 @triton.jit

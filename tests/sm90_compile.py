@@ -18,7 +18,7 @@ in more feature combinations (the check behind the tables' "no spills" note).
     python tests/sm90_compile.py 90 --static [--jobs N] [--head-dims 64,128]
 
 --static: the static Hopper check (tests/test_hopper_static.py, python -m bench --static). Every
-attention kernel the public launchers run, at STATIC_HEAD_DIMS x STATIC_FEATURES, bf16, is compiled
+attention kernel the public launchers run, at the STATIC_CELLS (head dim, feature), bf16, is compiled
 through Triton's own launch binder (a stand-in driver reports an sm_90 GPU and launches nothing: the
 binder specialises the arguments of contiguous CPU tensors as a GPU launch does, configs.py answers
 as on Hopper), then read from ptxas's log, the TTGIR and the SASS (nvdisasm). One JSON line per
@@ -155,7 +155,7 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
     configs.interpreting = lambda: False  # ask for the GPU's settings
     configs.arch_major = lambda device: arch // 10
     ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "OutLo", "dO", "dK", "dV", "dQ")}
-    ptrs.update({n: "*fp32" for n in ("Lse", "Delta", "dMask", "Alibi", "Sinks", "dSinksPart")})
+    ptrs.update({n: "*fp32" for n in ("Lse", "Lse2", "Delta", "dMask", "Alibi", "Sinks", "dSinksPart")})
     ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "CuSeqlensQ", "CuSeqlensK")})
     ptrs["Seed"] = "*i64"
     for d, (feature, flags) in itertools.product(head_dims, features.items()):
@@ -200,7 +200,16 @@ STATIC_FEATURES = {
     "dropout": dict(dropout_p=0.1),
     "varlen": dict(varlen=True),  # two packed sequences
     "gqa": dict(group=4),  # Hq = 4 * Hkv
+    # the score modifiers, as today's models use them (checked at head dims 64 and 128)
+    "window + sinks": dict(is_causal=True, window=(511, 0), sinks=True),  # Mistral, GPT-OSS
+    "softcap": dict(is_causal=True, softcap=50.0),  # Gemma 2
+    "alibi": dict(is_causal=True, alibi=True),  # BLOOM, MPT
 }
+_MODIFIERS = ("window + sinks", "softcap", "alibi")
+# The (head dim, feature) cells of the check: every feature at every head dim, the modifiers at
+# the two most used ones.
+STATIC_CELLS = [(d, f) for d in STATIC_HEAD_DIMS for f in STATIC_FEATURES
+                if f not in _MODIFIERS or d in (64, 128)]
 # The kernels a forward + backward launches, by their short names in the check's records.
 STATIC_KERNELS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_preprocess_kernel": "preprocess",
                   "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
@@ -299,7 +308,7 @@ def _on_device(fn, device):
 
 
 def _launch_attention(head_dim: int, is_causal=False, mask=False, dropout_p=0.0, varlen=False,
-                      group=1) -> None:
+                      group=1, window=(-1, -1), softcap=0.0, alibi=False, sinks=False) -> None:
     """A training step's launches, forward (keeping out's residual) then backward, through the
     public launchers on contiguous bf16 CPU tensors (B, H, N, D), or packed (B * N, H, D)."""
     import torch
@@ -308,19 +317,21 @@ def _launch_attention(head_dim: int, is_causal=False, mask=False, dropout_p=0.0,
     Hkv, scale = Hq // group, head_dim ** -0.5
     seed = torch.zeros(1, dtype=torch.int64) if dropout_p else None
     attn_mask = torch.ones(N, N, dtype=torch.bool) if mask else None  # (L, S)
+    mods = (*window, False, softcap, torch.ones(B, Hq) if alibi else None,
+            torch.zeros(Hq) if sinks else None)  # the launchers' score modifiers
     if varlen:
         q, k, v = (torch.empty(B * N, h, head_dim, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
         cu = torch.arange(0, B * N + 1, N, dtype=torch.int32)  # (B + 1,)
         out, lse, lo = AT.varlen_attention_fwd(q, k, v, cu, cu, N, N, scale, is_causal, dropout_p,
-                                               seed, residual=True)
+                                               seed, True, *mods)
         AT.varlen_attention_bwd(torch.empty_like(out), q, k, v, out, lse, cu, cu, N, N, scale,
-                                is_causal, dropout_p, seed, out_lo=lo)
+                                is_causal, dropout_p, seed, lo, *mods)
     else:
         q, k, v = (torch.empty(B, h, N, head_dim, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
         out, lse, lo = AT.attention_fwd(q, k, v, scale, is_causal, attn_mask, dropout_p, seed,
-                                        residual=True)
+                                        True, *mods)
         AT.attention_bwd(torch.empty_like(out), q, k, v, out, lse, scale, is_causal, attn_mask,
-                         dropout_p, seed, out_lo=lo)
+                         dropout_p, seed, False, lo, *mods)
 
 
 def _sass_loops(sass: str) -> list[list[str]]:
@@ -522,7 +533,7 @@ def static_records(arch: int, cells=None, candidates: bool = True):
     import triton as _triton
 
     launches = _stand_in_launches(arch)
-    for d, feature in cells or itertools.product(STATIC_HEAD_DIMS, STATIC_FEATURES):
+    for d, feature in cells or STATIC_CELLS:
         for i in itertools.count():
             launches.clear()
             base = {"head_dim": d, "feature": feature, "arch": arch, "triton": _triton.__version__,
@@ -563,7 +574,7 @@ def _static_main(arch: int, argv: list[str]) -> None:
     head_dims = (tuple(int(d) for d in opts.get("--head-dims", "").split(",") if d)
                  or STATIC_HEAD_DIMS)
     jobs = int(opts.get("--jobs", "1"))
-    cells = list(itertools.product(head_dims, STATIC_FEATURES))
+    cells = [(d, f) for d, f in STATIC_CELLS if d in head_dims]
     if jobs <= 1:
         records = static_records(arch, cells)  # printed as they come
     else:
