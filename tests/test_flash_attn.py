@@ -219,26 +219,26 @@ def _check_case(c: Case, device, varlen: bool):
     names = ["out", *{None: ["dq", "dk", "dv"], "kv": ["dq", "dkv"], "qkv": ["dqkv"]}[c.packed]]
     for name, a, t, r in zip(names, [out, *grads], theirs, ref, strict=True):
         assert_within_torch_error(f"{c} {name}", a, t.to(a.device), r, c.dtype)
-    if not c.probs:
-        return
-    assert lse.dtype == torch.float32 and lse.shape == r_lse.shape, lse.shape
-    seen = r_lse > float("-inf")  # rows that see no key: lse -inf, out 0
-    assert torch.equal(lse.cpu() > float("-inf"), seen), f"{c} lse: the -inf rows differ"
-    assert_within_torch_error(f"{c} lse", lse[seen.to(device)], t_lse.float()[seen].to(device),
-                              r_lse[seen], c.dtype)
-    visible, dropped = 0, 0
-    for b, (t_p, r_p) in enumerate(zip(t_probs, r_probs)):
-        L, S = r_p.shape[1:]
-        ours = s_dmask[b, :, :L, :S]
-        assert_within_torch_error(f"{c} S_dmask[{b}]", ours.abs(), t_p.to(ours.dtype).to(device),
-                                  r_p, c.dtype)
-        if keep is not None:
-            pairs = r_p > 0  # (H, L, S): the pairs that take part
-            visible += pairs.sum().item()
-            dropped += (~keep[b, :, :L, :S] & pairs).sum().item()
-    if keep is not None:  # flash-attn's dropout fraction, within 5 sigma
-        p = c.dropout_p
-        assert abs(dropped / visible - p) < 5 * (p * (1 - p) / visible) ** 0.5, (dropped, visible)
+    if c.probs:  # softmax_lse and S_dmask, asked for with return_attn_probs
+        assert lse.dtype == torch.float32 and lse.shape == r_lse.shape, lse.shape
+        seen = r_lse > float("-inf")  # rows that see no key: lse -inf, out 0
+        assert torch.equal(lse.cpu() > float("-inf"), seen), f"{c} lse: the -inf rows differ"
+        assert_within_torch_error(f"{c} lse", lse[seen.to(device)], t_lse.float()[seen].to(device),
+                                  r_lse[seen], c.dtype)
+        visible, dropped = 0, 0
+        for b, (t_p, r_p) in enumerate(zip(t_probs, r_probs)):
+            L, S = r_p.shape[1:]
+            ours = s_dmask[b, :, :L, :S]
+            assert_within_torch_error(f"{c} S_dmask[{b}]", ours.abs(),
+                                      t_p.to(ours.dtype).to(device), r_p, c.dtype)
+            if keep is not None:
+                pairs = r_p > 0  # (H, L, S): the pairs that take part
+                visible += pairs.sum().item()
+                dropped += (~keep[b, :, :L, :S] & pairs).sum().item()
+        if keep is not None:  # flash-attn's dropout fraction, within 5 sigma
+            p = c.dropout_p
+            bound = 5 * (p * (1 - p) / visible) ** 0.5
+            assert abs(dropped / visible - p) < bound, (dropped, visible)
 
 
 F16, BF16 = torch.float16, torch.bfloat16
