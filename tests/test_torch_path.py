@@ -311,6 +311,54 @@ def test_varlen_dropout_is_seeded_and_consistent():
     assert all(torch.isfinite(t).all() for t in first)
 
 
+# The score modifiers: window, bottom-right causal, softcap, ALiBi, sinks (_Composed applies them).
+MODS = [
+    dict(window_size=(4, 2)),
+    dict(bottom_right=True, is_causal=True, window_size=(6, -1)),
+    dict(softcap=1.5, alibi_slopes=torch.tensor([0.3, 0.1, 0.5, 0.2])),
+    dict(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]), is_causal=True, bottom_right=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mods", MODS, ids=["window", "bottom-right", "softcap+alibi", "sinks"])
+def test_attention_score_modifiers(mods, dtype):
+    """Every output and gradient (sinks' too) against float64, with the reference in `dtype` as the
+    yardstick; L > S so that bottom-right rows see no key; return_probs' rows normalise to the
+    softmax."""
+    mods = dict(mods)
+    is_causal = mods.pop("is_causal", False)
+    q, k, v, do = _qkv(2, 4, 2, 13, 9, 16, dtype)
+    sinks = mods.pop("sinks", None)
+    leaves = [q, k, v] + ([sinks.to(dtype).requires_grad_()] if sinks is not None else [])
+    with fastattn.record_backends() as ran:
+        out, lse, probs = fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, enable_gqa=True, return_lse=True, return_probs=True,
+            sinks=leaves[3] if sinks is not None else None, **mods)
+        ours = [out, *torch.autograd.grad(out, leaves, do)]
+    _assert_torch_ran(ran, ["attention_fwd", "attention_probs", "attention_bwd"])
+    ref_mods = {dict(window_size="window", alibi_slopes="alibi").get(n, n): m
+                for n, m in mods.items()}
+
+    def reference_run(dt):
+        r = _leaves(leaves, dt)
+        o, l = reference.scaled_dot_product_attention(
+            *r[:3], is_causal, sinks=r[3] if sinks is not None else None, **ref_mods)
+        return [o, *torch.autograd.grad(o, r, do.to(dt))], l
+
+    theirs, _ = reference_run(dtype)
+    ref, ref_lse = reference_run(torch.float64)
+    for name, a, b, c in zip(["out", "dq", "dk", "dv", "dsinks"], ours, theirs, ref):
+        assert_within_torch_error(name, a, b, c, dtype)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=1e-2)
+    # probs: nonzero exactly on the visible pairs, 1 at each row's max
+    visible = reference._visible_pairs(13, 9, is_causal, None, "cpu", mods.get("window_size",
+                                       (-1, -1)), mods.get("bottom_right", False))
+    assert torch.equal(probs != 0, visible.expand(probs.shape))
+    rows = visible.any(-1)
+    assert probs.amax(-1)[..., rows].eq(1).all()
+
+
 # ---- layer norm / rms norm ----
 
 
