@@ -5,6 +5,7 @@ from . import nn
 from ._dispatch import backend, record_backends
 from ._validate import checking
 from .attention import pad, scaled_dot_product_attention, unpad, varlen_attention
+from .decode import kvcache_attention
 from .embedding import bert_embeddings, embedding, gpt_embeddings
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
 
@@ -39,6 +40,6 @@ def unpatch(model):
 
 
 __all__ = ["add_layer_norm", "backend", "bert_embeddings", "checking", "embedding", "flash_attn",
-           "gpt_embeddings", "integrations", "layer_norm", "models", "nn", "pad", "patch",
+           "gpt_embeddings", "integrations", "kvcache_attention", "layer_norm", "models", "nn", "pad", "patch",
            "record_backends", "rms_norm", "scaled_dot_product_attention", "unpad", "unpatch",
            "varlen_attention"]

@@ -132,3 +132,104 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: boo
     if dropout_mask is not None:
         p = p * dropout_mask * _kept_scale(dropout_p)
     return p @ v, lse
+
+
+# ---- KV-cache decoding: rotary embeddings, the cache update and the keys a step reads ----
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+    """Rotary embedding of x (B, L, H, D) at positions (B, L) (int, rows of cos / sin), computed in
+    x's dtype's fp32 (or float64) math and returned in x's dtype, as flash-attn's apply_rotary.
+
+    cos, sin (seqlen_ro, R / 2): the first R dims of each head rotate, in pairs (2i, 2i + 1) when
+    interleaved (GPT-J), else (i, i + R / 2) (GPT-NeoX); dims R .. D - 1 pass through.
+    """
+    R = 2 * cos.shape[-1]
+    if R == 0:
+        return x
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = cos[positions].to(work)[:, :, None, :]  # (B, L, 1, R / 2)
+    s = sin[positions].to(work)[:, :, None, :]
+    head = x[..., :R].to(work)
+    if interleaved:
+        even, odd = head[..., 0::2], head[..., 1::2]
+        rotated = torch.stack([even * c - odd * s, odd * c + even * s], dim=-1).flatten(-2)
+    else:
+        first, second = head.chunk(2, dim=-1)
+        rotated = torch.cat([first * c - second * s, second * c + first * s], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., R:]], dim=-1)
+
+
+def kvcache_rows(k_cache: Tensor, b: int, rows: Tensor, cache_batch_idx: Tensor | None,
+                 block_table: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Where row r (a position) of sequence b lives in a KV cache: (cache index, row index) into
+    k_cache's first two dims, for the cache (B_cache, S_cache, Hkv, D) read at batch entry
+    cache_batch_idx[b] (b without it), or the paged cache (pages, page_size, Hkv, D) through
+    block_table[b] (page r // page_size, row r % page_size). rows: (n,) int64."""
+    if block_table is not None:
+        page = k_cache.shape[1]
+        return block_table[b].long()[rows // page], rows % page
+    entry = b if cache_batch_idx is None else int(cache_batch_idx[b])
+    return torch.full_like(rows, entry), rows
+
+
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+                   cache_batch_idx: Tensor | None, block_table: Tensor | None) -> None:
+    """Write the new keys / values k (B, L_new, Hkv, D), v (B, L_new, Hkv, Dv) into the caches in
+    place, sequence b's at positions cache_seqlens[b] .. cache_seqlens[b] + L_new - 1."""
+    for b in range(k.shape[0]):
+        rows = int(cache_seqlens[b]) + torch.arange(k.shape[1], device=k.device)
+        where = kvcache_rows(k_cache, b, rows, cache_batch_idx, block_table)
+        k_cache[where] = k[b].to(k_cache.dtype)
+        v_cache[where] = v[b].to(v_cache.dtype)
+
+
+def kvcache_keys(cache: Tensor, b: int, start: int, end: int, cache_batch_idx: Tensor | None,
+                 block_table: Tensor | None) -> Tensor:
+    """The rows start .. end - 1 of sequence b in a (possibly paged) cache, as (1, Hkv, n, D)."""
+    rows = torch.arange(start, end, device=cache.device)
+    return cache[kvcache_rows(cache, b, rows, cache_batch_idx, block_table)].transpose(0, 1)[None]
+
+
+def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
+                      v: Tensor | None = None, *, cache_seqlens: Tensor | None = None,
+                      cache_batch_idx: Tensor | None = None, cache_leftpad: Tensor | None = None,
+                      block_table: Tensor | None = None, rotary_cos: Tensor | None = None,
+                      rotary_sin: Tensor | None = None, rotary_interleaved: bool = True,
+                      key_padding_mask: Tensor | None = None, scale: float | None = None,
+                      causal: bool = False, window: tuple[int, int] = (-1, -1),
+                      softcap: float = 0.0, alibi: Tensor | None = None,
+                      sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """flash_attn_with_kvcache's math (fastattn.decode.kvcache_attention has the arguments): the
+    caches are updated in place with k, v (rotated), then each sequence's q (B, L, Hq, D)
+    (rotated at cache_seqlens[b] + i when causal or windowed, else all at cache_seqlens[b])
+    attends to its cache rows cache_leftpad[b] .. cache_seqlens[b] + L_new - 1, the causal mask,
+    window and ALiBi bottom-right aligned on them. Returns out (B, L, Hq, Dv), lse (B, Hq, L)."""
+    B, L = q.shape[:2]
+    L_new = 0 if k is None else k.shape[1]
+    capacity = (k_cache.shape[1] * block_table.shape[1] if block_table is not None
+                else k_cache.shape[1])
+    seqlens = (torch.full((B,), capacity - L_new, dtype=torch.int64) if cache_seqlens is None
+               else cache_seqlens.long().cpu())
+    if rotary_cos is not None:
+        step = 1 if causal or window != (-1, -1) else 0
+        q_pos = seqlens[:, None] + step * torch.arange(L)[None, :]
+        q = rotary(q, rotary_cos, rotary_sin, q_pos.to(q.device), rotary_interleaved)
+        k_pos = seqlens[:, None] + torch.arange(L_new)[None, :]
+        k = rotary(k, rotary_cos, rotary_sin, k_pos.to(q.device), rotary_interleaved)
+    if k is not None:
+        kvcache_append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
+    outs, lses = [], []
+    for b in range(B):
+        start = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        end = int(seqlens[b]) + L_new
+        kb = kvcache_keys(k_cache, b, start, end, cache_batch_idx, block_table).to(q.dtype)
+        vb = kvcache_keys(v_cache, b, start, end, cache_batch_idx, block_table).to(q.dtype)
+        mask = None if key_padding_mask is None else key_padding_mask[b, start:end]
+        out, lse = scaled_dot_product_attention(
+            q[b:b + 1].transpose(1, 2), kb, vb, causal, scale, mask, window=window,
+            bottom_right=True, softcap=softcap, alibi=None if alibi is None else alibi[b],
+            sinks=sinks)
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)

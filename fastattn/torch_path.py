@@ -11,6 +11,8 @@ composition where they are not:
                              bottom-right alignment, softcap, ALiBi, sinks): a fp32 composition
                              (_Composed).
     varlen_attention_*       the same, one call per packed sequence.
+    kvcache_attention_fwd    reference.rotary / kvcache_append on the caches, then attention_fwd
+                             on each sequence's cache rows.
     norm_fwd / norm_bwd      torch.native_layer_norm (+ native_layer_norm_backward),
                              torch._fused_rms_norm where present; the RMSNorm backward composed.
     embedding_fwd / _bwd     F.embedding, fp32 sums, the norm above; aten.embedding_dense_backward
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import _kept_scale, dropout_keep
+from .reference import _kept_scale, dropout_keep, kvcache_append, kvcache_keys, rotary
 
 _NEG_INF = float("-inf")
 _HALF = (torch.float16, torch.bfloat16)
@@ -370,6 +372,48 @@ def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         if sinks is not None:
             dsinks += grads[4]
     return dq, dk, dv, dsinks
+
+
+def kvcache_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None,
+                          v: Tensor | None, cache_seqlens: Tensor | None,
+                          cache_batch_idx: Tensor | None, cache_leftpad: Tensor | None,
+                          block_table: Tensor | None, rotary_cos: Tensor | None,
+                          rotary_sin: Tensor | None, rotary_interleaved: bool,
+                          key_padding_mask: Tensor | None, scale: float, causal: bool,
+                          window_left: int, window_right: int, softcap: float,
+                          alibi: Tensor | None, sinks: Tensor | None,
+                          num_splits: int) -> tuple[Tensor, Tensor]:
+    """Same contract as fastattn.kernels.decode.kvcache_attention_fwd (num_splits has no effect
+    here): the caches updated in place, then attention_fwd per sequence. out (B, L, Hq, Dv),
+    lse (B, Hq, L)."""
+    B, L, Hq, _ = q.shape
+    L_new = 0 if k is None else k.shape[1]
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    seqlens = ([capacity] * B if cache_seqlens is None else cache_seqlens.tolist())
+    starts = [0] * B if cache_leftpad is None else cache_leftpad.tolist()
+    if rotary_cos is not None:
+        step = 1 if causal or window_left >= 0 or window_right >= 0 else 0
+        base = torch.tensor(seqlens, device=q.device)[:, None]
+        q = rotary(q, rotary_cos, rotary_sin, base + step * torch.arange(L, device=q.device),
+                   rotary_interleaved)
+        k = rotary(k, rotary_cos, rotary_sin, base + torch.arange(L_new, device=q.device),
+                   rotary_interleaved)
+    if k is not None:
+        kvcache_append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
+    out = q.new_empty((B, L, Hq, v_cache.shape[-1]))
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    for b in range(B):
+        start, end = starts[b], seqlens[b] + L_new
+        mask = (None if key_padding_mask is None
+                else key_padding_mask[b, start:end][None, None, None])
+        o, l, _ = attention_fwd(
+            q[b:b + 1].transpose(1, 2),  # (1, L, Hq, D) -> (1, Hq, L, D)
+            kvcache_keys(k_cache, b, start, end, cache_batch_idx, block_table),
+            kvcache_keys(v_cache, b, start, end, cache_batch_idx, block_table),
+            scale, causal, mask, 0.0, None, False, window_left, window_right, True, softcap,
+            _sequence_slopes(alibi, b), sinks)
+        out[b], lse[b] = o[0].transpose(0, 1), l[0]
+    return out, lse
 
 
 # ---- layer norm / rms norm ----

@@ -5,7 +5,7 @@ changing `flash_attn` to `fastattn.flash_attn` in its imports.
     from fastattn.flash_attn.bert_padding import pad_input, unpad_input
 
 Same names, signatures, defaults, layouts and semantics as flash-attn 2.8's
-flash_attn/flash_attn_interface.py (flash_attn_with_kvcache excepted): tensors are
+flash_attn/flash_attn_interface.py: tensors are
 (batch, seqlen, nheads, headdim), packed ones (total, nheads, headdim); causal masks and local
 windows are aligned to the bottom-right corner of the score matrix (query i of L sees key j when
 i + S - L - window_size[0] <= j <= i + S - L + window_size[1]); softcap > 0 caps the scaled scores
@@ -26,12 +26,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import attention
+from .. import attention, decode
 from .._validate import check_same_device, check_same_dtype, check_tensor
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
            "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
-           "flash_attn_varlen_qkvpacked_func"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
 
 _DENSE = "(batch, seqlen, nheads, headdim)"
 _PACKED = "(total, nheads, headdim)"
@@ -287,3 +287,38 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     q, k, v = qkv.unbind(1)  # (T, 3, H, D) -> 3 x (T, H, D): views
     return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                    softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
+                            block_table=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
+                            sinks=None):
+    """Decoding attention against a KV cache, updated in place, as
+    flash_attn.flash_attn_with_kvcache (inference only).
+
+    q (B, L, H, D); k_cache, v_cache (B_cache, S_cache, Hk, D / Dv), or with block_table paged
+    (num_blocks, page_block_size, Hk, D / Dv) (any page_block_size >= 1, not only multiples of
+    256); k, v (B, L_new, Hk, D / Dv) optional new tokens, written into the cache at
+    cache_seqlens[b] .. cache_seqlens[b] + L_new - 1 (rotated by rotary_cos / rotary_sin
+    (seqlen_ro, R / 2), as q is: at cache_seqlens[b] + i when causal or local, else at
+    cache_seqlens[b]); cache_seqlens int or (B,) int32; cache_batch_idx, cache_leftpad (B,) int32;
+    block_table (B, max_blocks) int32. causal and window_size are aligned to the bottom-right
+    corner of each sequence's (L, cache_seqlens[b] + L_new - cache_leftpad[b]) scores; softcap,
+    alibi_slopes ((H,) or (B, H) fp32) as flash_attn_func; num_splits 0 (chosen), 1 (no split),
+    n (split the keys n ways, merged in fp32). sinks (H,): an extension (keyword only), one more
+    logit per head in each row's softmax. See fastattn.decode.kvcache_attention.
+
+    Returns out (B, L, H, Dv); with return_softmax_lse=True (out, softmax_lse) with softmax_lse
+    (B, H, L) fp32.
+    """
+    _check_layout(4, _DENSE, q=q)
+    window, softcap = _options(softmax_scale, window_size, softcap, alibi_slopes, q.shape[0], q)
+    return decode.kvcache_attention(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad, block_table=block_table, rotary_cos=rotary_cos,
+        rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, scale=softmax_scale,
+        causal=causal, window_size=window, softcap=softcap,
+        alibi_slopes=alibi_slopes, sinks=sinks, num_splits=num_splits,
+        return_lse=bool(return_softmax_lse))
