@@ -40,6 +40,6 @@ def unpatch(model):
 
 
 __all__ = ["add_layer_norm", "backend", "bert_embeddings", "checking", "embedding", "flash_attn",
-           "gpt_embeddings", "integrations", "kvcache_attention", "layer_norm", "models", "nn", "pad", "patch",
-           "record_backends", "rms_norm", "scaled_dot_product_attention", "unpad", "unpatch",
-           "varlen_attention"]
+           "gpt_embeddings", "integrations", "kvcache_attention", "layer_norm", "models", "nn",
+           "pad", "patch", "record_backends", "rms_norm", "scaled_dot_product_attention", "unpad",
+           "unpatch", "varlen_attention"]
