@@ -242,6 +242,9 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[T
             raise ValueError(f"key_padding_mask must be (batch, cache seqlen) = "
                              f"{[B, capacity]}, got {list(key_padding_mask.shape)}")
         check_same_device(q=q, key_padding_mask=key_padding_mask)
+        if cache_leftpad is not None:
+            raise ValueError("key_padding_mask and cache_leftpad cannot be combined: mark the "
+                             "left padding in key_padding_mask")
     if (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0):
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen, 1: no split), got "
                          f"{num_splits!r}")

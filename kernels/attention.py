@@ -352,26 +352,27 @@ def _block_phases(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_block_bounds(m0, S, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr,
-                      WINDOW_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key range a query block [m0, m0 + BLOCK_M) visits, as (n_lo, n_full_lo, n_full_hi, n_hi):
-    key blocks starting in [n_full_lo, n_full_hi) need no element mask, those in [n_lo, n_full_lo)
+def _key_block_bounds(m0, m_last, S, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr,
+                      WINDOW_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range a block of queries at positions m0 .. m_last visits (a query block
+    [m0, m0 + BLOCK_M): m_last = m0 + BLOCK_M - 1), as (n_lo, n_full_lo, n_full_hi, n_hi): key
+    blocks starting in [n_full_lo, n_full_hi) need no element mask, those in [n_lo, n_full_lo)
     (the window's left edge) and [n_full_hi, n_hi) (its right edge, the diagonal, and the ragged
     block at S) do. Blocks wholly outside the window are never visited.
 
-    A key block [n, n + BLOCK_N) needs no mask when it lies inside [0, S) and every row of the
-    query block sees all of it: n + BLOCK_N - 1 <= m0 + diag_hi (the first row) and
-    n >= m0 + BLOCK_M - 1 + diag_lo (the last row). (Offsets clamped at 0 before dividing.)
+    A key block [n, n + BLOCK_N) needs no mask when it lies inside [0, S) and every query of the
+    block sees all of it: n + BLOCK_N - 1 <= m0 + diag_hi (the first query) and
+    n >= m_last + diag_lo (the last one). (Offsets clamped at 0 before dividing.)
     """
     if WINDOW_RIGHT:
-        n_hi = tl.minimum(tl.maximum(m0 + BLOCK_M + diag_hi, 0), S)
+        n_hi = tl.minimum(tl.maximum(m_last + 1 + diag_hi, 0), S)
         n_full_hi = (tl.maximum(tl.minimum(S, m0 + 1 + diag_hi), 0) // BLOCK_N) * BLOCK_N
     else:
         n_hi = S
         n_full_hi = (S // BLOCK_N) * BLOCK_N
     if WINDOW_LEFT:
         n_lo = (tl.maximum(m0 + diag_lo, 0) // BLOCK_N) * BLOCK_N
-        n_full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + diag_lo, 0), BLOCK_N) * BLOCK_N
+        n_full_lo = tl.cdiv(tl.maximum(m_last + diag_lo, 0), BLOCK_N) * BLOCK_N
         return _block_phases(n_lo, n_full_lo, n_full_hi, n_hi, BLOCK_N)
     else:  # [0, n_full_hi) and [n_full_hi, n_hi), in order already (n_full_hi <= n_hi)
         return 0, 0, n_full_hi, n_hi
@@ -436,35 +437,82 @@ def _query_block_bounds(n0, L, m_hi, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr
 
 
 @triton.jit
+def _page_rows(page_table, n_pages, keys, valid, stride_page, stride_row, PAGE_SIZE: tl.constexpr):
+    """Offsets (int64) of the cache rows of keys (positions) in a paged cache: key n is row
+    n % PAGE_SIZE of page page_table[n // PAGE_SIZE], pages clamped to [0, n_pages) so that a bad
+    block table never reads outside the cache. Scalar keys give a scalar offset."""
+    page = tl.load(page_table + keys // PAGE_SIZE, mask=valid, other=0)
+    page = tl.minimum(tl.maximum(page, 0), n_pages - 1).to(tl.int64)
+    return page * stride_page + (keys % PAGE_SIZE).to(tl.int64) * stride_row
+
+
+@triton.jit
+def _load_kv_block(k_src, v_src, n0, S, D, Dv, stride_ks, stride_kd, stride_vs, stride_vd,
+                   page_table, n_pages, stride_kp, stride_vp,
+                   PAGE_SIZE: tl.constexpr, KV_TMA: tl.constexpr, DTYPE: tl.constexpr,
+                   DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):
+    """The dot operands K^T (BLOCK_D, BLOCK_N) and V (BLOCK_N, BLOCK_DV) of keys n0 .. n0 +
+    BLOCK_N - 1; keys past S and columns past D / Dv read as 0. K and V come by tensor descriptor
+    (KV_TMA), through a paged cache's block table (PAGE_SIZE > 0: one page per block when
+    PAGE_SIZE is a multiple of BLOCK_N, else a page per key), or as pointer tiles."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if KV_TMA:  # rows past S and columns past D arrive as 0, as the masked loads give them
+        kT = _dot_operand(tl.trans(k_src.load([n0, 0])), DTYPE, DOT_FP32)
+        v = _dot_operand(v_src.load([n0, 0]), DTYPE, DOT_FP32)
+    elif PAGE_SIZE > 0 and PAGE_SIZE % BLOCK_N == 0:  # the block lies in one page
+        k_blk = k_src + _page_rows(page_table, n_pages, n0, True, stride_kp, stride_ks, PAGE_SIZE)
+        v_blk = v_src + _page_rows(page_table, n_pages, n0, True, stride_vp, stride_vs, PAGE_SIZE)
+        rows = tl.arange(0, BLOCK_N)
+        kT = _load_dot_operand(k_blk, offs_d, rows, D, S - n0, stride_kd, stride_ks, DOT_FP32)
+        v = _load_dot_operand(v_blk, rows, offs_dv, S - n0, Dv, stride_vs, stride_vd, DOT_FP32)
+    elif PAGE_SIZE > 0:  # small pages: each key's row through the table
+        valid = offs_n < S
+        k_rows = _page_rows(page_table, n_pages, offs_n, valid, stride_kp, stride_ks, PAGE_SIZE)
+        v_rows = _page_rows(page_table, n_pages, offs_n, valid, stride_vp, stride_vs, PAGE_SIZE)
+        kT = tl.load(k_src + k_rows[None, :] + offs_d.to(tl.int64)[:, None] * stride_kd,
+                     mask=valid[None, :] & (offs_d < D)[:, None], other=0.0)
+        v = tl.load(v_src + v_rows[:, None] + offs_dv.to(tl.int64)[None, :] * stride_vd,
+                    mask=valid[:, None] & (offs_dv < Dv)[None, :], other=0.0)
+        kT = _dot_operand(kT, DTYPE, DOT_FP32)
+        v = _dot_operand(v, DTYPE, DOT_FP32)
+    else:
+        kT = _load_dot_operand(k_src, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
+        v = _load_dot_operand(v_src, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
+    return kT, v
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i,  # running state: (BLOCK_M, BLOCK_DV) fp32, (BLOCK_M,) fp32, (BLOCK_M,) fp32
     q,  # (BLOCK_M, BLOCK_D) dot operand
     k_src, v_src,  # K, V of this (batch, kv head): row pointers, or descriptors with KV_TMA
     mask_base,  # attn_mask of this (batch, query head)
     block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
+    page_table, n_pages,  # this sequence's row of a paged cache's block table (PAGE_SIZE > 0)
     offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, off,
-    stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
+    stride_ks, stride_kd, stride_vs, stride_vd, stride_kp, stride_vp, stride_ml, stride_ms,
     qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    KV_TMA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, KV_TMA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
-    """Online-softmax accumulation over the key blocks starting in [n_lo, n_hi)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    """Online-softmax accumulation over the key blocks starting in [n_lo, n_hi). offs_m: the
+    query positions of the tile's rows (the rows themselves, or for the decode kernel's packed
+    (query, head) rows their queries); slope2 a scalar or per-row (BLOCK_M, 1) ALiBi slopes."""
     i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
     STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
     for i in range(i_lo, i_hi, STEP):
         n0 = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        if KV_TMA:  # rows past S and columns past D arrive as 0, as the masked loads give them
-            kT = _dot_operand(tl.trans(k_src.load([n0, 0])), DTYPE, DOT_FP32)
-            v = _dot_operand(v_src.load([n0, 0]), DTYPE, DOT_FP32)
-        else:
-            kT = _load_dot_operand(k_src, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
-            v = _load_dot_operand(v_src, offs_n, offs_dv, S, Dv, stride_vs, stride_vd, DOT_FP32)
+        kT, v = _load_kv_block(k_src, v_src, n0, S, D, Dv, stride_ks, stride_kd, stride_vs,
+                               stride_vd, page_table, n_pages, stride_kp, stride_vp, PAGE_SIZE,
+                               KV_TMA, DTYPE, DOT_FP32, BLOCK_N, BLOCK_D, BLOCK_DV)
         if MASKED or HAS_MASK or SOFTCAP or HAS_ALIBI:
             s, _ = _scores(q, kT, offs_m[:, None], offs_n[None, :], 0.0, L, S, diag_lo, diag_hi,
                            off, qk_scale, cap_in, cap_out, slope2, mask_base, stride_ml, stride_ms,
@@ -491,6 +539,27 @@ def _attn_fwd_inner(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _softmax_finish(acc, l_i, m_i, sink_ptrs, HAS_SINKS: tl.constexpr):
+    """(out, lse) of rows from the online softmax's state (acc, l, m in log2 units): out = acc / l,
+    lse = (m + log2 l) * ln 2. With HAS_SINKS each row's sink (loaded from sink_ptrs: a pointer, or
+    a pointer per row) is one more logit of its softmax, with no value: rescaled to the larger of
+    the row max and the sink, its term joins the normaliser. Rows that saw no key (l = 0) get
+    out = 0 and lse = -inf instead of 0/0 (with a sink: out = 0 and lse = the sink)."""
+    if HAS_SINKS:
+        sink2 = tl.load(sink_ptrs).to(tl.float32) * _LOG2E
+        m_sink = tl.maximum(m_i, sink2)
+        alpha = tl.exp2(m_i - m_sink)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.exp2(sink2 - m_sink)
+        m_i = m_sink
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    return out, lse
 
 
 # Runtime scalars that vary per call without changing the code: not specialised (a window of 1,
@@ -593,8 +662,9 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # running sum of exp2(s - m_i) @ v
 
-    n_lo, n_full_lo, n_full_hi, n_hi = _key_block_bounds(m0, S, diag_lo, diag_hi, WINDOW_LEFT,
-                                                         WINDOW_RIGHT, BLOCK_M, BLOCK_N)
+    n_lo, n_full_lo, n_full_hi, n_hi = _key_block_bounds(m0, m0 + BLOCK_M - 1, S, diag_lo,
+                                                         diag_hi, WINDOW_LEFT, WINDOW_RIGHT,
+                                                         BLOCK_N)
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):
         if phase == 0:  # the window's left edge: masked
             lo, hi = n_lo, n_full_lo
@@ -603,32 +673,18 @@ def _attn_fwd_kernel(
         else:  # the right edge (the causal diagonal) and the ragged block at S: masked
             lo, hi = n_full_hi, n_hi
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts,
+            acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts, Lse, 1,
             offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
-            stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms,
+            stride_ks, stride_kd, stride_vs, stride_vd, 0, 0, stride_ml, stride_ms,
             qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
             phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-            SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 0,
             KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
         )
 
-    if HAS_SINKS:
-        # The head's sink is one more logit of each row's softmax, with no value: rescale to the
-        # larger of the row max and the sink, and add its term to the normaliser.
-        sink2 = tl.load(Sinks + off_h).to(tl.float32) * _LOG2E
-        m_sink = tl.maximum(m_i, sink2)
-        alpha = tl.exp2(m_i - m_sink)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha + tl.exp2(sink2 - m_sink)
-        m_i = m_sink
-    # Rows that saw no key (l = 0) get out = 0 and lse = -inf instead of 0/0 (with a sink: out = 0
-    # and lse = the sink).
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out, lse = _softmax_finish(acc, l_i, m_i, Sinks + off_h, HAS_SINKS)
     if HAS_DROPOUT:
         out = out * dropout_scale  # kept probabilities count 1 / (1 - p) times
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     _store_tile(o_base, out, offs_m, offs_dv, L, Dv, stride_ol, stride_od)
     if STORE_LO:  # what rounding out to its dtype lost, for the backward's delta = rowsum(dO * O)
         lo = out - _rounded(out, Out.dtype.element_ty)
@@ -1111,8 +1167,9 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    n_lo, n_full_lo, n_full_hi, n_hi = _key_block_bounds(m0, S, diag_lo, diag_hi, WINDOW_LEFT,
-                                                         WINDOW_RIGHT, BLOCK_M, BLOCK_N)
+    n_lo, n_full_lo, n_full_hi, n_hi = _key_block_bounds(m0, m0 + BLOCK_M - 1, S, diag_lo,
+                                                         diag_hi, WINDOW_LEFT, WINDOW_RIGHT,
+                                                         BLOCK_N)
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the forward
         if phase == 0:
             lo, hi = n_lo, n_full_lo

@@ -285,6 +285,50 @@ def attention_bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.de
     )
 
 
+# ---- decoding (attention against a KV cache) ----
+
+_DECODE_MAX_SPLITS = 128
+
+
+def decode_config(head_dim: int, rows: int, device: torch.device) -> dict:
+    """Launch setting of the decode kernel: BLOCK_M packed (query, head) rows of one kv head
+    (GQA packing: GROUP * L rows; at least 16, tl.dot's minimum, at most 64), BLOCK_N keys per
+    step, warps and stages. head_dim: max(D, Dv); rows: GROUP * L."""
+    block_m = min(64, max(16, next_power_of_2(rows)))
+    if interpreting() or device.type != "cuda":
+        return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=1)
+    if head_dim <= 128:
+        return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def decode_split_count(programs: int, key_blocks: int, sms: int) -> int:
+    """How many parts to split each sequence's keys into (flash-decoding), when `programs`
+    (batch x kv heads x row blocks) programs without a split would run on `sms` multiprocessors
+    and each sequence has `key_blocks` key blocks: 1 when the programs fill the GPU already
+    (>= 80% of the SMs), else the smallest split count whose last wave is at least 85% as full
+    as the best count's, among counts that change the blocks per split (as flash-attn chooses)."""
+    if programs <= 0 or key_blocks <= 1 or programs >= 0.8 * sms:
+        return 1
+    best, fills = 0.0, {}
+    for n in range(1, min(_DECODE_MAX_SPLITS, sms, key_blocks) + 1):
+        if n > 1 and -(-key_blocks // n) == -(-key_blocks // (n - 1)):
+            continue  # the same blocks per split as n - 1 splits: not a different schedule
+        waves = programs * n / sms
+        fills[n] = waves / -(-waves // 1)
+        best = max(best, fills[n])
+    return min(n for n, fill in fills.items() if fill >= 0.85 * best)
+
+
+def decode_num_splits(num_splits: int, programs: int, key_blocks: int,
+                      device: torch.device) -> int:
+    """The split count of a decode launch: num_splits (the caller's, 0 = choose) capped at the
+    key blocks and _DECODE_MAX_SPLITS, or decode_split_count for the device (sm_count)."""
+    if num_splits == 0:
+        num_splits = decode_split_count(programs, key_blocks, sm_count(device))
+    return max(1, min(num_splits, key_blocks, _DECODE_MAX_SPLITS))
+
+
 # ---- embedding ----
 
 
