@@ -224,8 +224,10 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[T
         if L_new > capacity:
             raise ValueError(f"k has {L_new} new tokens, more than the cache holds ({capacity})")
     seqlens = _cache_seqlens(cache_seqlens, B, q)
+    rows = (f"the {capacity} rows block_table holds ({block_table.shape[1]} pages of "
+            f"{S_cache})" if block_table is not None else f"the cache's {capacity} rows")
     _check_range("cache_seqlens", seqlens, 0, capacity - L_new,
-                 f"0 <= cache_seqlens <= the cache's {capacity} rows - {L_new} new tokens")
+                 f"0 <= cache_seqlens <= {rows} - {L_new} new tokens")
     end = seqlens + L_new if seqlens is not None else capacity
     _check_range("cache_leftpad", cache_leftpad, 0, end,
                  "0 <= cache_leftpad <= cache_seqlens + seqlen_new")

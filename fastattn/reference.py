@@ -192,7 +192,7 @@ def kvcache_keys(cache: Tensor, b: int, start: int, end: int, cache_batch_idx: T
 
 
 def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
-                      v: Tensor | None = None, *, cache_seqlens: Tensor | None = None,
+                      v: Tensor | None = None, *, cache_seqlens: Tensor | int | None = None,
                       cache_batch_idx: Tensor | None = None, cache_leftpad: Tensor | None = None,
                       block_table: Tensor | None = None, rotary_cos: Tensor | None = None,
                       rotary_sin: Tensor | None = None, rotary_interleaved: bool = True,
@@ -210,7 +210,7 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | N
     capacity = (k_cache.shape[1] * block_table.shape[1] if block_table is not None
                 else k_cache.shape[1])
     seqlens = (torch.full((B,), capacity - L_new, dtype=torch.int64) if cache_seqlens is None
-               else cache_seqlens.long().cpu())
+               else torch.as_tensor(cache_seqlens).long().cpu().expand(B))
     if rotary_cos is not None:
         step = 1 if causal or window != (-1, -1) else 0
         q_pos = seqlens[:, None] + step * torch.arange(L)[None, :]
@@ -228,7 +228,8 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | N
         mask = None if key_padding_mask is None else key_padding_mask[b, start:end]
         out, lse = scaled_dot_product_attention(
             q[b:b + 1].transpose(1, 2), kb, vb, causal, scale, mask, window=window,
-            bottom_right=True, softcap=softcap, alibi=None if alibi is None else alibi[b],
+            bottom_right=True, softcap=softcap,
+            alibi=None if alibi is None else alibi[b] if alibi.dim() == 2 else alibi,
             sinks=sinks)
         outs.append(out.transpose(1, 2))
         lses.append(lse)
