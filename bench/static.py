@@ -34,7 +34,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "sm90_compile.py"
 # Short names of the gate's rules (its messages start with them), for the terminal.
 RULES = {"mma.sync": "hmma", "serialised wgmma": "serial", "duplicated MMA": "dup",
          "spills": "spill", "does not fit": "fit", "no TMA": "noTMA", "issue:TC": "TC",
-         "compile error": "error", "no ptxas report": "nolog"}
+         "compile error": "error", "no ptxas report": "nolog", "narrow loads": "narrow"}
 LOADS = {"TMA": "TMA", "cp.async": "cp", "LDG": "LDG"}
 
 
@@ -54,7 +54,8 @@ def records(arch: int = 90, jobs: int | None = None) -> list[dict]:
         r = json.loads(line)
         out.append({**report.record(
             kind="static", op="attention", family="attention", impl="fastattn",
-            mode="fwd" if r["kernel"] == "fwd" else "bwd", dtype="bfloat16",
+            mode="fwd" if r["kernel"] in ("fwd", "decode", "merge", "append") else "bwd",
+            dtype="bfloat16",
             shape=f"d{r['head_dim']} {r['feature']} {r['kernel']}",
             device=f"sm_{arch} static (Triton {r['triton']}; compiled, not run)",
             size={"D": r["head_dim"], "feature": r["feature"]}, **{"pass": r["ok"]},
@@ -116,8 +117,10 @@ def section(records_: list[dict]) -> list:
             counts[name] = counts.get(name, 0) + 1
     return [
         f"## Static Hopper check: {rows[0]['device']}", "",
-        "Every attention kernel a forward + backward launches, bf16, compiled for sm_90 as a "
-        "launch on contiguous tensors specialises it (tests/sm90_compile.py --static). i/sc "
+        "Every attention kernel a forward + backward launches, and a decode step's (append, "
+        "decode, merge: batch 1, 32 query heads on 4 kv heads, a 32k cache), bf16, compiled for "
+        "sm_90 as a launch on contiguous tensors specialises it (tests/sm90_compile.py "
+        "--static). i/sc "
         "(instructions per score) = main-loop SASS instructions x warps / (BLOCK_M x BLOCK_N); "
         "issue:TC = (main-loop "
         "instructions x warps / 4) / (its MMA FMAs / 2048 per clock): above 1 the instruction "
@@ -128,7 +131,8 @@ def section(records_: list[dict]) -> list:
         "a wgmma ptxas serialises; dup: MMA work duplicated across warps; spill; noTMA: the "
         "forward's K / V not loaded by TMA; fit: no room for one CTA per SM; TC: issue:TC above "
         "0.6 for the d128 forward, 1.0 "
-        "otherwise). #: the autotuning candidate (0: the default, what runs untuned; 1, 2, ...: "
+        "otherwise; the memory-bound decode kernels (16-row tiles, mma.sync) are held to no "
+        "spills and K / V loaded by TMA or 16-byte vectors, narrow otherwise). #: the autotuning candidate (0: the default, what runs untuned; 1, 2, ...: "
         "the alternates configs.py lists for the tuner).", "",
         report.Table(table, TERMINAL),
         f"{len(rows) - len(failed)} of {len(rows)} kernels pass the static Hopper gate "

@@ -498,6 +498,10 @@ def test_flash_attn_signature_matches():
     """flash_attn_with_kvcache takes flash-attn 2.8's parameters in its order (sinks extra)."""
     import inspect
 
+    from fastattn.flash_attn import flash_attn_interface
+
+    assert flash_attn_interface.flash_attn_with_kvcache is flash_attn_with_kvcache
+    assert "flash_attn_with_kvcache" in fastattn.flash_attn.__all__
     names = list(inspect.signature(flash_attn_with_kvcache).parameters)
     assert names == ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin",
                      "cache_seqlens", "cache_batch_idx", "cache_leftpad", "block_table",

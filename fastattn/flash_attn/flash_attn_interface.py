@@ -3,8 +3,8 @@ imports them from there (`from fastattn.flash_attn.flash_attn_interface import f
 
 from . import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
-               flash_attn_varlen_qkvpacked_func)
+               flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
            "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
-           "flash_attn_varlen_qkvpacked_func"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
