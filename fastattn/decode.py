@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._validate import check_same_device, check_same_dtype, check_tensor, read_device_values
+from ._validate import check_same_device, check_tensor, read_device_values
 from .attention import MAX_HEAD_DIM, _check_scale, _score_mods
 
 __all__ = ["kvcache_attention"]
@@ -55,13 +55,18 @@ def _kvcache_attention_fwd_fake(q, k_cache, v_cache, *args):
 _LAYOUT = "(batch, seqlen, nheads, headdim)"
 
 
-def _check_4d(name: str, t, like: Tensor) -> None:
-    check_tensor(name, t)
+def _check_4d(name: str, t, q: Tensor) -> None:
+    """t: a 4-D tensor in q's dtype on q's device (direct comparisons: this runs per call)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype is not q.dtype:
+        raise TypeError(f"expected one dtype, got q {str(q.dtype).removeprefix('torch.')}, "
+                        f"{name} {str(t.dtype).removeprefix('torch.')}")
+    if t.device != q.device:
+        raise ValueError(f"expected all tensors on one device, got q on {q.device}, {name} on "
+                         f"{t.device}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be 4-D {_LAYOUT}, got shape {list(t.shape)}")
-    if t is not like:
-        check_same_device(q=like, **{name: t})
-        check_same_dtype(q=like, **{name: t})
 
 
 def _check_index_tensor(name: str, t, shape: tuple[int, ...], q: Tensor) -> None:
@@ -75,15 +80,22 @@ def _check_index_tensor(name: str, t, shape: tuple[int, ...], q: Tensor) -> None
     check_same_device(q=q, **{name: t})
 
 
-def _check_range(name: str, t: Optional[Tensor], lo, hi, rule: str) -> None:
-    """lo <= t <= hi elementwise (lo, hi ints or tensors shaped as t), where t's values may be read
-    (read_device_values: the CPU always, CUDA in checking mode; unchecked, the kernels clamp)."""
+def _check_range(name: str, t: Optional[Tensor], lo: int, hi, rule: str) -> None:
+    """lo <= t[i] <= hi (an int, or a list of one bound per element) for every element of t,
+    where t's values may be read (read_device_values: the CPU always, CUDA in checking mode;
+    unchecked, the kernels clamp). Small tensors are checked in Python (one copy to the host),
+    large ones (a block table) by their min and max."""
     if t is None or t.numel() == 0 or not read_device_values(t):
         return
-    bad = (t < lo) | (t > hi)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}[{i}] = {int(t[i])} is out of range: {rule}")
+    if t.numel() > 4096 and not isinstance(hi, list):
+        low, high = (int(x) for x in torch.aminmax(t))
+        if lo <= low and high <= hi:
+            return
+    values = t.flatten().tolist()
+    his = hi if isinstance(hi, list) else [hi] * len(values)
+    for i, (x, h) in enumerate(zip(values, his)):
+        if not lo <= x <= h:
+            raise ValueError(f"{name}[{i}] = {x} is out of range: {rule}")
 
 
 def _cache_seqlens(cache_seqlens, B: int, q: Tensor) -> Optional[Tensor]:
@@ -173,6 +185,7 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[T
     the CPU and in checking mode (fastattn.checking); unchecked on CUDA the kernels clamp them
     into the caches, never reading or writing out of bounds.
     """
+    check_tensor("q", q)
     _check_4d("q", q, q)
     _check_4d("k_cache", k_cache, q)
     _check_4d("v_cache", v_cache, q)
@@ -228,9 +241,10 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[T
             f"{S_cache})" if block_table is not None else f"the cache's {capacity} rows")
     _check_range("cache_seqlens", seqlens, 0, capacity - L_new,
                  f"0 <= cache_seqlens <= {rows} - {L_new} new tokens")
-    end = seqlens + L_new if seqlens is not None else capacity
-    _check_range("cache_leftpad", cache_leftpad, 0, end,
-                 "0 <= cache_leftpad <= cache_seqlens + seqlen_new")
+    if cache_leftpad is not None and read_device_values(cache_leftpad):
+        end = ([n + L_new for n in seqlens.tolist()] if seqlens is not None else capacity)
+        _check_range("cache_leftpad", cache_leftpad, 0, end,
+                     "0 <= cache_leftpad <= cache_seqlens + seqlen_new")
     _check_range("cache_batch_idx", cache_batch_idx, 0, n_cache - 1,
                  f"0 <= cache_batch_idx < k_cache.shape[0] = {n_cache}")
     if block_table is not None:

@@ -352,6 +352,18 @@ def _block_phases(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _phase_range(phase: tl.constexpr, b0, b1, b2, b3):
+    """The range of loop phase `phase` (a static_range index: 0, 1 or 2) over the consecutive
+    ranges of _block_phases: [b0, b1) masked, [b1, b2) unmasked, [b2, b3) masked."""
+    if phase == 0:
+        return b0, b1
+    elif phase == 1:
+        return b1, b2
+    else:
+        return b2, b3
+
+
+@triton.jit
 def _key_block_bounds(m0, m_last, S, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr,
                       WINDOW_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key range a block of queries at positions m0 .. m_last visits (a query block
@@ -666,12 +678,9 @@ def _attn_fwd_kernel(
                                                          diag_hi, WINDOW_LEFT, WINDOW_RIGHT,
                                                          BLOCK_N)
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):
-        if phase == 0:  # the window's left edge: masked
-            lo, hi = n_lo, n_full_lo
-        elif phase == 1:  # the key blocks every row sees whole: no element mask
-            lo, hi = n_full_lo, n_full_hi
-        else:  # the right edge (the causal diagonal) and the ragged block at S: masked
-            lo, hi = n_full_hi, n_hi
+        # 0: the window's left edge, masked; 1: the key blocks every row sees whole, no element
+        # mask; 2: the right edge (the causal diagonal) and the ragged block at S, masked
+        lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts, Lse, 1,
             offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
@@ -1019,12 +1028,7 @@ def _attn_bwd_dkdv_kernel(
         seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
         slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
         for phase in tl.static_range(3 if WINDOW_LEFT else 2):
-            if phase == 0:
-                lo, hi = m_lo, m_full_lo
-            elif phase == 1:
-                lo, hi = m_full_lo, m_full_hi
-            else:
-                lo, hi = m_full_hi, m_hi
+            lo, hi = _phase_range(phase, m_lo, m_full_lo, m_full_hi, m_hi)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
                 offs_n, n0, part, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
@@ -1171,12 +1175,7 @@ def _attn_bwd_dq_kernel(
                                                          diag_hi, WINDOW_LEFT, WINDOW_RIGHT,
                                                          BLOCK_N)
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the forward
-        if phase == 0:
-            lo, hi = n_lo, n_full_lo
-        elif phase == 1:
-            lo, hi = n_full_lo, n_full_hi
-        else:
-            lo, hi = n_full_hi, n_hi
+        lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts,
             dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .attention import (_LN2, _LOG2E, _ROW_MAX_START, _attn_fwd_inner, _block_dims, _diagonals,
                         _dot_flags, _dot_operand, _key_block_bounds, _kv_descriptor_flag,
-                        _page_rows, _rounded, _softcap_factors, _softmax_finish,
+                        _page_rows, _phase_range, _rounded, _softcap_factors, _softmax_finish,
                         _visible_key_blocks)
 from .configs import decode_config, decode_num_splits, device_guard, next_power_of_2
 from .numerics import round_to
@@ -279,12 +279,7 @@ def _decode_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the prefill forward
-        if phase == 0:
-            lo, hi = n_lo, n_full_lo
-        elif phase == 1:
-            lo, hi = n_full_lo, n_full_hi
-        else:
-            lo, hi = n_full_hi, n_hi
+        lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts, page_table,
             n_cache, offs_i, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
