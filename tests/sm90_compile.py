@@ -47,6 +47,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastattn.kernels import attention as AT  # noqa: E402
 from fastattn.kernels import configs  # noqa: E402
+from fastattn.kernels import decode as DC  # noqa: E402
 from fastattn.kernels import embedding as EM  # noqa: E402
 from fastattn.kernels import layer_norm as LN  # noqa: E402
 
@@ -204,17 +205,43 @@ STATIC_FEATURES = {
     "window + sinks": dict(is_causal=True, window=(511, 0), sinks=True),  # Mistral, GPT-OSS
     "softcap": dict(is_causal=True, softcap=50.0),  # Gemma 2
     "alibi": dict(is_causal=True, alibi=True),  # BLOOM, MPT
+    # a decode step (kernels/decode.py, L = 1, GQA 8:1, split over a 32k cache): the cache
+    # contiguous, paged (pages of 256), and with the step's key appended and rotated in-kernel
+    "decode": dict(decode="contiguous"),
+    "decode paged": dict(decode="paged"),
+    "decode append": dict(decode="append"),
 }
 _MODIFIERS = ("window + sinks", "softcap", "alibi")
+_DECODE = ("decode paged", "decode append")
 # The (head dim, feature) cells of the check: every feature at every head dim, the modifiers at
-# the two most used ones.
+# the two most used ones, the decode step's paged and append variants at 128.
+_CELL_HEAD_DIMS = {**{f: (64, 128) for f in _MODIFIERS},
+                   **{f: (128,) for f in _DECODE}}
 STATIC_CELLS = [(d, f) for d in STATIC_HEAD_DIMS for f in STATIC_FEATURES
-                if f not in _MODIFIERS or d in (64, 128)]
-# The kernels a forward + backward launches, by their short names in the check's records.
+                if d in _CELL_HEAD_DIMS.get(f, STATIC_HEAD_DIMS)]
+# The kernels a forward + backward (or a decode step) launches, by their short names in the check's
+# records.
 STATIC_KERNELS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_preprocess_kernel": "preprocess",
-                  "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+                  "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq",
+                  "_decode_fwd_kernel": "decode", "_decode_merge_kernel": "merge",
+                  "_kv_append_kernel": "append"}
+
+
+def cell_kernels(feature: str) -> tuple[str, ...]:
+    """The kernels (short names) a cell of `feature` launches: a training step's four, or a decode
+    step's attention and merge (and the append with its new key)."""
+    if "decode" not in STATIC_FEATURES[feature]:
+        return ("fwd", "preprocess", "dkdv", "dq")
+    return ("append", "decode", "merge") if feature == "decode append" else ("decode", "merge")
+
+
+# Memory-bound kernels (a decode step reads the cache once: its tiles have 16 rows, below wgmma's
+# 64): their gate asks for no spills and vector (or TMA) loads of K / V, not for wgmma or issue:TC.
+MEMORY_BOUND = ("decode", "merge", "append")
 # The launch: (B, Hq, L = S); sizes a model uses (16-divisible, so the binder marks them so).
 STATIC_SHAPE = (2, 16, 2048)
+# The decode step: (B, Hq, Hkv, cache length).
+DECODE_SHAPE = (1, 32, 4, 32768)
 
 # Hopper (H200) per SM: 64K registers in 4 sub-partitions, 228 KB shared memory (1 KB of it kept
 # per CTA), 64 warps, 32 CTAs; 4 warp schedulers; dense bf16 tensor-core rate 2048 FMA per clock.
@@ -287,12 +314,13 @@ def _stand_in_launches(arch: int) -> list:
     configs.arch_major = lambda device: arch // 10
     configs.sm_count = lambda device: 132
     gpu = torch.device("cuda", 0)
-    for name, fn in list(vars(AT).items()):  # the launchers' copies of configs.py's functions
-        if name in ("arch_major", "sm_count"):
-            setattr(AT, name, getattr(configs, name))
-        elif (inspect.isfunction(fn) and fn.__module__ == configs.__name__
-              and "device" in inspect.signature(fn).parameters):
-            setattr(AT, name, _on_device(fn, gpu))
+    for module in (AT, DC):  # the launchers' copies of configs.py's functions
+        for name, fn in list(vars(module).items()):
+            if name in ("arch_major", "sm_count"):
+                setattr(module, name, getattr(configs, name))
+            elif (inspect.isfunction(fn) and fn.__module__ == configs.__name__
+                  and "device" in inspect.signature(fn).parameters):
+                setattr(module, name, _on_device(fn, gpu))
     return launches
 
 
@@ -332,6 +360,31 @@ def _launch_attention(head_dim: int, is_causal=False, mask=False, dropout_p=0.0,
                                         True, *mods)
         AT.attention_bwd(torch.empty_like(out), q, k, v, out, lse, scale, is_causal, attn_mask,
                          dropout_p, seed, False, lo, *mods)
+
+
+def _launch_decode(head_dim: int, decode: str) -> None:
+    """A decode step through kernels/decode.py's launcher on contiguous bf16 CPU tensors: q
+    (B, 1, Hq, D) against a (B, S, Hkv, D) cache, or a paged one (pages of 256, block table
+    (B, S / 256)), or (append) with the step's key and value appended and rotated (rotary_dim =
+    head_dim), causal; cache_seqlens on the device, the split count chosen for an H200 (132 SMs)."""
+    import torch
+
+    B, Hq, Hkv, S = DECODE_SHAPE
+    bf16 = torch.bfloat16
+    q = torch.empty(B, 1, Hq, head_dim, dtype=bf16)
+    seqlens = torch.full((B,), S - 1, dtype=torch.int32)
+    table, k = None, None
+    if decode == "paged":
+        cache = [torch.empty(B * S // 256, 256, Hkv, head_dim, dtype=bf16) for _ in range(2)]
+        table = torch.arange(B * S // 256, dtype=torch.int32).view(B, -1)
+    else:
+        cache = [torch.empty(B, S, Hkv, head_dim, dtype=bf16) for _ in range(2)]
+    cos = sin = None
+    if decode == "append":
+        k = torch.empty(B, 1, Hkv, head_dim, dtype=bf16)
+        cos, sin = (torch.empty(S, head_dim // 2, dtype=bf16) for _ in range(2))
+    DC.kvcache_attention_fwd(q, *cache, k, k, seqlens, None, None, table, cos, sin, False, None,
+                             head_dim ** -0.5, decode == "append", -1, -1, 0.0, None, None, 0)
 
 
 def _sass_loops(sass: str) -> list[list[str]]:
@@ -382,11 +435,12 @@ def _loop_summary(body: list[str], warps: int, tile_scores: int) -> dict:
         "TMA" if o.startswith("UTMALDG") else "cp.async" if o.startswith("LDGSTS") else "LDG"
         for o in ops if o.startswith(("UTMALDG", "LDGSTS"))
         or (o.startswith("LDG") and not o.startswith("LDGDEPBAR")))
+    wide = sum(o.startswith(("LDG", "LDGSTS")) and ".128" in o for o in ops)
     fma = sum(_mma_fma(o, warps) for o in ops)
     issue_clocks = len(ops) * warps / _SCHEDULERS
     return {"insns": len(ops), "hgmma": sum(o.startswith("HGMMA") for o in ops),
             "hmma": sum(o.startswith("HMMA") for o in ops), "mma_shapes": dict(shapes),
-            "loads": dict(loads), "depbar": sum(o.startswith("WARPGROUP.DEPBAR") for o in ops),
+            "loads": dict(loads), "wide_loads": wide, "depbar": sum(o.startswith("WARPGROUP.DEPBAR") for o in ops),
             "ex2": sum(o == "MUFU.EX2" for o in ops),
             "spill_insns": sum(o.startswith(("LDL", "STL")) for o in ops),
             "instr_per_score": round(len(ops) * warps / tile_scores, 3),
@@ -433,7 +487,14 @@ def hopper_gate(r: dict) -> list[str]:
     if not r["regs"]:
         return ["no ptxas report: registers and spills unknown"]
     why = []
-    if r["hmma"] or (r["dots"] and not r["hgmma"]):
+    memory_bound = r.get("kernel") in MEMORY_BOUND
+    if memory_bound:
+        main = r.get("main_loop") or {}
+        if (r.get("kernel") == "decode" and main.get("loads", {}).get("TMA", 0) < 2
+                and main.get("wide_loads", 0) < 2):
+            why.append(f"narrow loads: the decode loop loads K / V as {main.get('loads')}, "
+                       f"{main.get('wide_loads', 0)} of them 16-byte vectors")
+    elif r["hmma"] or (r["dots"] and not r["hgmma"]):
         why.append(f"mma.sync: {r['hmma']} HMMA, {r['hgmma']} HGMMA in the SASS")
     if r["serialised"]:
         why.append("serialised wgmma: ptxas " + "; ".join(r["serialised"]))
@@ -450,7 +511,7 @@ def hopper_gate(r: dict) -> list[str]:
     if r.get("kernel") == "fwd" and main.get("loads", {}).get("TMA", 0) < 2:
         why.append(f"no TMA: the forward's main loop loads K / V as {main.get('loads')}")
     limit = ISSUE_TC_LIMIT.get((r.get("kernel"), r.get("block_d")), ISSUE_TC_DEFAULT_LIMIT)
-    if main.get("issue_tc") is not None and main["issue_tc"] > limit:
+    if main.get("issue_tc") is not None and main["issue_tc"] > limit and not memory_bound:
         why.append(f"issue:TC: {main['issue_tc']} > {limit} in the main loop")
     return list(dict.fromkeys(why))
 
@@ -540,7 +601,11 @@ def static_records(arch: int, cells=None, candidates: bool = True):
                     "candidate": i}
             with _candidate(i) as passes:
                 try:
-                    _launch_attention(d, **STATIC_FEATURES[feature])
+                    spec = STATIC_FEATURES[feature]
+                    if "decode" in spec:
+                        _launch_decode(d, **spec)
+                    else:
+                        _launch_attention(d, **spec)
                     error = None
                 except Exception as e:  # a front-end or ptxas error: the next kernel does not compile
                     error = f"{type(e).__name__}: {str(e)[-300:]}"
@@ -554,9 +619,9 @@ def static_records(arch: int, cells=None, candidates: bool = True):
                 warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
                 r = {**base, "kernel": kind, "fn": name,
                      "block_m": block_m, "block_n": block_n, "block_d": kwargs.get("BLOCK_D"),
-                     "tile": f"{block_m}x{block_n}" if block_n else f"{block_m}",
+                     "tile": f"{block_m}x{block_n}" if block_m and block_n else f"{block_m or block_n or '-'}",
                      "warps": warps, "stages": stages,
-                     **analyse_compiled(kernel, log, warps, block_m * (block_n or 1))}
+                     **analyse_compiled(kernel, log, warps, (block_m or 1) * (block_n or 1))}
                 r["gate"] = hopper_gate(r)
                 r["ok"] = not r["gate"]
                 yield r
