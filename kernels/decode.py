@@ -220,8 +220,11 @@ def _decode_fwd_kernel(
     else:
         start = 0
     S = seqlen - start
+    # [split_lo, split_hi): block-aligned (the loop bounds below must start on a block for the
+    # key-padding lists: an empty range at a ragged S would read the last block again)
     split_lo = split * split_keys
-    split_hi = tl.maximum(tl.minimum(S, split_lo + split_keys), split_lo)
+    split_hi = tl.maximum(tl.minimum(tl.cdiv(S, BLOCK_N) * BLOCK_N, split_lo + split_keys),
+                          split_lo)
 
     # The rows: query i = r // GROUP of head off_hkv * GROUP + r % GROUP.
     offs_r = r0 + tl.arange(0, BLOCK_M)

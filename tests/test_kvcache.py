@@ -272,6 +272,7 @@ ARG_CASES = {
     "softcap": dict(softcap=4.0, causal=True),
     "window+alibi": dict(window_size=(20, 0), alibi=True),
     "key_padding_mask": dict(mask=True, causal=True),
+    "mask+window": dict(mask=True, causal=True, window_size=(7, 0), L=3),
     "scale<0": dict(scale=-0.3),
     "int_seqlens": dict(int_seqlens=True),
     "full_cache": dict(full=True),
