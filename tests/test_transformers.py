@@ -1,7 +1,9 @@
 """Hugging Face models on fastattn: attn_implementation="fastattn" against "eager" on outputs and
 every parameter gradient (GPT-2, BERT with padded batches, Llama with GQA; Mistral, Qwen2,
 Gemma 2 / 3 and GPT-OSS with sliding windows, softcap and sinks, generate() and a KV cache too),
-the mask builder, and patch / unpatch. Tiny configs built locally: nothing is downloaded."""
+generate()'s decode steps on the KV-cache decode op (dynamic and static caches) and the calls it
+leaves to the prefill path, the mask builder, and patch / unpatch. Tiny configs built locally:
+nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -131,16 +133,25 @@ def _left_padded_batch(device, lengths=(12, 7), n=12):
 
 
 def _kernel_calls(monkeypatch) -> list[dict]:
-    """What fastattn.scaled_dot_product_attention gets from the integration, call by call."""
+    """What fastattn.scaled_dot_product_attention (op "prefill") and fastattn.kvcache_attention
+    (op "decode") get from the integration, call by call: L, S, the mask's shape and the keywords
+    (a decode call's key_padding_mask as "mask", its causal as "is_causal")."""
     calls = []
-    real = fa_hf.scaled_dot_product_attention
+    real_prefill, real_decode = fa_hf.scaled_dot_product_attention, fa_hf.kvcache_attention
 
-    def spy(q, k, v, attn_mask=None, **kwargs):
-        calls.append(dict(kwargs, L=q.shape[-2], S=k.shape[-2],
+    def prefill(q, k, v, attn_mask=None, **kwargs):
+        calls.append(dict(kwargs, op="prefill", L=q.shape[-2], S=k.shape[-2],
                           mask=None if attn_mask is None else tuple(attn_mask.shape)))
-        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+        return real_prefill(q, k, v, attn_mask=attn_mask, **kwargs)
 
-    monkeypatch.setattr(fa_hf, "scaled_dot_product_attention", spy)
+    def decode(q, k_cache, v_cache, key_padding_mask=None, causal=False, **kwargs):
+        calls.append(dict(kwargs, op="decode", L=q.shape[1], S=k_cache.shape[1], is_causal=causal,
+                          mask=None if key_padding_mask is None else tuple(key_padding_mask.shape)))
+        return real_decode(q, k_cache, v_cache, key_padding_mask=key_padding_mask, causal=causal,
+                           **kwargs)
+
+    monkeypatch.setattr(fa_hf, "scaled_dot_product_attention", prefill)
+    monkeypatch.setattr(fa_hf, "kvcache_attention", decode)
     return calls
 
 
@@ -149,9 +160,12 @@ def test_decoder_family_matches_eager(name, device, monkeypatch):
     """Tiny random Llama, Mistral and Qwen2 (sliding windows shorter than the sequence), Gemma 2
     (softcap and windows), Gemma 3 and GPT-OSS (sinks and windows) on a left-padded batch: with
     "fastattn" the logits, every parameter gradient (the sinks' too), greedy generate() tokens and
-    a continuation through a KV cache (4 queries on 12 keys) equal "eager"'s. Every kernel call
-    gets the window as a window with the causal mask and at most a (B, 1, 1, S) key mask (no
-    dense (B, 1, L, S) mask), bottom-right aligned when L != S, and the cap / the sinks."""
+    a continuation through a KV cache (4 queries on 12 keys) equal "eager"'s. The prefills (and
+    the training pass) run on scaled_dot_product_attention, generate()'s steps (1 query) and the
+    continuation on the decode op (kvcache_attention). Every call gets the window as a window
+    with the causal mask and at most a key mask ((B, 1, 1, S) for the prefill, (B, S) for the
+    decode op; no dense (B, 1, L, S) mask), bottom-right aligned when L != S, and the cap / the
+    sinks."""
     config_cls, extra, (windows, softcap, has_sinks) = _FAMILIES[name]
     config = getattr(transformers, config_cls)(**_DECODER, **extra)
     eager, ours = _pair(transformers.AutoModelForCausalLM.from_config, config, device)
@@ -173,15 +187,173 @@ def test_decoder_family_matches_eager(name, device, monkeypatch):
     torch.testing.assert_close(*continued, atol=1e-5, rtol=1e-4)
 
     assert calls and all(c["is_causal"] for c in calls), calls
-    assert all(c["mask"] in (None, (2, 1, 1, c["S"])) for c in calls), calls
-    assert all(c["bottom_right"] == (c["L"] != c["S"]) for c in calls), calls
-    assert {c["L"] for c in calls} >= {1, 4, 12}  # prefill, decoding, the continuation
+    prefills = [c for c in calls if c["op"] == "prefill"]
+    decodes = [c for c in calls if c["op"] == "decode"]
+    assert all(c["mask"] in (None, (2, 1, 1, c["S"])) for c in prefills), prefills
+    assert all(c["mask"] in (None, (2, c["S"])) for c in decodes), decodes
+    assert all(c["bottom_right"] == (c["L"] != c["S"]) for c in prefills), prefills
+    assert {c["L"] for c in prefills} == {8, 12}  # the prefills: whole prompts
+    assert all(c["L"] < c["S"] for c in decodes)
+    assert {c["L"] for c in decodes} == {1, 4}  # generate()'s steps, the continuation
     assert {c["window_size"] for c in calls} == windows, calls
+    assert {c["window_size"] for c in decodes} == windows, decodes
     assert {c["softcap"] for c in calls} == {softcap}, calls
     sinks = [m.sinks for m in ours.modules() if hasattr(m, "sinks")]
     assert len(sinks) == (2 if has_sinks else 0)
     assert all(any(c["sinks"] is s for s in sinks) if has_sinks else c["sinks"] is None
                for c in calls)
+
+
+# ---- generate(): the decode steps on the KV-cache decode op ----
+
+# name -> (model class, config): GPT-2, Llama with GQA 4:2, Gemma 2 with a window of 4 keys
+# (shorter than the 9-token prompts) and softcap 1.0 on weights large enough that capping matters.
+_GENERATE = {
+    "gpt2": (transformers.GPT2LMHeadModel, _gpt2_config),
+    "llama-gqa": (transformers.LlamaForCausalLM, _llama_config),
+    "gemma2-window-softcap": (
+        transformers.Gemma2ForCausalLM,
+        lambda: transformers.Gemma2Config(**_DECODER, sliding_window=4,
+                                          attn_logit_softcapping=1.0, initializer_range=0.3)),
+}
+
+
+# Caches: generate()'s default (a DynamicCache for the config: Gemma 2's sliding layers keep only
+# the window's keys), a static one (S the buffer's length, its unwritten tail masked), and a
+# DynamicCache() without the config, whose sliding layers keep every key, so that the decode op
+# itself applies the window of 4 to the 9+ keys.
+_GENERATE_CASES = ([(name, cache) for name in _GENERATE for cache in ("dynamic", "static")]
+                   + [("gemma2-window-softcap", "dynamic-all-keys")])
+
+
+@pytest.mark.parametrize("name,cache", _GENERATE_CASES)
+def test_generate_decode_steps_run_on_the_decode_op(name, cache, device):
+    """Greedy generate() on a left-padded batch of 3 with dynamic and static caches: the tokens
+    and every step's logits equal "eager"'s; the prefill runs on the prefill kernel (one
+    attention_fwd per layer) and every decode step on the decode op (one kvcache_attention_fwd
+    per layer and step, none left on the prefill path), on this device's backend (the Triton
+    kernels under the interpreter on a CPU)."""
+    model_cls, config = _GENERATE[name]
+    eager, ours = _pair(model_cls, config(), device)
+    ids, mask = _left_padded_batch(device, lengths=(9, 6, 3), n=9)
+    new_tokens, layers = 5, ours.config.num_hidden_layers
+    options = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, pad_token_id=0, output_logits=True,
+                   return_dict_in_generate=True)
+    if cache == "static":
+        # disable_compile: on CUDA generate() would torch.compile the forward of a static cache
+        options.update(cache_implementation="static", disable_compile=True)
+    fresh_cache = (lambda: dict(past_key_values=transformers.DynamicCache())
+                   if cache == "dynamic-all-keys" else {})
+    with fastattn.record_backends() as ran:
+        generated = ours.generate(ids, **options, **fresh_cache())
+    expected = eager.generate(ids, **options, **fresh_cache())
+    assert generated.sequences.shape == (3, 9 + new_tokens)
+    assert torch.equal(generated.sequences, expected.sequences), (generated, expected)
+    for step, (ours_logits, eager_logits) in enumerate(zip(generated.logits, expected.logits)):
+        torch.testing.assert_close(ours_logits, eager_logits, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"step {step}: {m}")
+    backend = fastattn.backend(device)
+    attention = [r for r in ran if "attention" in r[0]]
+    assert attention.count(("attention_fwd", backend)) == layers, ran
+    assert attention.count(("kvcache_attention_fwd", backend)) == layers * (new_tokens - 1), ran
+    assert len(attention) == layers * new_tokens, ran
+
+
+def _tagged_key_mask(keys: torch.Tensor, window) -> torch.Tensor:
+    """A (B, S) key mask as fa_hf.attention_mask() makes it for a causal pattern."""
+    setattr(keys, fa_hf._CAUSAL_SPEC, (window, True))
+    return keys
+
+
+def test_decode_step_matches_the_reference(device):
+    """Decode calls, no gradient: 3 queries on 9 keys with the builder's (B, S) key mask, window
+    4, softcap and sinks, and 1 query on a static cache's dense (B, 1, 1, S) mask (holes in the
+    middle, the unwritten tail hidden): the decode op's result equals the float64 reference's
+    (causal, window and key mask bottom-right aligned)."""
+    torch.manual_seed(5)
+    q = torch.randn(2, 4, 3, 8, device=device)
+    k, v = (torch.randn(2, 2, 9, 8, device=device) for _ in range(2))
+    sinks = torch.randn(4, device=device, requires_grad=True)  # a parameter, as GPT-OSS's
+    keys = torch.ones(2, 9, dtype=torch.bool, device=device)
+    keys[1, :4] = False  # left padding
+    backend = fastattn.backend(device)
+    with torch.no_grad(), fastattn.record_backends() as ran:
+        out, _ = fa_hf.attention_forward(_Attention(), q, k, v, _tagged_key_mask(keys, 4),
+                                         scaling=0.5, softcap=2.0, s_aux=sinks)
+    assert ran == [("kvcache_attention_fwd", backend)]
+    ref, _ = reference.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), True, 0.5, keys[:, None, None, :], window=(3, 0),
+        bottom_right=True, softcap=2.0, sinks=sinks.detach().double())
+    torch.testing.assert_close(out, ref.transpose(1, 2).float(), atol=1e-5, rtol=1e-5)
+
+    static = torch.ones(2, 1, 1, 9, dtype=torch.bool, device=device)
+    static[..., 7:] = False  # not written yet
+    static[0, ..., 2:4] = False
+    with torch.no_grad(), fastattn.record_backends() as ran:
+        out, _ = fa_hf.attention_forward(_Attention(), q[:, :, :1], k, v, static)
+    assert ran == [("kvcache_attention_fwd", backend)]
+    ref, _ = reference.scaled_dot_product_attention(q[:, :, :1].double(), k.double(), v.double(),
+                                                    attn_mask=static)
+    torch.testing.assert_close(out, ref.transpose(1, 2).float(), atol=1e-5, rtol=1e-5)
+
+
+_FALLBACKS = ["float-mask", "per-head-mask", "per-query-mask", "dropout", "position-bias",
+              "grad", "17-queries"]
+
+
+@pytest.mark.parametrize("case", _FALLBACKS)
+def test_decode_calls_the_decode_op_cannot_honour_take_the_prefill_path(case, device):
+    """A decoding call (fewer queries than keys) with something the decode op does not apply as
+    given (an additive float mask, a bool mask differing per head or per query, dropout,
+    position_bias, a gradient, more than 16 queries) runs on scaled_dot_product_attention, with
+    that thing honoured: the result (and q's gradient) equals the float64 reference's (dropout:
+    the prefill op's own draw from the same seed)."""
+    torch.manual_seed(6)
+    L = 17 if case == "17-queries" else 2 if case == "per-query-mask" else 1
+    q = torch.randn(2, 4, L, 8, device=device, requires_grad=case == "grad")
+    k, v = (torch.randn(2, 4, 20, 8, device=device) for _ in range(2))
+    mask, kwargs = None, {}
+    if case == "float-mask":
+        mask = torch.zeros(2, 1, 1, 20, device=device)
+        mask[0, ..., :5] = float("-inf")
+        mask[1, ..., 3] = -2.0  # not a key mask: an additive bias
+    elif case == "per-head-mask":
+        mask = torch.rand(2, 4, 1, 20, device=device) > 0.3
+    elif case == "per-query-mask":
+        mask = torch.rand(2, 1, L, 20, device=device) > 0.3
+    elif case == "position-bias":
+        kwargs["position_bias"] = torch.randn(1, 4, L, 20, device=device)
+    elif case == "dropout":
+        kwargs["dropout"] = 0.5
+    if mask is not None:
+        mask[..., -1] = True  # every row sees a key
+    backend = fastattn.backend(device)
+    torch.manual_seed(7)
+    with torch.set_grad_enabled(case == "grad"), fastattn.record_backends() as ran:
+        out, _ = fa_hf.attention_forward(_Attention(), q, k, v, mask, **kwargs)
+    assert ("attention_fwd", backend) in ran and ("kvcache_attention_fwd", backend) not in ran
+    if case == "dropout":
+        torch.manual_seed(7)
+        with torch.no_grad():
+            ref = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5, is_causal=True,
+                                                        bottom_right=True).transpose(1, 2)
+            plain, _ = fa_hf.attention_forward(_Attention(), q, k, v, None)
+        assert torch.equal(out, ref)
+        assert not torch.allclose(out, plain)  # the dropout was applied
+    else:
+        # The integration's reading: a mask holds the whole pattern, else causal bottom-right
+        # (plus the additive bias).
+        inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        bias = kwargs.get("position_bias")
+        ref, _ = reference.scaled_dot_product_attention(
+            *inputs, mask is None, attn_mask=mask if bias is None else bias.double(),
+            bottom_right=True)
+        torch.testing.assert_close(out, ref.transpose(1, 2).float(), atol=1e-5, rtol=1e-5)
+        if case == "grad":
+            (grad,) = torch.autograd.grad(out.sum(), q)
+            (ref_grad,) = torch.autograd.grad(ref.sum(), inputs[0])
+            torch.testing.assert_close(grad, ref_grad.float(), atol=1e-5, rtol=1e-5)
 
 
 class _Attention(torch.nn.Module):

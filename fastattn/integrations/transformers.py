@@ -15,6 +15,13 @@ as its (B, S) key-padding part, tagged with the window: the kernel applies the c
 and no (B, 1, L, S) mask is built. Every other mask is a torch-SDPA style boolean (True =
 attend); a padding-only bidirectional mask (BERT) is handed over as (B, 1, 1, S), the key-padding
 form on which fastattn's kernel skips fully padded key blocks.
+
+Decoding steps (generate()'s one new query per step, or up to 16 queries on a longer KV cache)
+that need no gradient run on fastattn.kvcache_attention, the decode op (flash-decoding): HF's
+cache already holds the step's keys, so the op reads it as it is ((B, Hkv, S, D) viewed as
+(B, S, Hkv, D), no copy) with the key mask of the call as its key_padding_mask (left padding, a
+static cache's unwritten tail). A call the op cannot honour exactly (dropout, position_bias, a
+float mask or one that differs per query or head, a gradient) takes the prefill kernel's path.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import nn as fnn
+from .._dispatch import needs_grad
 from ..attention import scaled_dot_product_attention, varlen_attention
+from ..decode import kvcache_attention
 
 NAME = "fastattn"
 
@@ -150,6 +159,41 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     return out[None]  # (T, Hq, Dv) -> (1, T, Hq, Dv)
 
 
+# Query lengths the decode op takes over (L < S, so a prefill never): generate()'s steps (1),
+# speculative / chunked continuations up to this many.
+_DECODE_MAX_QUERIES = 16
+_DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor],
+                      is_causal: bool, window, scaling: Optional[float],
+                      kwargs: dict) -> Optional[Tensor]:
+    """A decoding step on the KV-cache decode op, or None when the call is not one it runs as
+    given (see the module docstring; the caller then takes the prefill path). query (B, Hq, L, D),
+    key / value (B, Hkv, S, D) with the step's keys in them already; mask None or bool (B, 1, 1, S)
+    (any dim 1 broadcast): a key mask, the same for every query and head, with is_causal (and the
+    window) bottom-right aligned on the S keys, as the prefill call would apply them. Returns
+    (B, L, Hq, Dv)."""
+    B, Hq, L, D = query.shape
+    S = key.shape[2]
+    if not 0 < L < S or L > _DECODE_MAX_QUERIES or query.dtype not in _DECODE_DTYPES:
+        return None
+    sinks = kwargs.get("s_aux")
+    if needs_grad(query, key, value, sinks):
+        return None
+    keys = None
+    if mask is not None:
+        if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1)
+                or mask.shape[0] not in (1, B) or mask.shape[3] != S):
+            return None
+        keys = mask[:, 0, 0, :].expand(B, S)  # (B or 1, 1, 1, S) -> (B, S)
+    # (B, H, S, D) -> (B, S, H, D): views of transformers' cache, no copy
+    q, k_cache, v_cache = (t.transpose(1, 2) for t in (query, key, value))
+    return kvcache_attention(q, k_cache, v_cache, scale=scaling, causal=is_causal,
+                             window_size=_window_size(window, is_causal), key_padding_mask=keys,
+                             **_score_modifiers(kwargs))
+
+
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -161,7 +205,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     j <= i + S - L), bool or additive float broadcastable to (B, Hq, L, S) (the whole pattern), or
     None (is_causal, bottom-right aligned, and sliding_window). Returns (B, L, Hq, Dv) and no
     attention weights. Every keyword is applied or refused with a ValueError naming it (the table
-    above)."""
+    above). Decoding steps without dropout, position_bias or a gradient run on the decode op when
+    the mask is a key mask (_decode_attention), the rest on scaled_dot_product_attention."""
     _check_keywords(module, kwargs)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -180,6 +225,11 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     elif attention_mask is not None:
         is_causal, window = False, None  # a dense mask holds the whole pattern
     is_causal = bool(is_causal)
+    if position_bias is None and not dropout:
+        out = _decode_attention(query, key, value, attention_mask, is_causal, window, scaling,
+                                kwargs)
+        if out is not None:
+            return out, None
     if position_bias is not None:
         attention_mask = _with_position_bias(position_bias, attention_mask)
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
@@ -230,12 +280,15 @@ def _causal_key_mask(masking_utils, batch_size: int, q_length: int, kv_length: i
     if window is None or not aligned or local_size not in (None, window or None):
         return None
     if attention_mask is None:
-        keys = torch.ones((), dtype=torch.bool, device=device).expand(batch_size, kv_length)
+        keys = torch.ones((batch_size, kv_length), dtype=torch.bool, device=device)
     else:
         keys = attention_mask.to(device=device, dtype=torch.bool)
         if (missing := kv_offset + kv_length - keys.shape[-1]) > 0:  # padded as transformers does
             keys = nn.functional.pad(keys, (0, missing))
         keys = keys[:, kv_offset:kv_offset + kv_length]  # (B, >= S) -> (B, S)
+    # Contiguous, so that the tag survives generate()'s .contiguous() of the masks it prepares for
+    # compileable (static) caches: a copy would drop it.
+    keys = keys.contiguous()
     setattr(keys, _CAUSAL_SPEC, (window or None, attention_mask is not None))
     return keys
 
