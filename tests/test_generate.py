@@ -16,7 +16,8 @@ import torch
 
 import fastattn
 from fastattn.models import GPT
-from fastattn.models.gpt import KVCache, _filtered_logits
+from fastattn.models import KVCache
+from fastattn.models.gpt import _filtered_logits
 
 transformers = pytest.importorskip("transformers")
 

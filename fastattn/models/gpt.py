@@ -228,9 +228,10 @@ class GPT(nn.Module):
                 token = torch.where(unfinished, token, pad_token_id)
                 unfinished &= ~torch.isin(token, eos)
             out[:, N + step] = token
-            if step + 1 == max_new_tokens or (eos is not None and not unfinished.any()):
+            if eos is not None and not unfinished.any():  # every row finished
                 return out[:, :N + step + 1]
-            logits = self.lm_head(self.hidden_states(token[:, None], cache)[:, -1])  # (B, V)
+            if step + 1 < max_new_tokens:  # decode step: (B, 1) -> (B, V)
+                logits = self.lm_head(self.hidden_states(token[:, None], cache)[:, -1])
         return out
 
     @classmethod
