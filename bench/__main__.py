@@ -24,8 +24,10 @@ Installed from a wheel it is `fastattn-bench` (every option the same; default ou
 6. Sweep: each case against its peers (torch SDPA's backends, with the equivalent dense mask for
    the window and ALiBi score modifiers, the eager composition for softcap, and FlexAttention with
    the same mask_mod / score_mod; F.layer_norm / F.rms_norm and their torch.compile'd versions;
-   F.embedding and the eager compositions): ms (median, p20-p80), TFLOP/s or GB/s, % of the
-   ceiling, speedup over each peer (~ where the two timings' spreads overlap), peak memory.
+   F.embedding and the eager compositions; for a decode step against a KV cache, contiguous and
+   paged, SDPA, fastattn's prefill kernel and FlexAttention's decoding kernel): ms (median,
+   p20-p80; decode: µs per step from a CUDA graph), TFLOP/s or GB/s, % of the ceiling, speedup
+   over each peer (~ where the two timings' spreads overlap), peak memory.
 7. Targets: fastattn's performance targets as ratios from this run, and how far each falls short.
 8. Writes DIR/summary.md (what is printed, with every column of the tables), results.json and
    results.csv (the records; schema in bench/report.py) and DIR/<family>.png plots.
@@ -53,7 +55,9 @@ from . import (HAS_CUDA, cannot_run_kernels, cases, cpu_path, host, measure, par
 
 # Seconds the sweep may take (0: no limit), and how they are shared among the families.
 DEFAULT_BUDGET_S = {"full": 240, "quick": 90, "cpu": 0, "cpu-quick": 0}
-SHARES = {"attention": 0.55, "norm": 0.3, "embedding": 0.15}
+# decode runs last: besides its share it gets what the others leave (its cases go target first,
+# then the longest caches first, so a cut drops the short caches).
+SHARES = {"attention": 0.45, "norm": 0.25, "embedding": 0.1, "decode": 0.2}
 
 
 def prog(script: str, module: str) -> str:

@@ -21,6 +21,9 @@ Work counted per case (the same figure for every implementation, so the ratios a
     gpt_embeddings   bytes  fwd 2·T·D·e + N·D·e (+ the N position rows);
                             bwd T·D·e + (V + N)·D·e
     bert_embeddings  bytes  fwd 2·T·D·e + N·D·e; bwd 2·T·D·e + (V + N)·D·e (dout, saved sum)
+    decode,          bytes  one decode step (q length 1, inference: no bwd):
+      decode_paged          2·B·S·Hkv·D·e (the K and V caches read once) + 2·B·Hq·D·e (q read,
+                            out written); the sweep's caches are full (cache_seqlens = S)
 
 with T = B·N tokens and e bytes per element; parameters and statistics (O(N) or O(M)) left out.
 """
@@ -40,8 +43,9 @@ from fastattn import reference
 Tensors = dict[str, Tensor]
 Fn = Callable[[Tensors], Tensor]
 MODES = ("fwd", "bwd", "fwd+bwd")
-UNITS = {"attention": "TFLOP/s", "norm": "GB/s", "embedding": "GB/s"}
-CEILINGS = {"attention": "matmul", "norm": "copy", "embedding": "copy"}  # what % of ceiling is of
+UNITS = {"attention": "TFLOP/s", "norm": "GB/s", "embedding": "GB/s", "decode": "GB/s"}
+# What % of ceiling is of (decode's: a reference rate, not a bound; see measure.beaten_ceilings).
+CEILINGS = {"attention": "matmul", "norm": "copy", "embedding": "copy", "decode": "copy"}
 
 
 @dataclass
@@ -63,8 +67,8 @@ class Inputs:
 
 @dataclass
 class Op:
-    name: str  # as in the JSON records; contains "attention", "norm" or "embedding"
-    family: str  # "attention" | "norm" | "embedding": its unit and the ceiling it is held to
+    name: str  # as in the JSON records; contains "attention", "norm", "embedding" or "decode"
+    family: str  # "attention" | "norm" | "embedding" | "decode": its unit and ceiling
     make: Callable[[dict, torch.dtype, str, int], Inputs]  # (size, dtype, device, seed)
     ours: Fn
     torch: Fn  # torch's own op in the input dtype
@@ -72,6 +76,10 @@ class Op:
     work: Callable[[dict, torch.dtype], tuple[float, float]]  # (fwd, bwd) FLOPs or bytes
     peers: Callable[["Case", Tensors, str, Union[str, None]], dict[str, Union[Fn, str]]]
     label: Callable[[dict], str]  # the shape as printed
+    modes: tuple[str, ...] = MODES  # those it has (decode: "fwd" alone, no backward)
+    # CUDA: time each mode as a CUDA graph replaying the call over rotated copies of the inputs
+    # (measure.graph_time_ms): for calls of a few µs, whose eager time is the host's
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -80,6 +88,7 @@ class Case:
     size: dict
     dtype: torch.dtype
     flex: bool = False  # attention: also time FlexAttention (a compile per case, so a few only)
+    skip: Union[str, None] = None  # why the sweep does not run it ("n/a: ..."), or None
 
     @property
     def shape(self) -> str:
@@ -488,9 +497,121 @@ BERT_EMBEDDINGS = _embedding_op(
     ("word", "pos", "type", "ln_w", "ln_b"), lambda T, N, V: 2 * T + N,
     lambda T, N, V: 2 * T + V + N)
 
+# ---- decode / decode_paged: one decoding step against a KV cache ----
+#
+# size: B sequences, H query heads (q length 1), Hkv kv heads, S cache rows per sequence, D head
+# dim; decode_paged also page (rows per page); ragged (parity): each sequence's cache_seqlens drawn
+# from [S // 2, S] (the first is S) instead of S for every sequence, the rows past it masked for
+# the peers. fastattn is fastattn.kvcache_attention on the cache (B, S, Hkv, D), or on the paged
+# cache (B·ceil(S / page), page, Hkv, D) through a block table that scatters each sequence's pages
+# over the whole cache (a random permutation). The peers read the same rows as (B, Hkv, S, D): a
+# transposed view of the contiguous cache, a gathered copy of the paged one (made before timing).
+
+DECODE_PAGE = 256  # rows per page of the paged sweep
+DECODE_MEMORY_GIB = 16  # the sweep skips a case whose K + V caches would take more
+
+
+def decode_cache_bytes(size: dict, dtype: torch.dtype) -> int:
+    """The K + V caches' bytes (the rows the step reads; the paged cache's last page may add a
+    few): 2·B·S·Hkv·D·e."""
+    return 2 * size["B"] * size["S"] * size["Hkv"] * size["D"] * _bytes(dtype)
+
+
+def _decode_label(s: dict) -> str:
+    heads = f"H{s['H']}" + (f"/{s['Hkv']}" if s["Hkv"] != s["H"] else "")
+    return (f"B{s['B']} {heads} S{s['S']} D{s['D']}" + (f" page{s['page']}" if "page" in s else "")
+            + (" ragged" if s.get("ragged") else ""))
+
+
+def _gqa(t: Tensors) -> dict:
+    """enable_gqa=True where the query heads outnumber the kv heads (with equal heads every SDPA
+    backend may run)."""
+    return {"enable_gqa": True} if t["q"].shape[2] != t["k"].shape[1] else {}
+
+
+def _decode_op(name: str, paged: bool) -> Op:
+    def make(size, dtype, device, seed):
+        gen = _generator(device, seed)
+        B, H, Hkv, S, D = (size[k] for k in ("B", "H", "Hkv", "S", "D"))
+        t = dict(q=_randn(gen, device, dtype, B, 1, H, D))  # (B, 1, Hq, D)
+        if paged:
+            page = size["page"]
+            per_seq = -(-S // page)
+            for n in ("k_cache", "v_cache"):  # (B·per_seq, page, Hkv, D)
+                t[n] = _randn(gen, device, dtype, B * per_seq, page, Hkv, D)
+            order = torch.randperm(B * per_seq, generator=gen, device=device)
+            t["block_table"] = order.view(B, per_seq).to(torch.int32)  # (B, per_seq)
+            rows = t["block_table"].long()
+            # (B, per_seq, page, Hkv, D) -> (B, S, Hkv, D) -> (B, Hkv, S, D): the peers' copy
+            t["k"], t["v"] = (t[n][rows].flatten(1, 2)[:, :S].transpose(1, 2)
+                              for n in ("k_cache", "v_cache"))
+        else:
+            for n in ("k_cache", "v_cache"):  # (B, S, Hkv, D)
+                t[n] = _randn(gen, device, dtype, B, S, Hkv, D)
+            t["k"], t["v"] = t["k_cache"].transpose(1, 2), t["v_cache"].transpose(1, 2)
+        lens = torch.full((B,), S, dtype=torch.int32, device=device)
+        if size.get("ragged"):
+            lens = torch.randint(S // 2, S + 1, (B,), generator=gen, device=device,
+                                 dtype=torch.int32)
+            lens[0] = S
+            keep = torch.arange(S, device=device) < lens[:, None]  # (B, S)
+            t["mask"] = keep[:, None, None, :]  # (B, 1, 1, S) bool, True = attend
+        t["cache_seqlens"] = lens  # (B,) int32
+        return Inputs(t, (), t["q"].new_empty(0))  # inference only: nothing to differentiate
+
+    def ours(t):
+        return fastattn.kvcache_attention(t["q"], t["k_cache"], t["v_cache"],
+                                          cache_seqlens=t["cache_seqlens"],
+                                          block_table=t.get("block_table"))
+
+    def torch_sdpa(t):  # (B, 1, Hq, D) -> (B, Hq, 1, D) against (B, Hkv, S, D), and back
+        return F.scaled_dot_product_attention(t["q"].transpose(1, 2), t["k"], t["v"],
+                                              attn_mask=t.get("mask"), **_gqa(t)).transpose(1, 2)
+
+    def prefill(t):  # fastattn's prefill kernel on the same step
+        return fastattn.scaled_dot_product_attention(t["q"].transpose(1, 2), t["k"], t["v"],
+                                                     attn_mask=t.get("mask"),
+                                                     **_gqa(t)).transpose(1, 2)
+
+    def oracle(t):
+        return reference.kvcache_attention(t["q"], t["k_cache"], t["v_cache"],
+                                           cache_seqlens=t["cache_seqlens"],
+                                           block_table=t.get("block_table"))[0]
+
+    def work(size, dtype):
+        q_out = 2 * size["B"] * size["H"] * size["D"] * _bytes(dtype)
+        return decode_cache_bytes(size, dtype) + q_out, 0
+
+    def peers(case, t, device, heavy_note):
+        out = {"torch sdpa": torch_sdpa, "fastattn prefill": prefill}
+        if case.flex:
+            out["torch flex"] = heavy_note or _flex_decode(t)
+        return out
+
+    return Op(name, "decode", make, ours, torch_sdpa, oracle, work, peers, _decode_label,
+              modes=("fwd",), cuda_graph=True)
+
+
+def _flex_decode(t: Tensors) -> Fn | str:
+    """FlexAttention (compiled; a single query row takes its decoding kernel) on the peers'
+    (B, Hkv, S, D) rows, no mask (the sweep's caches are full)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return f"n/a: torch {torch.__version__} has no FlexAttention"
+    if "mask" in t:
+        return "n/a: FlexAttention is timed on full caches only"
+    flex = compiled(flex_attention)
+    return lambda t: flex(t["q"].transpose(1, 2), t["k"], t["v"], **_gqa(t)).transpose(1, 2)
+
+
+DECODE = _decode_op("decode", paged=False)
+DECODE_PAGED = _decode_op("decode_paged", paged=True)
+DECODE_OPS = (DECODE, DECODE_PAGED)
+
 OPS = (ATTENTION, ATTENTION_CAUSAL, ATTENTION_MASK, ATTENTION_GQA, *SCORE_MOD_OPS, LAYER_NORM,
-       RMS_NORM, ADD_LAYER_NORM, EMBEDDING, GPT_EMBEDDINGS, BERT_EMBEDDINGS)
-FAMILIES = ("attention", "norm", "embedding")
+       RMS_NORM, ADD_LAYER_NORM, EMBEDDING, GPT_EMBEDDINGS, BERT_EMBEDDINGS, *DECODE_OPS)
+FAMILIES = ("attention", "norm", "embedding", "decode")
 
 # ---- what is checked and swept ----
 
@@ -517,6 +638,12 @@ PARITY_SIZES = {
     "embedding": [dict(B=3, N=17, V=97, D=1000), dict(B=3, N=20, V=50257, D=768)],
     "gpt_embeddings": [dict(B=3, N=17, V=50257, D=72)],
     "bert_embeddings": [dict(B=2, N=23, V=120, D=96)],
+    # Ragged caches (cache_seqlens from S // 2 to S); pages of 16 and of 7 rows, the last page
+    # of each sequence partly used.
+    "decode": [dict(B=3, H=8, Hkv=2, S=77, D=64, ragged=True),
+               dict(B=2, H=5, Hkv=5, S=300, D=40, ragged=True)],
+    "decode_paged": [dict(B=3, H=8, Hkv=2, S=77, D=64, page=16, ragged=True),
+                     dict(B=2, H=4, Hkv=1, S=300, D=128, page=7, ragged=True)],
 }
 
 
@@ -538,15 +665,16 @@ CPU_SIZES = {  # per op family, three sizes along the plots' x axis (interpreter
     "attention": [dict(B=1, H=2, Hkv=2, L=n, S=n, D=32) for n in (32, 64, 128)],
     "norm": [dict(M=16, N=n) for n in (256, 1024, 4096)],
     "embedding": [dict(B=2, N=16, V=256, D=d) for d in (32, 128, 512)],
+    "decode": [dict(B=2, H=4, Hkv=2, S=n, D=32) for n in (32, 64, 128)],
 }
 PROFILES = ("full", "quick", "cpu", "cpu-quick")
 
 
 def _cpu_size(op: Op, size: dict) -> dict:
     """A CPU_SIZES size for op: grouped-query heads (4 over 2), a window of a quarter of the
-    keys, Gemma 2's softcap."""
+    keys, Gemma 2's softcap, pages of 16 rows."""
     extra = {"attention_gqa": dict(H=4), "attention_window": dict(W=size.get("S", 0) // 4),
-             "attention_softcap": dict(softcap=GEMMA2_SOFTCAP)}
+             "attention_softcap": dict(softcap=GEMMA2_SOFTCAP), "decode_paged": dict(page=16)}
     return {**size, **extra.get(op.name, {})}
 
 
@@ -562,17 +690,70 @@ def _score_mod_cases(seqs: tuple[tuple[int, ...], ...],
                  flex=n == at) for op, ns, at in zip(SCORE_MOD_OPS, seqs, flex_at) for n in ns]
 
 
+# The decode sweep (d128 bf16, q length 1): batches x cache lengths x (query heads, kv heads), MHA
+# and GQA 8:1; the paged rows at fewer lengths.
+DECODE_BATCHES = (1, 4, 16, 64)
+DECODE_CACHES = (1024, 4096, 16384, 32768, 131072)
+DECODE_PAGED_CACHES = (4096, 32768, 131072)
+DECODE_HEADS = ((32, 4), (32, 32))
+DECODE_TARGET = dict(B=1, H=32, Hkv=4, S=32768, D=128)  # the issue's target point (targets.py)
+
+
+def _decode_case(op: Op, B: int, S: int, heads: tuple[int, int], flex: bool = False) -> Case:
+    """A decode sweep case, d128 bf16, skipped (with the reason) when its caches would take more
+    than DECODE_MEMORY_GIB."""
+    size = dict(B=B, H=heads[0], Hkv=heads[1], S=S, D=128)
+    if op is DECODE_PAGED:
+        size["page"] = DECODE_PAGE
+    gib = decode_cache_bytes(size, torch.bfloat16) / 2**30
+    skip = (f"n/a: K + V caches {gib:.0f} GiB > the {DECODE_MEMORY_GIB} GiB budget"
+            if gib > DECODE_MEMORY_GIB else None)
+    return Case(op, size, torch.bfloat16, flex=flex and skip is None, skip=skip)
+
+
+def _decode_cases(points: list[tuple[Op, int, int, tuple[int, int]]]) -> list[Case]:
+    """The decode points, the target first (FlexAttention timed there, a compile per case), then
+    the longest caches first, so that a time budget cuts the short ones: by cache length
+    (longest first), batch, GQA before MHA, contiguous before paged."""
+    target = (DECODE, DECODE_TARGET["B"], DECODE_TARGET["S"],
+              (DECODE_TARGET["H"], DECODE_TARGET["Hkv"]))
+    rest = sorted((p for p in points if p != target),
+                  key=lambda p: (-p[2], p[1], p[3][1], DECODE_OPS.index(p[0])))
+    return ([_decode_case(*target, flex=True)] if target in points else []) + \
+        [_decode_case(*p) for p in rest]
+
+
+def decode_sweep(profile: str) -> list[Case]:
+    """The GPU's decode cases: "full": every batch x DECODE_CACHES x DECODE_HEADS contiguous, and
+    x DECODE_PAGED_CACHES paged; "quick": the long caches at batch 1 and 16."""
+    if profile == "full":
+        points = ([(DECODE, B, S, h) for B in DECODE_BATCHES for S in DECODE_CACHES
+                   for h in DECODE_HEADS]
+                  + [(DECODE_PAGED, B, S, h) for B in DECODE_BATCHES for S in DECODE_PAGED_CACHES
+                     for h in DECODE_HEADS])
+    else:
+        gqa, mha = DECODE_HEADS
+        points = ([(DECODE, 1, S, gqa) for S in (4096, 32768, 131072)]
+                  + [(DECODE, 16, 32768, gqa), (DECODE, 1, 32768, mha),
+                     (DECODE_PAGED, 1, 32768, gqa), (DECODE_PAGED, 16, 32768, gqa)])
+    cases = _decode_cases(points)
+    if profile == "quick":
+        cases = [Case(c.op, c.size, c.dtype, skip=c.skip) for c in cases]  # no compiled peer
+    return cases
+
+
 def sweep_cases(profile: str) -> list[Case]:
     """The sweep, family by family, each family's headline cases (the README targets) first, the
     attention score modifiers (sliding window, softcap, ALiBi) next.
-    profile: "full" (GPU: 38 attention, 13 norm and 7 embedding cases, FlexAttention compiled in
-    5 of them), "quick" (GPU: 2 or 3 sizes of fewer ops, without compiled peers), "cpu" (every op
-    at three interpreter-sized shapes) or "cpu-quick" (one op per family at those shapes). Every
-    plotted series has several sizes."""
+    profile: "full" (GPU: 38 attention, 13 norm, 7 embedding and 64 decode cases (6 of them over
+    the decode memory budget), FlexAttention compiled in 6 of them), "quick" (GPU: 2 or 3 sizes of
+    fewer ops, 7 decode cases, without compiled peers), "cpu" (every op at three
+    interpreter-sized shapes) or "cpu-quick" (one op per family at those shapes). Every plotted
+    series has several sizes (decode: several cache lengths)."""
     bf16, fp16 = torch.bfloat16, torch.float16
     if profile in ("cpu", "cpu-quick"):
         ops = (OPS if profile == "cpu"
-               else (ATTENTION, LAYER_NORM, EMBEDDING))
+               else (ATTENTION, LAYER_NORM, EMBEDDING, DECODE))
         return [Case(op, _cpu_size(op, size), bf16) for op in ops for size in CPU_SIZES[op.family]]
     if profile == "quick":
         return ([Case(op, _attention_size(n, 128), bf16)
@@ -588,7 +769,8 @@ def sweep_cases(profile: str) -> list[Case]:
                 + [Case(GPT_EMBEDDINGS, dict(B=64, N=1024, V=50257, D=d), bf16)
                    for d in (768, 1600)]
                 + [Case(BERT_EMBEDDINGS, dict(B=128, N=512, V=30522, D=d), bf16)
-                   for d in (768, 1024)])
+                   for d in (768, 1024)]
+                + decode_sweep("quick"))
     if profile != "full":
         raise ValueError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
     attention = (
@@ -614,4 +796,4 @@ def sweep_cases(profile: str) -> list[Case]:
                      for d in (768, 1600)]
                   + [Case(BERT_EMBEDDINGS, dict(B=128, N=512, V=30522, D=d), bf16)
                      for d in (768, 1024)])
-    return attention + norms + embeddings
+    return attention + norms + embeddings + decode_sweep("full")

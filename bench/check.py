@@ -7,9 +7,10 @@
 
 (in a clone: `python -m bench.check`). Every op of `python -m bench`'s parity step (cases.OPS: the
 seven attention variants, among them the sliding window, softcap and ALiBi score modifiers; the
-three norms; the three embeddings), in every dtype this device runs (fp32, fp16, and bf16 where
-the GPU has it; all three on a CPU, under Triton's interpreter), each output and each gradient
-held to the rule of fastattn.testing.parity:
+three norms; the three embeddings; decoding against a KV cache, contiguous and paged, with ragged
+cache_seqlens: its output alone, inference has no backward), in every dtype this device runs
+(fp32, fp16, and bf16 where the GPU has it; all three on a CPU, under Triton's interpreter), each
+output and each gradient held to the rule of fastattn.testing.parity:
 
     max|fastattn - ref64| <= 2 * max|torch - ref64| + atol[dtype] * max(1, max|ref64|)
 

@@ -4,7 +4,10 @@ same dtype as the yardstick (the rule of fastattn.testing.parity):
     max|ours - ref64| <= 2 * max|torch - ref64| + atol[dtype] * max(1, max|ref64|)
 
 for the output and every gradient, on odd sizes (cases.PARITY_SIZES) in fp32, fp16 and bf16 (those
-of them the device supports: device_dtypes). `python -m bench` runs it first; `fastattn-check`
+of them the device supports: device_dtypes). The decode ops (inference only) have the output
+alone: fastattn.kvcache_attention on ragged caches, contiguous and paged, against
+fastattn.reference.kvcache_attention in float64, torch's error that of SDPA on the same rows
+(the rows past each sequence's cache_seqlens masked). `python -m bench` runs it first; `fastattn-check`
 (bench/check.py) runs it alone.
 """
 
@@ -43,6 +46,10 @@ def run(quick: bool, pattern: str, device_label: str) -> list[dict]:
 
 
 def _out_and_grads(fn: Fn, inputs: Inputs) -> list[torch.Tensor]:
+    """[out, the gradient of each differentiable input]; [out] for an op with none (decode)."""
+    if not inputs.grads:
+        with torch.no_grad():
+            return [fn(inputs.t)]
     out = fn(inputs.t)
     return [out, *torch.autograd.grad(out, inputs.leaves, inputs.dout)]
 

@@ -12,15 +12,17 @@ A record is a flat dict with every key of RECORD_KEYS (None where it does not ap
     op           "attention", "attention_causal", "attention_padding_mask", "attention_gqa",
                  "attention_window", "attention_softcap", "attention_alibi", "layer_norm",
                  "rms_norm", "add_layer_norm", "embedding", "gpt_embeddings",
-                 "bert_embeddings"; for ceilings "copy" / "matmul"; host records: the public
+                 "bert_embeddings", "decode", "decode_paged"; for ceilings "copy" / "matmul"; host records: the public
                  function ("scaled_dot_product_attention", "varlen_attention", ...); cpu-path
                  records: the sweep op's name
-    family       "attention" | "norm" | "embedding"
-    mode         "fwd" | "bwd" | "fwd+bwd" (parity: "fwd" for out, "bwd" for gradients);
+    family       "attention" | "norm" | "embedding" | "decode"
+    mode         "fwd" | "bwd" | "fwd+bwd" (parity: "fwd" for out, "bwd" for gradients;
+                 decode: "fwd" alone, one decoding step);
                  cpu-path also "first call" (import fastattn + the first forward, fresh process)
     impl         "fastattn" for ours; peers "torch flash", "torch efficient", "torch cudnn",
                  "torch math", "torch flex", "torch eager" (softcap: the eager composition),
-                 "torch sdpa" (softcap: n/a, no SDPA call computes it), "torch", "torch compile";
+                 "torch sdpa" (softcap: n/a, no SDPA call computes it; decode: SDPA's pick),
+                 "torch", "torch compile", "fastattn prefill" (decode: fastattn's SDPA);
                  host records also "above-launcher" (fastattn with no-op launchers)
     shape, size  the shape as printed ("B8 H16 N2048 D128", "B1 H16 N32768 D128 W4096",
                  "M174762 N768", ...) and as a dict
@@ -31,12 +33,13 @@ A record is a flat dict with every key of RECORD_KEYS (None where it does not ap
                  with torch's own op at this size (None for torch's op itself); target: met (None
                  when not judged, on a CPU); host above-launcher: within its goal; cpu-path
                  fastattn: time and peak memory ratios within goal, first call within goal (s)
-    ms, ms_lo, ms_hi   median time and its 20th / 80th percentiles
+    ms, ms_lo, ms_hi   median time and its 20th / 80th percentiles (decode on CUDA: per step of a
+                       CUDA graph over rotated inputs, measure.graph_time_ms)
     metric, unit       TFLOP/s (attention) or GB/s (memory-bound ops), by the formulas of cases.py;
                        ceilings: the measured rate; targets: the judged value (% or x); host:
                        µs per call (median); cpu-path: ms (first call: s)
     ceiling_pct  metric as % of this run's measured ceiling (matmul for attention, copy
-                 otherwise; none on a CPU)
+                 otherwise, for decode a reference that may pass 100; none on a CPU)
     ratio        sweep and host: this impl's time / fastattn's (fastattn's speedup over it; 1.0
                  for fastattn); parity: err / bound (<= 1 passes); target: value / goal;
                  cpu-path fastattn records: fastattn's time / torch's (the other way round)
@@ -53,7 +56,8 @@ A record is a flat dict with every key of RECORD_KEYS (None where it does not ap
                  above-launcher: the goal in µs; cpu-path: the ratio's (x) or the first call's (s)
     note         why a figure is missing ("n/a: ..."; "error: ..." is a fastattn failure); host
                  and cpu-path torch records: what torch's column times; cpu-path first call:
-                 its import and call times
+                 its import and call times; a timed decode record: "eager time: no CUDA
+                 graph: ..." where its graph could not be captured
 """
 
 from __future__ import annotations
@@ -259,10 +263,13 @@ def speedup(r: dict, key: str = "ratio") -> str:
 
 
 def sweep_section(records: list[dict], family: str, device: str) -> list:
-    """One row per (op, shape, dtype, mode): fastattn's figures and its speedup over each peer."""
+    """One row per (op, shape, dtype, mode): fastattn's figures and its speedup over each peer
+    (decode: decode_section)."""
     rows = [r for r in records if r["kind"] == "sweep" and r["family"] == family]
     if not rows:
         return []
+    if family == "decode":
+        return decode_section(rows, device)
     cases: dict[tuple, list[dict]] = {}
     for r in rows:
         cases.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
@@ -315,6 +322,78 @@ def sweep_section(records: list[dict], family: str, device: str) -> list:
     return parts
 
 
+DECODE_FORMULA = (
+    "GB/s = (2·B·S·Hkv·D·e + 2·B·Hq·D·e) / time: the K and V caches read once, q read and out "
+    "written, e bytes per element; the caches are full (cache_seqlens = S). % copy: that rate "
+    "over this run's measured copy bandwidth (dst.copy_(src), bytes read + written; none on a "
+    "CPU): a reference, not a bound (a read-only stream may pass it). Paged rows: pages of "
+    "`page` rows, each sequence's pages a random permutation of the cache's. Peers read the same "
+    "rows as (B, Hkv, S, D), a view of the contiguous cache or a gathered copy of the paged one: "
+    "torch sdpa (F.scaled_dot_product_attention on q (B, Hq, 1, D), enable_gqa where Hq > Hkv, "
+    "the backend it picks), fastattn prefill (fastattn.scaled_dot_product_attention on the same "
+    "step), torch flex (FlexAttention compiled, its decoding kernel) where timed. On CUDA each "
+    "time is a CUDA graph replaying the step over rotated copies of the inputs (>= 256 MiB, so "
+    "L2 holds none of them), per step.")
+
+
+def _decode_order(r: dict) -> tuple:
+    """Reading order of the decode table: op, GQA before MHA, batch, cache length."""
+    s = r["size"]
+    return (r["op"], -s["H"] // s["Hkv"], s["B"], s["S"])
+
+
+def _us(ms) -> float | None:
+    return None if ms is None else 1e3 * ms
+
+
+def decode_section(rows: list[dict], device: str) -> list:
+    """The decode sweep: a row per case, µs per step (median, p20-p80), GB/s of KV read, % of the
+    measured copy bandwidth, whether fastattn agrees with torch, its speedup over each peer (with
+    the peer's µs). Cases skipped (over the memory budget) keep a row with the reason."""
+    cases: dict[tuple, list[dict]] = {}
+    for r in sorted(rows, key=_decode_order):
+        cases.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
+    table, notes = [], {}
+    for (op, shape, dtype, _), rs in cases.items():
+        ours = next(r for r in rs if r["impl"] == "fastattn")
+        peers = []
+        for p in rs:
+            if p["impl"] == "fastattn":
+                continue
+            figure = ("n/a" if p["ms"] is None else f"{fmt(_us(p['ms']))} µs" if p["ratio"] is None
+                      else f"{speedup(p)} ({fmt(_us(p['ms']))} µs)")
+            peers.append(f"{_peer_name(p['impl'])} {figure}")
+            if p["note"]:
+                notes.setdefault((p["impl"], p["note"]), []).append(shape)
+        if ours["note"] and ours["ms"] is not None:
+            notes.setdefault(("fastattn", ours["note"]), []).append(shape)
+        table.append({
+            "op": op, "shape": shape, "dtype": SHORT_DTYPES.get(dtype, dtype),
+            "µs per step (p20-p80)":
+                f"{fmt(_us(ours['ms']))} ({fmt(_us(ours['ms_lo']))}-{fmt(_us(ours['ms_hi']))})"
+                if ours["ms"] is not None else ours["note"],
+            "GB/s": ours["metric"], "% copy": ours["ceiling_pct"], "peak MiB": ours["peak_mib"],
+            "agrees": ours["pass"],
+            "vs best peer": (f"{speedup(ours, 'vs_best')} {_peer_name(ours['best_peer'])}"
+                             if ours["vs_best"] else None),
+            "fastattn speedup over each peer (peer µs)": ", ".join(peers)})
+    parts = ["## Decode, one step (q length 1) against a KV cache: µs per step, GB/s of KV read, "
+             "% of the measured copy bandwidth, speedup over peers"
+             + (" (CPU, Triton interpreter: not GPU figures)" if device == CPU_LABEL else ""), "",
+             DECODE_FORMULA, "",
+             Table(table, ("op", "shape", "dtype", "µs per step (p20-p80)", "GB/s", "% copy",
+                           "agrees", "vs best peer")),
+             (NOISE_NOTE + " " if any(r["noisy"] for r in rows) else "")
+             + "Every peer's figure: summary.md.", ""]
+    if notes:
+        parts += ["Notes:", ""]
+        parts += [f"- {impl}: {note} ({len(set(where))} case(s): {', '.join(sorted(set(where))[:3])}"
+                  + (", ..." if len(set(where)) > 3 else "") + ")"
+                  for (impl, note), where in notes.items()]
+        parts.append("")
+    return parts
+
+
 # ---- files ----
 
 
@@ -335,11 +414,12 @@ def write_csv(records: list[dict], out: Path) -> Path:
 
 
 # Per family: the size key on the x axis, and the size keys that split the cases into series.
-PLOT_AXES = {"attention": ("L", ("D",)), "norm": ("N", ()), "embedding": ("D", ())}
+PLOT_AXES = {"attention": ("L", ("D",)), "norm": ("N", ()), "embedding": ("D", ()),
+             "decode": ("S", ("B", "Hkv"))}
 # One colour per implementation in every panel; fastattn black and thick.
 PLOT_COLORS = {"fastattn": "black", "torch": "C0", "torch flash": "C0", "torch compile": "C1",
                "torch efficient": "C1", "torch cudnn": "C2", "torch math": "C3", "torch flex": "C4",
-               "torch eager": "C5"}
+               "torch eager": "C5", "torch sdpa": "C0", "fastattn prefill": "C6"}
 
 
 def plot(records: list[dict], ceilings: dict[str, float], out: Path, device: str) -> list[Path]:
@@ -360,14 +440,15 @@ def plot(records: list[dict], ceilings: dict[str, float], out: Path, device: str
                 and r["metric"] is not None]
         if not rows:
             continue
+        modes = [m for m in MODES if any(r["mode"] == m for r in rows)]  # decode: fwd alone
         panels: dict[tuple, list[dict]] = {}
         for r in rows:
             key = (r["op"], r["dtype"], *(f"{k}{r['size'][k]}" for k in series_keys))
             panels.setdefault(key, []).append(r)
-        fig, axes = plt.subplots(len(panels), len(MODES), squeeze=False,
-                                 figsize=(5 * len(MODES), 3.4 * len(panels)))
+        fig, axes = plt.subplots(len(panels), len(modes), squeeze=False,
+                                 figsize=(5 * len(modes), 3.4 * len(panels)))
         for row, (key, rs) in enumerate(panels.items()):
-            for col, mode in enumerate(MODES):
+            for col, mode in enumerate(modes):
                 ax = axes[row][col]
                 impls = list(dict.fromkeys(r["impl"] for r in rs))
                 for impl in impls:

@@ -23,6 +23,8 @@ class Target:
     goal: float
     dtype: str | None = None
     head_dim: int | None = None
+    where: tuple[tuple[str, int], ...] = ()  # (size key, value) pairs a case must have
+    group: int | None = None  # cases whose query heads are `group` x their kv heads (H / Hkv)
 
 
 TARGETS = (
@@ -38,7 +40,23 @@ TARGETS = (
     Target("embeddings fwd, bwd >= 90% of the measured copy bandwidth",
            EMBEDDINGS, ("fwd", "bwd"), "ceiling", 90),
     Target("embeddings fwd, bwd >= 1.5x torch", EMBEDDINGS, ("fwd", "bwd"), "torch", 1.5),
+    # Issue 16: a decode step at batch 1, cache 32k, d128, GQA 8:1 (contiguous and paged) reads
+    # its KV cache at >= 80% of the measured copy bandwidth.
+    Target("decode B1 cache 32k d128 GQA 8:1: KV read >= 80% of the measured copy bandwidth",
+           ("decode", "decode_paged"), ("fwd",), "ceiling", 80, "bfloat16", 128,
+           where=(("B", 1), ("S", 32768)), group=8),
 )
+
+
+def _matches(target: Target, ours: dict) -> bool:
+    """Whether a fastattn sweep record is one of the target's cases."""
+    size = ours["size"] or {}
+    return (ours["impl"] == "fastattn" and ours["op"] in target.ops
+            and ours["mode"] in target.modes and target.dtype in (None, ours["dtype"])
+            and target.head_dim in (None, size.get("D"))
+            and all(size.get(k) == v for k, v in target.where)
+            and (target.group is None
+                 or size.get("H") == target.group * size.get("Hkv", -1)))
 
 
 def _value(target: Target, ours: dict, peers: list[dict]) -> float | None:
@@ -58,10 +76,7 @@ def evaluate(records: list[dict], judged: bool) -> list[dict]:
     out = []
     for target in TARGETS:
         for ours in sweep:
-            if (ours["impl"] != "fastattn" or ours["op"] not in target.ops
-                    or ours["mode"] not in target.modes
-                    or target.dtype not in (None, ours["dtype"])
-                    or target.head_dim not in (None, ours["size"].get("D"))):
+            if not _matches(target, ours):
                 continue
             peers = [p for p in sweep if p["impl"] != "fastattn" and all(
                 p[k] == ours[k] for k in ("op", "shape", "dtype", "mode"))]

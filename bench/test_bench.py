@@ -49,9 +49,11 @@ def _synchronized(fn):
     return run
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", ["fastattn", "torch"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op.name}-{c.shape.replace(' ', '-')}")
+@pytest.mark.parametrize("case, impl, mode", [
+    pytest.param(case, impl, mode,
+                 id=f"{case.op.name}-{case.shape.replace(' ', '-')}-{impl}-{mode}")
+    for case in CASES if case.skip is None for impl in ("fastattn", "torch")
+    for mode in case.op.modes])  # the modes the op has (decode: fwd alone)
 def test_case(benchmark, case, impl, mode):
     op = case.op
     inputs = op.make(case.size, case.dtype, DEVICE, 0)
@@ -358,3 +360,195 @@ def test_alibi_dense_mask_is_the_bias():
     i, j = torch.arange(5)[:, None], torch.arange(7)[None, :]
     want = (-slopes[:, None, None] * (j - i).abs()).masked_fill(j > i, float("-inf"))
     torch.testing.assert_close(t["dense"], want[None])
+
+
+# ---- decode: one step against a KV cache (contiguous and paged) ----
+
+DECODE_OPS = cases.DECODE_OPS
+DECODE_COLUMNS = ("µs per step (p20-p80)", "GB/s", "% copy", "agrees", "vs best peer")
+
+
+def test_decode_rows_run_and_report():
+    """The decode rows of the CPU sweep build and run here (the kernel under the interpreter):
+    fastattn and its peers (torch's SDPA, fastattn's prefill kernel) timed, fastattn agreeing with
+    torch, GB/s by the stated formula; the table has the metric columns, states the formula and
+    fits the terminal; a case over the memory budget keeps a row with the reason."""
+    todo = [c for c in sweep_cases("cpu") if c.op.family == "decode"][::3]  # the smallest of each
+    assert [c.op.name for c in todo] == ["decode", "decode_paged"]
+    note = "n/a: compiled peers not run on the CPU"
+    records = []
+    for case in todo:
+        with fastattn.record_backends() as ran:
+            records += measure.measure_case(cases.Case(case.op, case.size, case.dtype, flex=True),
+                                            {}, report.CPU_LABEL, note)
+        assert ("kvcache_attention_fwd", fastattn.backend(DEVICE)) in ran
+    for case in todo:
+        rows = {r["impl"]: r for r in records if r["op"] == case.op.name}
+        assert set(rows) == {"fastattn", "torch sdpa", "fastattn prefill", "torch flex"}
+        assert {r["mode"] for r in records} == {"fwd"}
+        ours = rows["fastattn"]
+        assert ours["pass"] and ours["ms"] > 0 and ours["ratio"] == 1.0, ours
+        assert ours["metric"] == pytest.approx(case.op.work(case.size, case.dtype)[0]
+                                               / ours["ms"] / 1e6)
+        for impl in ("torch sdpa", "fastattn prefill"):
+            assert rows[impl]["ms"] > 0 and rows[impl]["ratio"] > 0, rows[impl]
+        assert rows["fastattn prefill"]["pass"], rows["fastattn prefill"]
+        assert rows["torch flex"]["note"] == note
+    big = cases._decode_case(cases.DECODE, 64, 131072, (32, 32))
+    records += measure.measure_case(big, {}, report.CPU_LABEL, note)  # allocates nothing
+    assert big.skip.startswith("n/a: K + V caches 128 GiB > the 16 GiB budget")
+    parts = report.sweep_section(records, "decode", report.CPU_LABEL)
+    table = next(p for p in parts if isinstance(p, report.Table))
+    assert all(col in table.terminal for col in DECODE_COLUMNS)
+    assert all(col in row for row in table.rows for col in DECODE_COLUMNS)
+    assert any(row["µs per step (p20-p80)"] == big.skip for row in table.rows)
+    text = report.render(parts, terminal=True)
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
+    assert "2·B·S·Hkv·D·e + 2·B·Hq·D·e" in text and "not GPU figures" in text
+
+
+def test_decode_work_is_the_kv_read():
+    """bytes = 2·B·S·Hkv·D·e (K and V) + 2·B·Hq·D·e (q and out), the same for both layouts."""
+    size = dict(B=3, H=32, Hkv=4, S=32768, D=128)
+    for op in DECODE_OPS:
+        fwd, bwd = op.work(dict(size, page=256), torch.bfloat16)
+        assert fwd == 2 * 3 * 32768 * 4 * 128 * 2 + 2 * 3 * 32 * 128 * 2 and bwd == 0
+        assert op.modes == ("fwd",) and op.cuda_graph
+
+
+@pytest.mark.parametrize("op", DECODE_OPS, ids=lambda op: op.name)
+def test_decode_inputs_are_one_cache(op):
+    """The peers' (B, Hkv, S, D) rows are the cache's rows (a view of the contiguous cache; for
+    the paged one, gathered through a block table that is a permutation of every page, not the
+    identity); ragged caches mask exactly the rows past cache_seqlens."""
+    size = dict(B=3, H=4, Hkv=2, S=40, D=8, ragged=True,
+                **({"page": 16} if op is cases.DECODE_PAGED else {}))
+    t = op.make(size, torch.float32, "cpu", 0).t
+    lens = t["cache_seqlens"]
+    assert lens.dtype == torch.int32 and lens[0] == 40 and (lens >= 20).all()
+    assert torch.equal(t["mask"][:, 0, 0], torch.arange(40) < lens[:, None].long())
+    for b in range(3):
+        rows = reference.kvcache_keys(t["k_cache"], b, 0, 40, None, t.get("block_table"))
+        assert torch.equal(rows[0], t["k"][b])
+    if op is cases.DECODE_PAGED:
+        table = t["block_table"]
+        assert table.dtype == torch.int32 and table.shape == (3, 3)
+        assert sorted(table.flatten().tolist()) == list(range(9))
+        assert table.flatten().tolist() != list(range(9))
+    else:
+        assert t["k"].data_ptr() == t["k_cache"].data_ptr()  # a view: no copy to time against
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("op", DECODE_OPS, ids=lambda op: op.name)
+def test_decode_peers_compute_the_step(op):
+    """Every peer (torch's SDPA, fastattn's prefill kernel, FlexAttention uncompiled on the same
+    rows) and fastattn agree with the float64 reference in fp32, on a full cache as the sweep
+    times them, with GQA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    size = dict(B=2, H=6, Hkv=2, S=45, D=16, **({"page": 8} if op is cases.DECODE_PAGED else {}))
+    inputs = op.make(size, torch.float32, DEVICE, 0)
+    t = inputs.t
+    ref = op.reference(inputs.to_float64().t)
+    peers = op.peers(cases.Case(op, size, torch.float32, flex=True), t, DEVICE, "n/a: not here")
+    ran = {"fastattn": op.ours(t), "torch": op.torch(t),
+           **{impl: fn(t) for impl, fn in peers.items() if callable(fn)},
+           "flex": flex_attention(t["q"].transpose(1, 2), t["k"], t["v"],
+                                  enable_gqa=True).transpose(1, 2)}
+    assert set(ran) == {"fastattn", "torch", "torch sdpa", "fastattn prefill", "flex"}
+    for impl, out in ran.items():
+        assert out.shape == (2, 1, 6, 16), impl
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0, msg=impl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", DECODE_OPS, ids=lambda op: op.name)
+def test_decode_parity(op, dtype):
+    """The decode ops' quick parity case (fastattn-check --quick's) passes on this device's kernel
+    (the interpreter on a CPU): out alone (no backward), within 2x torch's error + atol."""
+    rows = parity.check(cases.Case(op, cases.PARITY_SIZES[op.name][0], dtype), "test")
+    assert [r["output"] for r in rows] == ["out"] and rows[0]["pass"], rows[0]
+    assert rows[0]["err"] > 0 and rows[0]["torch_err"] > 0  # both measured, not a copy
+    assert rows[0]["backend"] == fastattn.backend(DEVICE)
+
+
+@pytest.mark.parametrize("op", DECODE_OPS, ids=lambda op: op.name)
+def test_decode_parity_sizes_feel_the_lengths(op):
+    """At the quick parity size the ragged cache_seqlens change the float64 answer by far more
+    than the bf16 bound: a kernel reading every cache row would fail."""
+    inputs = op.make(cases.PARITY_SIZES[op.name][0], torch.float64, "cpu", 1)
+    t = dict(inputs.t)
+    ragged = op.reference(t)
+    t["cache_seqlens"] = torch.full_like(t["cache_seqlens"], t["k"].shape[2])
+    assert (ragged - op.reference(t)).abs().max() > 0.1
+
+
+def test_decode_sweep_is_the_issues():
+    """The GPU sweep: batch 1, 4, 16, 64 x cache 1k .. 128k, MHA (32/32) and GQA 8:1 (32/4), d128
+    bf16, contiguous at every length and paged (page 256) at 4k, 32k, 128k; the cases over 16 GiB
+    of caches kept with the reason; the target point first, FlexAttention timed there; the quick
+    and CPU profiles have smaller decode sweeps."""
+    full = [c for c in sweep_cases("full") if c.op.family == "decode"]
+    assert full[0].op is cases.DECODE and full[0].size == cases.DECODE_TARGET and full[0].flex
+    points = {(c.op.name, c.size["B"], c.size["S"], c.size["H"], c.size["Hkv"]) for c in full}
+    want = {("decode", B, S, 32, h) for B in (1, 4, 16, 64)
+            for S in (1024, 4096, 16384, 32768, 131072) for h in (4, 32)}
+    want |= {("decode_paged", B, S, 32, h) for B in (1, 4, 16, 64) for S in (4096, 32768, 131072)
+             for h in (4, 32)}
+    assert points == want and len(full) == len(want)
+    assert all(c.size["D"] == 128 and c.dtype == torch.bfloat16 for c in full)
+    assert all(c.size["page"] == 256 for c in full if c.op is cases.DECODE_PAGED)
+    for c in full:
+        over = cases.decode_cache_bytes(c.size, c.dtype) > 16 * 2**30
+        assert (c.skip is not None) == over and not (over and c.flex), c.title
+    assert sum(c.skip is not None for c in full) == 6
+    measured = [c.size["S"] for c in full[1:] if c.skip is None]
+    assert measured == sorted(measured, reverse=True)  # a time budget cuts the short caches
+    quick = [c for c in sweep_cases("quick") if c.op.family == "decode"]
+    assert quick[0].size == cases.DECODE_TARGET and not any(c.flex for c in quick)
+    assert {c.op.name for c in quick} == {"decode", "decode_paged"}
+    for profile in ("cpu", "cpu-quick"):
+        assert len({c.size["S"] for c in sweep_cases(profile) if c.op is cases.DECODE}) == 3
+
+
+def test_decode_target_is_the_issues():
+    """The decode target judges the B1 32k d128 GQA 8:1 cases alone (contiguous and paged): >= 80%
+    of the measured copy bandwidth."""
+    from . import targets
+
+    target = next(t for t in targets.TARGETS if "decode" in t.ops)
+    base = dict(kind="sweep", impl="fastattn", mode="fwd", dtype="bfloat16", family="decode",
+                ms=1.0, note=None)
+    rows = [report.record(**base, op=op, shape=str(size), size=size, ceiling_pct=pct)
+            for op, size, pct in [
+                ("decode", dict(B=1, H=32, Hkv=4, S=32768, D=128), 85.0),
+                ("decode_paged", dict(B=1, H=32, Hkv=4, S=32768, D=128, page=256), 70.0),
+                ("decode", dict(B=1, H=32, Hkv=32, S=32768, D=128), 10.0),
+                ("decode", dict(B=4, H=32, Hkv=4, S=32768, D=128), 10.0),
+                ("decode", dict(B=1, H=32, Hkv=4, S=4096, D=128), 10.0)]]
+    judged = [r for r in targets.evaluate(rows, judged=True) if r["target"] == target.name]
+    assert [(r["op"], r["metric"], r["pass"]) for r in judged] == [
+        ("decode", 85.0, True), ("decode_paged", 70.0, False)]
+    assert target.goal == 80 and target.against == "ceiling"
+
+
+def test_decode_graph_timing_rotates_enough_inputs():
+    """A graph replay cycles through >= ROTATE_BYTES of inputs (up to MAX_COPIES copies), so no
+    decode step is timed with its cache in L2; large inputs are not copied."""
+    assert measure.rotated_copies(2 * 2**20) == measure.MAX_COPIES
+    assert measure.rotated_copies(16 * 2**20) * 16 * 2**20 >= measure.ROTATE_BYTES
+    assert measure.rotated_copies(2**30) == 1
+    t = cases.DECODE.make(dict(B=1, H=2, Hkv=1, S=64, D=8), torch.float32, "cpu", 0).t
+    assert measure.tensor_bytes(t) == 4 * (64 * 8 * 2 + 2 * 8) + 4  # k, v views not counted
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_decode_graph_timing_on_cuda():
+    """On a GPU the decode step is timed in a CUDA graph (no "eager time" note) for fastattn and
+    SDPA, at a size whose inputs are copied several times."""
+    case = cases._decode_case(cases.DECODE, 1, 4096, (32, 4))
+    rows = measure.measure_case(case, {}, "test", "n/a: not here")
+    for impl in ("fastattn", "torch sdpa"):
+        r = next(r for r in rows if r["impl"] == impl)
+        assert r["ms"] > 0 and r["note"] is None, r
