@@ -446,7 +446,7 @@ def plot(records: list[dict], ceilings: dict[str, float], out: Path, device: str
             key = (r["op"], r["dtype"], *(f"{k}{r['size'][k]}" for k in series_keys))
             panels.setdefault(key, []).append(r)
         fig, axes = plt.subplots(len(panels), len(modes), squeeze=False,
-                                 figsize=(5 * len(modes), 3.4 * len(panels)))
+                                 figsize=(max(5 * len(modes), 8), 3.4 * len(panels)))
         for row, (key, rs) in enumerate(panels.items()):
             for col, mode in enumerate(modes):
                 ax = axes[row][col]
