@@ -20,6 +20,7 @@ One kernel per pass; what a call needs is chosen by constexpr flags, so a call w
 dropout or score modifier compiles to the plain kernel:
     WINDOW_RIGHT, WINDOW_LEFT  keys bounded on the right (causal, or a window's right side) / left
     SOFTCAP, HAS_ALIBI       the score modifiers softcap * tanh(s / softcap), -slope * |j - i - off|
+                             (HAS_ALIBI: 1 as written, 2 the one-sided form of causal calls, below)
     HAS_SINKS                (forward, preprocess) a sink logit per head in the softmax
     HAS_MASK, MASK_IS_BOOL   an attn_mask, boolean (True = takes part) or additive float
     KEY_PADDING              the mask is a boolean per-batch key padding mask (B, 1, 1, S)
@@ -47,7 +48,11 @@ mirrors this (_query_block_bounds).
 
 Scores (_scores, in flash-attn's order): qk * scale, capped to softcap * tanh(qk * scale / softcap)
 (SOFTCAP; numerics.tanh), minus slope * |j - (i + off)| (HAS_ALIBI, from the (B, Hq) slopes,
-never materialised), plus an attn_mask, read tile by tile through its four strides (0 on
+never materialised; where no key right of the diagonal is seen, a window right side of 0 as with
+is_causal, that is slope * (j - ref) - slope * (i + off - ref) for any ref, a key part and a row
+part: HAS_ALIBI == 2 adds the key part inside the score's FFMA and moves the row part to the row
+statistic - the backward's lse, the forward's row max after its loop - so that ALiBi costs one
+instruction per score where |j - i - off| costs three), plus an attn_mask, read tile by tile through its four strides (0 on
 broadcast dims, so a (L, S) or (B, 1, 1, S) mask is never expanded): a bool mask hides the pairs
 where it is False, a float mask is added, its -inf entries hiding their pairs. Hidden pairs score
 -inf and the running row max starts at a finite value (_ROW_MAX_START), so their probabilities are
@@ -268,6 +273,20 @@ def _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI: tl.const
 
 
 @triton.jit
+def _alibi_keys(slope2, keys, KEYS_ON_ROWS: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """One-sided ALiBi's key part (see _scores) of the keys n0 + `keys` of a block, relative to
+    its first key n0: slope2 * keys as a (1, BLOCK) row (keys on the tile's columns) or a (BLOCK, 1)
+    column (KEYS_ON_ROWS). Made once per program, outside the key loops: what a block adds to it,
+    slope2 * (n0 - ref), is one number per block, and the callers move it to the row side. Without
+    HAS_ALIBI == 2: slope2 itself."""
+    if HAS_ALIBI == 2:
+        part = slope2 * keys.to(tl.float32)
+        return part[:, None] if KEYS_ON_ROWS else part[None, :]
+    else:
+        return slope2
+
+
+@triton.jit
 def _visible(q_idx, k_idx, S, diag_lo, diag_hi,
              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """Mask of the (query, key) pairs that take part: key in range, and inside the window."""
@@ -281,7 +300,7 @@ def _visible(q_idx, k_idx, S, diag_lo, diag_hi,
 
 @triton.jit
 def _scores(a, b, q_idx, k_idx, shift, L, S, diag_lo, diag_hi, off,
-            qk_scale, cap_in, cap_out, slope2,
+            qk_scale, cap_in, cap_out, alibi,
             mask_base, stride_ml, stride_ms,  # attn_mask of this (batch, query head)
             MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
             HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
@@ -293,20 +312,28 @@ def _scores(a, b, q_idx, k_idx, shift, L, S, diag_lo, diag_hi, off,
     pair is, in flash-attn's order,
         qk * scale, or softcap * tanh(qk * scale / softcap)   (SOFTCAP: cap_in = scale / softcap,
                                                                cap_out = softcap * log2(e))
-        - slope * |j - (i + off)|                             (HAS_ALIBI: slope2 = slope * log2(e))
+        - slope * |j - (i + off)|                             (HAS_ALIBI 1: alibi = slope * log2(e))
         + attn_mask                                           (HAS_MASK: a bool one hides pairs)
     and with MASKED the pairs outside the window or past S are hidden (only the blocks at the
     window's edges and the last block pay for it). Hidden pairs get -inf, never a select after
-    the exp2: the callers' row max starts finite (_ROW_MAX_START)."""
+    the exp2: the callers' row max starts finite (_ROW_MAX_START).
+
+    With HAS_ALIBI == 2 (one-sided: only pairs with j <= i + off are visible) `alibi` is instead
+    the key part of the ALiBi bias, slope * log2(e) * (j - ref) for a reference key ref of the
+    caller's choosing, broadcast like k_idx (_alibi_keys), and `shift` (or the forward's row max)
+    carries the rest, slope * log2(e) * (i + off - ref); `off` is then unused."""
     qk = tl.dot(a, b, input_precision=DOT_PRECISION)
     t = 0.0
     if SOFTCAP:
         t = tanh(qk * cap_in, ACCURATE)
-        s = t * cap_out - shift
+        s = t * cap_out
     else:
-        s = qk * qk_scale - shift  # one FFMA
-    if HAS_ALIBI:  # |j - i - off| in fp32 from the index vectors: one FADD and one FFMA per score
-        s -= slope2 * tl.abs(k_idx.to(tl.float32) - (q_idx + off).to(tl.float32))
+        s = qk * qk_scale
+    if HAS_ALIBI == 2:  # a vector of keys, added in the FFMA above: no instruction of its own
+        s += alibi
+    s -= shift  # without ALiBi one FFMA with the scale
+    if HAS_ALIBI == 1:  # |j - i - off| in fp32 from the index vectors: one FADD and one FFMA per score
+        s -= alibi * tl.abs(k_idx.to(tl.float32) - (q_idx + off).to(tl.float32))
     if HAS_MASK:
         if KEY_PADDING:  # one row of keys for every query: load a vector, broadcast below
             offsets = k_idx.to(tl.int64) * stride_ms
@@ -504,7 +531,7 @@ def _attn_fwd_inner(
     mask_base,  # attn_mask of this (batch, query head)
     block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
     page_table, n_pages,  # this sequence's row of a paged cache's block table (PAGE_SIZE > 0)
-    offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, off,
+    offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_kp, stride_vp, stride_ml, stride_ms,
     qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
@@ -516,25 +543,42 @@ def _attn_fwd_inner(
 ):
     """Online-softmax accumulation over the key blocks starting in [n_lo, n_hi). offs_m: the
     query positions of the tile's rows (the rows themselves, or for the decode kernel's packed
-    (query, head) rows their queries); slope2 a scalar or per-row (BLOCK_M, 1) ALiBi slopes."""
+    (query, head) rows their queries); slope2 a scalar or per-row (BLOCK_M, 1) ALiBi slopes.
+    HAS_ALIBI == 1: alibi_ref is the diagonal's offset off; HAS_ALIBI == 2 (one-sided, scalar
+    slope2): the rows' running max m is that of the scores plus slope2 * (i + off - alibi_ref),
+    the scores carrying slope2 * (j - alibi_ref) (see _scores; the caller takes it off m)."""
+    # One-sided ALiBi's key part: in the unmasked phase one vector for every block (plus a number
+    # per block, see below); in the masked phases, where more values are live, made per block
+    keys = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
     i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
     STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
     for i in range(i_lo, i_hi, STEP):
         n0 = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        alibi = keys
+        block = 0.0
+        if HAS_ALIBI == 2:
+            if MASKED:
+                alibi = _alibi_keys(slope2, offs_n - alibi_ref, False, HAS_ALIBI)
+            else:
+                block = slope2 * (n0 - alibi_ref).to(tl.float32)
         kT, v = _load_kv_block(k_src, v_src, n0, S, D, Dv, stride_ks, stride_kd, stride_vs,
                                stride_vd, page_table, n_pages, stride_kp, stride_vp, PAGE_SIZE,
                                KV_TMA, DTYPE, DOT_FP32, BLOCK_N, BLOCK_D, BLOCK_DV)
         if MASKED or HAS_MASK or SOFTCAP or HAS_ALIBI:
             s, _ = _scores(q, kT, offs_m[:, None], offs_n[None, :], 0.0, L, S, diag_lo, diag_hi,
-                           off, qk_scale, cap_in, cap_out, slope2, mask_base, stride_ml, stride_ms,
-                           MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                           SOFTCAP, HAS_ALIBI, DTYPE == tl.float32,
+                           alibi_ref, qk_scale, cap_in, cap_out, alibi, mask_base, stride_ml,
+                           stride_ms, MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL,
+                           KEY_PADDING, SOFTCAP, HAS_ALIBI, DTYPE == tl.float32,
                            DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
             # m_i starts at the finite _ROW_MAX_START, so m_new is finite and hidden pairs get
             # p = exp2(-inf) = 0, also in a row with no visible key so far (which keeps l = 0).
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
+            if HAS_ALIBI == 2:  # the block's slope2 * (n0 - ref), per row, not per score
+                m_new = tl.maximum(m_i, tl.max(s, 1) + block)
+                p = tl.exp2(s - (m_new - block)[:, None])
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.exp2(s - m_new[:, None])
         else:
             # Raw scores: qk_scale >= 0 (the launcher makes it so), so the row max of the scaled
             # scores is the scaled row max, and the scale folds into exp2's argument: one FFMA
@@ -658,6 +702,10 @@ def _attn_fwd_kernel(
     cap_in, cap_out = _softcap_factors(scale, softcap, SOFTCAP)
     slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
     diag_lo, diag_hi, off = _diagonals(L, S, window_left, window_right, bottom_right)
+    # One-sided ALiBi (see _scores): the scores carry slope * (j - (m0 + off)), each row's own
+    # slope * (i - m0) (at most BLOCK_M slopes: no large number beside the scores) comes off m after
+    # the loop
+    alibi_ref = m0 + off if HAS_ALIBI == 2 else off
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
     if KV_TMA:
@@ -683,13 +731,15 @@ def _attn_fwd_kernel(
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts, Lse, 1,
-            offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
+            offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
             stride_ks, stride_kd, stride_vs, stride_vd, 0, 0, stride_ml, stride_ms,
             qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
             phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
             SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 0,
             KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
         )
+    if HAS_ALIBI == 2:
+        m_i -= slope2 * tl.arange(0, BLOCK_M).to(tl.float32)
 
     out, lse = _softmax_finish(acc, l_i, m_i, Sinks + off_h, HAS_SINKS)
     if HAS_DROPOUT:
@@ -844,7 +894,7 @@ def _attn_bwd_tile(
     a_dp, b_dp,  # dP = a_dp @ b_dp: dO @ V^T, or V @ dO^T
     lse2, delta,  # fp32 per query row, broadcast like q_idx: base-2 logsumexp and rowsum(dO * O)
     q_idx, k_idx, n0, L, S, diag_lo, diag_hi, off,  # n0: the tile's first key (k_idx = n0 + ...)
-    qk_scale, cap_in, cap_out, slope2,
+    qk_scale, cap_in, cap_out, alibi,  # alibi: the slope, or the key part (_scores)
     mask_base, stride_ml, stride_ms,
     dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
@@ -865,7 +915,7 @@ def _attn_bwd_tile(
     """
     if MASKED or HAS_MASK or SOFTCAP or HAS_ALIBI:
         x, t = _scores(a_s, b_s, q_idx, k_idx, lse2, L, S, diag_lo, diag_hi, off,
-                       qk_scale, cap_in, cap_out, slope2, mask_base, stride_ml, stride_ms,
+                       qk_scale, cap_in, cap_out, alibi, mask_base, stride_ml, stride_ms,
                        MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                        SOFTCAP, HAS_ALIBI, ACCURATE, DOT_PRECISION)
     else:
@@ -911,16 +961,19 @@ def _attn_bwd_dkdv_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_dk_part = part * (BLOCK_D // SPLIT) + tl.arange(0, BLOCK_D // SPLIT)
     offs_dv_part = part * (BLOCK_DV // SPLIT) + tl.arange(0, BLOCK_DV // SPLIT)
+    alibi = _alibi_keys(slope2, offs_n - n0, True, HAS_ALIBI)  # one-sided: keys j - n0
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT = _load_dot_operand(q_base, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
         do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
         # Rows past L read q = dO = delta = 0 (and lse2 0 or +inf): they add exactly 0 below.
         lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_ALIBI)
+        if HAS_ALIBI == 2:  # one-sided (see _scores): the queries' part joins their lse
+            lse2 += slope2 * (offs_m + off - n0).to(tl.float32)
         delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
         pT, _, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
                                     offs_m[None, :], offs_n[:, None], n0, L, S, diag_lo, diag_hi,
-                                    off, qk_scale, cap_in, cap_out, slope2,
+                                    off, qk_scale, cap_in, cap_out, alibi,
                                     mask_base, stride_ml, stride_ms, dropout_threshold,
                                     dropout_scale, seed_bh,
                                     MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL,
@@ -1055,7 +1108,7 @@ def _attn_bwd_dq_inner(
     k_base, v_base, mask_base,  # K, V of this (batch, kv head); attn_mask of this (batch, head)
     block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
     dmask_base,  # dMask of this (batch, head) (MASK_GRAD)
-    offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, off,
+    offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
     qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
@@ -1065,10 +1118,11 @@ def _attn_bwd_dq_inner(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ += dS_qk @ K over the key blocks starting in [n_lo, n_hi); with MASK_GRAD also store
-    dS."""
+    dS. alibi_ref as in _attn_fwd_inner (HAS_ALIBI == 2: lse2 carries the rows' part)."""
     DTYPE = k_base.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    alibi = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
     i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
     STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
     for i in range(i_lo, i_hi, STEP):
@@ -1076,9 +1130,12 @@ def _attn_bwd_dq_inner(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
         vT = _load_dot_operand(v_base, offs_dv, offs_n, Dv, S, stride_vd, stride_vs, DOT_FP32)
-        _, ds, ds_qk = _attn_bwd_tile(q, kT, do, vT, lse2[:, None], delta[:, None],
+        shift = lse2
+        if HAS_ALIBI == 2:  # the block's slope2 * (n0 - ref), per row, not per score
+            shift = lse2 - slope2 * (n0 - alibi_ref).to(tl.float32)
+        _, ds, ds_qk = _attn_bwd_tile(q, kT, do, vT, shift[:, None], delta[:, None],
                                       offs_m[:, None], offs_n[None, :], n0, L, S, diag_lo, diag_hi,
-                                      off, qk_scale, cap_in, cap_out, slope2,
+                                      alibi_ref, qk_scale, cap_in, cap_out, alibi,
                                       mask_base, stride_ml, stride_ms, dropout_threshold,
                                       dropout_scale, seed_bh,
                                       MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL,
@@ -1168,6 +1225,10 @@ def _attn_bwd_dq_kernel(
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
     do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
     lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_ALIBI)
+    alibi_ref = off
+    if HAS_ALIBI == 2:  # one-sided (see _scores): keys j - (m0 + off), rows' i - m0 join the lse
+        alibi_ref = m0 + off
+        lse2 += slope2 * tl.arange(0, BLOCK_M).to(tl.float32)
     delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -1178,7 +1239,7 @@ def _attn_bwd_dq_kernel(
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts,
-            dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
+            dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
             stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml,
             stride_dms, qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale,
             seed_bh,
@@ -1316,8 +1377,9 @@ def _mod_args(is_causal: bool, mods: dict, placeholder: torch.Tensor
     if is_causal:
         right = 0
     softcap, alibi = mods.get("softcap", 0.0), mods.get("alibi")
+    # ALiBi one-sided (HAS_ALIBI 2, see _scores) where no key right of the diagonal is seen
     flags = dict(WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, SOFTCAP=softcap > 0.0,
-                 HAS_ALIBI=alibi is not None)
+                 HAS_ALIBI=0 if alibi is None else 2 if right == 0 else 1)
     scalars = (max(left, 0), max(right, 0), int(bool(mods.get("bottom_right", False))),
                float(softcap))
     if alibi is None:
@@ -1447,6 +1509,7 @@ def _launch_probs(q, k, probs, B, L, S, scale, is_causal, attn_mask, dropout_p, 
     mask, mask_strides, mask_flags = _mask_args(attn_mask, probs, B, Hq, L, S)
     mask_flags.pop("KEY_PADDING")  # the general path reads every block
     alibi, alibi_strides, mod_scalars, mod_flags = _mod_args(is_causal, mods, probs)
+    mod_flags["HAS_ALIBI"] = min(mod_flags["HAS_ALIBI"], 1)  # |j - i - off| as written: no row max
     cu_q, cu_k = cu_seqlens if varlen else (probs, probs)
     with device_guard(q):
         _attn_probs_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)](

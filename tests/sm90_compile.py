@@ -528,6 +528,10 @@ def analyse_compiled(kernel, log: str, warps: int, tile_scores: int) -> dict:
             f.write(kernel.asm["cubin"])
         sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", cubin], capture_output=True,
                               text=True, check=True).stdout
+    if os.environ.get("SM90_SASS_DIR"):  # a debugging aid: keep each kernel's SASS to read
+        name = f"{kernel.name}-{abs(hash(kernel.asm['ttgir'])) % 10**8}.sass"
+        with open(os.path.join(os.environ["SM90_SASS_DIR"], name), "w") as f:
+            f.write(sass)
     loops = [_loop_summary(body, warps, tile_scores) for body in _sass_loops(sass)]
     mma_loops = [lp for lp in loops if lp["hgmma"] or lp["hmma"]]
     main = min(mma_loops, key=lambda lp: lp["insns"]) if mma_loops else None

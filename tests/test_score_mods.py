@@ -77,6 +77,13 @@ CASES = [
     ("alibi (Hq,)", (2, 4, 4, 29, 41, 32), False, dict(alibi_slopes="heads"), {}),
     ("alibi (B, Hq), causal bottom-right", (2, 4, 2, 29, 41, 32), True,
      dict(alibi_slopes="batch", bottom_right=True), {}),
+    # causal ALiBi takes the one-sided form (kernels/attention.py, HAS_ALIBI 2): several query and
+    # key blocks (the per-program reference points), top-left with L > S, steep slopes (up to 4:
+    # the softmax all but on the diagonal), a window and sinks
+    ("alibi steep, causal top-left, L > S", (1, 2, 2, 150, 97, 32), True,
+     dict(alibi_slopes="steep"), {}),
+    ("alibi, causal window + sinks", (2, 2, 1, 140, 160, 32), True,
+     dict(window_size=(70, -1), bottom_right=True, alibi_slopes="batch"), dict(sinks=True)),
     ("sinks", (2, 4, 2, 37, 37, 32), True, {}, dict(sinks=True)),
     ("sinks, rows without keys", (1, 2, 2, 50, 20, 32), True,
      dict(window_size=(3, -1), bottom_right=True), dict(sinks=True)),
@@ -93,6 +100,8 @@ def _case_inputs(shape, dtype, device, mods, extras):
     mods = dict(mods)
     if mods.get("alibi_slopes") == "heads":
         mods["alibi_slopes"] = (torch.rand(Hq, generator=g) * 0.5).to(device)
+    elif mods.get("alibi_slopes") == "steep":
+        mods["alibi_slopes"] = (1.0 + torch.rand(Hq, generator=g) * 3.0).to(device)
     elif mods.get("alibi_slopes") == "batch":
         mods["alibi_slopes"] = (torch.rand(B, Hq, generator=g) * 0.5).to(device)
     sinks = torch.randn(Hq, generator=g).to(device) if extras.get("sinks") else None
