@@ -941,7 +941,7 @@ def _attn_bwd_dkdv_inner(
     dk, dv,  # accumulators: (BLOCK_N, BLOCK_D // SPLIT), (BLOCK_N, BLOCK_DV // SPLIT) fp32
     k, v,  # dot operands of this program's key block, whole rows
     q_base, do_base, lse_base, delta_base, mask_base,  # of one (batch, query head)
-    offs_n, n0, part, m_lo, m_hi, L, S, D, Dv, diag_lo, diag_hi, off,  # offs_n: n0 + arange
+    offs_n, n0, part, m_lo, m_hi, m_lo2, m_hi2, L, S, D, Dv, diag_lo, diag_hi, off,
     stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
     qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
@@ -950,8 +950,8 @@ def _attn_bwd_dkdv_inner(
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """dV += (P * Z)^T @ dO and dK += dS_qk^T @ Q over the query blocks starting in [m_lo, m_hi),
-    for column part `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO).
+    """dV += (P * Z)^T @ dO and dK += dS_qk^T @ Q over the query blocks starting in [m_lo, m_hi)
+    and, with WINDOW_LEFT, [m_lo2, m_hi2) (m_lo, m_lo2 multiples of BLOCK_M), for column part `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO).
 
     The tiles are computed transposed, (BLOCK_N, BLOCK_M): sT = k @ q^T, so that P^T and dS^T are
     produced directly in the layout of the left operand of the two products.
@@ -962,7 +962,19 @@ def _attn_bwd_dkdv_inner(
     offs_dk_part = part * (BLOCK_D // SPLIT) + tl.arange(0, BLOCK_D // SPLIT)
     offs_dv_part = part * (BLOCK_DV // SPLIT) + tl.arange(0, BLOCK_DV // SPLIT)
     alibi = _alibi_keys(slope2, offs_n - n0, True, HAS_ALIBI)  # one-sided: keys j - n0
-    for start_m in range(m_lo, m_hi, BLOCK_M):
+    # With a window the loop runs over [m_lo, m_hi) and then [m_lo2, m_hi2) (both edges of the
+    # window in one masked loop: a third loop's registers spilled), counting blocks; without one
+    # over [m_lo, m_hi) alone, the second range empty.
+    n_first = tl.cdiv(m_hi - m_lo, BLOCK_M)
+    IT_STEP: tl.constexpr = 1 if WINDOW_LEFT else BLOCK_M
+    if WINDOW_LEFT:
+        it_lo, it_hi = 0, n_first + tl.cdiv(m_hi2 - m_lo2, BLOCK_M)
+    else:
+        it_lo, it_hi = m_lo, m_hi
+    for it in range(it_lo, it_hi, IT_STEP):
+        start_m = it
+        if WINDOW_LEFT:
+            start_m = tl.where(it < n_first, m_lo + it * BLOCK_M, m_lo2 + (it - n_first) * BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT = _load_dot_operand(q_base, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
         do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
@@ -1071,23 +1083,29 @@ def _attn_bwd_dkdv_kernel(
     m_lo, m_full_lo, m_full_hi, m_hi = _query_block_bounds(n0, L, m_hi, diag_lo, diag_hi,
                                                            WINDOW_LEFT, WINDOW_RIGHT,
                                                            BLOCK_M, BLOCK_N)
-    for g in range(GROUP):
-        off_h = off_hkv * GROUP + g  # query heads off_hkv * GROUP ... + GROUP - 1 read this kv head
-        q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
-        do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
-        lse_base = _head_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
-        delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
-        mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
-        seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
-        slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
-        for phase in tl.static_range(3 if WINDOW_LEFT else 2):
-            lo, hi = _phase_range(phase, m_lo, m_full_lo, m_full_hi, m_hi)
+    # Phase 0, masked: the diagonal and (WINDOW_LEFT) the window's left edge, in one loop (a loop
+    # of their own spilled registers); phase 1: the query blocks that see the key block whole. The
+    # query heads that share this kv head run inside each phase (outside, they spilled with GQA).
+    for phase in tl.static_range(2):
+        if phase == 0:
+            lo, hi, lo2, hi2 = m_lo, m_full_lo, m_full_hi, m_hi
+        else:
+            lo, hi, lo2, hi2 = m_full_lo, m_full_hi, m_full_hi, m_full_hi
+        for g in range(GROUP):
+            off_h = off_hkv * GROUP + g  # query heads off_hkv * GROUP ... read this kv head
+            q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
+            do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
+            lse_base = _head_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+            delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+            mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
+            seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
+            slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-                offs_n, n0, part, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
+                offs_n, n0, part, lo, hi, lo2, hi2, L, S, D, Dv, diag_lo, diag_hi, off,
                 stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
                 qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
-                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
+                phase == 0, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                 SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                 DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
             )
