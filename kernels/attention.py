@@ -52,8 +52,9 @@ never materialised; where no key right of the diagonal is seen, a window right s
 is_causal, that is slope * (j - ref) - slope * (i + off - ref) for any ref, a key part and a row
 part: HAS_ALIBI == 2 adds the key part inside the score's FFMA and moves the row part to the row
 statistic - the backward's lse, the forward's row max after its loop - so that ALiBi costs one
-instruction per score where |j - i - off| costs three), plus an attn_mask, read tile by tile through its four strides (0 on
-broadcast dims, so a (L, S) or (B, 1, 1, S) mask is never expanded): a bool mask hides the pairs
+instruction per score where |j - i - off| costs three), plus an attn_mask, read tile by tile
+through its four strides (0 on broadcast dims, so a (L, S) or (B, 1, 1, S) mask is never
+expanded): a bool mask hides the pairs
 where it is False, a float mask is added, its -inf entries hiding their pairs. Hidden pairs score
 -inf and the running row max starts at a finite value (_ROW_MAX_START), so their probabilities are
 exactly 0, and a row that sees no key at all ends with l = 0: it gets out = 0 and lse = -inf, and
@@ -332,7 +333,7 @@ def _scores(a, b, q_idx, k_idx, shift, L, S, diag_lo, diag_hi, off,
     if HAS_ALIBI == 2:  # a vector of keys, added in the FFMA above: no instruction of its own
         s += alibi
     s -= shift  # without ALiBi one FFMA with the scale
-    if HAS_ALIBI == 1:  # |j - i - off| in fp32 from the index vectors: one FADD and one FFMA per score
+    if HAS_ALIBI == 1:  # |j - i - off| in fp32 from the index vectors: a FADD and a FFMA per score
         s -= alibi * tl.abs(k_idx.to(tl.float32) - (q_idx + off).to(tl.float32))
     if HAS_MASK:
         if KEY_PADDING:  # one row of keys for every query: load a vector, broadcast below
@@ -951,7 +952,8 @@ def _attn_bwd_dkdv_inner(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dV += (P * Z)^T @ dO and dK += dS_qk^T @ Q over the query blocks starting in [m_lo, m_hi)
-    and, with WINDOW_LEFT, [m_lo2, m_hi2) (m_lo, m_lo2 multiples of BLOCK_M), for column part `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO).
+    and, with WINDOW_LEFT, [m_lo2, m_hi2) (m_lo, m_lo2 multiples of BLOCK_M), for column part
+    `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO).
 
     The tiles are computed transposed, (BLOCK_N, BLOCK_M): sT = k @ q^T, so that P^T and dS^T are
     produced directly in the layout of the left operand of the two products.
