@@ -97,12 +97,16 @@ helper, the dK/dV kernel in transposed (key-major) orientation so that P^T and d
 directly as the left operands of its products. Both reuse the forward's loop phases. No float
 atomics anywhere, so the backward is deterministic (bitwise reproducible run to run).
 
-K and V in the forward (KV_TMA): on Hopper (configs.attention_kv_descriptors) each program makes
+K and V in the forward (KV_TMA): on Hopper (configs.attention_descriptors) each program makes
 two tensor descriptors over its (batch, kv head)'s keys, a varlen sequence's own rows, and the key
 loop fetches each block with the TMA unit (rows past S and columns past D arrive as 0, as the
 masked pointer loads give them: the two paths are bitwise equal). Taken when k and v allow it (unit
 last stride, 16-byte aligned base and strides: contiguous tensors and Hugging Face's
 (B, N, H, D).transpose(1, 2) views for head dims that are multiples of 8); pointer tiles otherwise.
+The forward writes out (and its rounding residual) the same way (O_TMA, Dv a multiple of 8): the
+TMA unit clips the last block at L, and no address or mask of the output tile takes registers at
+the end of the kernel (the d256 forward, whose accumulator holds 128 registers a thread, spilled
+there).
 
 Launch settings: configs.py lists the candidates of each pass (one under the interpreter and off
 Hopper); on Hopper the launchers let kernels/autotune.py time them on the first call of each
@@ -126,7 +130,7 @@ import triton.language as tl
 
 from . import autotune
 from .configs import (arch_major, attention_bwd_candidates, attention_fwd_candidates,
-                      attention_kv_descriptors, device_guard, interpreting, next_power_of_2)
+                      attention_descriptors, device_guard, interpreting, next_power_of_2)
 from .numerics import dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg, tanh
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd",
@@ -166,6 +170,21 @@ def _store_tile(base, value, rows, cols, n_rows, n_cols, stride_row, stride_col)
     offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(base + offsets, round_to(value, base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_rows(base, value, row0, rows, cols, n_rows, n_cols, stride_row, stride_col,
+                TMA: tl.constexpr):
+    """_store_tile of `value`, rows row0 + arange(len(rows)) (= rows) of an (n_rows, n_cols)
+    matrix; with TMA through a tensor descriptor (stride_col 1, base and stride_row 16-byte
+    aligned: the launcher checks): the TMA unit writes the tile from shared memory and clips it at
+    n_rows and n_cols, with no per-element address or mask in registers."""
+    if TMA:
+        dst = tl.make_tensor_descriptor(base, shape=[n_rows, n_cols], strides=[stride_row, 1],
+                                        block_shape=[value.shape[0], value.shape[1]])
+        dst.store([row0, 0], round_to(value, base.dtype.element_ty))
+    else:
+        _store_tile(base, value, rows, cols, n_rows, n_cols, stride_row, stride_col)
 
 
 @triton.jit
@@ -666,6 +685,7 @@ def _attn_fwd_kernel(
     STORE_LO: tl.constexpr,  # also write OutLo (half-precision inputs whose backward follows)
     KV_TMA: tl.constexpr,  # read K, V through tensor descriptors (TMA on Hopper): unit last
     #                        strides, 16-byte aligned base and other strides (the launcher checks)
+    O_TMA: tl.constexpr,  # write Out (and OutLo) through tensor descriptors (as KV_TMA)
     DOT_FP32: tl.constexpr,  # cast dot operands to fp32 (interpreter only)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (no effect on fp16/bf16)
     # block sizes
@@ -745,11 +765,11 @@ def _attn_fwd_kernel(
     out, lse = _softmax_finish(acc, l_i, m_i, Sinks + off_h, HAS_SINKS)
     if HAS_DROPOUT:
         out = out * dropout_scale  # kept probabilities count 1 / (1 - p) times
-    _store_tile(o_base, out, offs_m, offs_dv, L, Dv, stride_ol, stride_od)
+    _store_rows(o_base, out, m0, offs_m, offs_dv, L, Dv, stride_ol, stride_od, O_TMA)
     if STORE_LO:  # what rounding out to its dtype lost, for the backward's delta = rowsum(dO * O)
         lo = out - _rounded(out, Out.dtype.element_ty)
         lo_base = _head_rows(OutLo, off_b, off_h, q_start, stride_ob, stride_oh, stride_ol)
-        _store_tile(lo_base, lo, offs_m, offs_dv, L, Dv, stride_ol, stride_od)
+        _store_rows(lo_base, lo, m0, offs_m, offs_dv, L, Dv, stride_ol, stride_od, O_TMA)
     tl.store(lse_base + offs_m, lse, mask=offs_m < L)
 
 
@@ -1362,11 +1382,12 @@ def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _kv_descriptor_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """KV_TMA of the forward: descriptors where configs.py wants them and k, v allow them. On CUDA
-    this also installs the allocator their scratch memory comes from (a ContextVar: set per
-    launch, as autograd's backward runs on another thread)."""
-    use = attention_kv_descriptors(q.dtype, q.device) and _descriptor_ready(k) and _descriptor_ready(v)
+def _descriptor_flag(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """KV_TMA (tensors k, v) or O_TMA (out and out_lo) of a launch: descriptors where configs.py
+    wants them and every one of `tensors` allows them. On CUDA this also installs the allocator
+    their scratch memory comes from (a ContextVar: set per launch, as autograd's backward runs on
+    another thread)."""
+    use = attention_descriptors(q.dtype, q.device) and all(map(_descriptor_ready, tensors))
     if use and q.is_cuda:
         triton.set_allocator(_descriptor_scratch)
     return use
@@ -1424,7 +1445,9 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
     cu_q, cu_k = cu_seqlens if varlen else (lse, lse)
     flags = dict(**mod_flags, HAS_SINKS=sinks is not None, HAS_DROPOUT=dropout_p > 0.0,
                  IS_VARLEN=varlen, STORE_LO=out_lo is not None,
-                 KV_TMA=_kv_descriptor_flag(q, k, v), **mask_flags, **_dot_flags(q.dtype),
+                 KV_TMA=_descriptor_flag(q, k, v),
+                 O_TMA=_descriptor_flag(q, out, *([] if out_lo is None else [out_lo])),
+                 **mask_flags, **_dot_flags(q.dtype),
                  **_block_dims(D, Dv))
 
     def launch(cfg: dict) -> None:

@@ -165,7 +165,10 @@ _ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1
 # 1.25 -> 0.96, dQ 1.32 -> 0.94, forward 1.55 -> 1.07). The fp32 tables serve them unchanged.
 # Hopper rows re-read with one Philox call per 4 keys (numerics.dropout_keep_tile), Triton 3.9: the
 # widest tiles that do not spill (d128 forward 128 x 32 -> 128 x 64, issue:TC 2.03 -> 1.61; d64
-# forward 128 x 32 -> 128 x 128, 3.63 -> 2.55); the d256 forward spills in every tile tried.
+# forward 128 x 32 -> 128 x 128, 3.63 -> 2.55; with out written through a tensor descriptor its
+# masked loop spills 24 bytes on 3.9, none on 3.6). The d256 forward's 64 x 64 spills 12 bytes on
+# 3.9 and 40 on 3.6 (148 / 92 before that descriptor); on 1 stage 0 / 112, and 64 x 32 is clean on
+# both but at issue:TC 1.2-1.3: it keeps 2 stages.
 _ATTN_FWD_HOPPER_DROPOUT = ((64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (256, 64, 64, 4, 2))
 _ATTN_FWD_AMPERE_DROPOUT = ((64, 64, 64, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 _ATTN_BWD_DKDV_HOPPER_DROPOUT = ((64, 32, 128, 8, 3), (128, 16, 128, 8, 2),
@@ -194,14 +197,17 @@ _ATTN_INTERPRET_BWD = dict(
 # Where the default passes the gate, so does each alternate; where the default is an expected
 # failure (tests/test_hopper_static.py: a d64 mask's issue:TC, say) an alternate breaks no further
 # rule. Alternates that did not hold with every feature their row serves were dropped (the d128
-# forward's 128 x 64 tiles: issue:TC 0.68 > 0.6; the d256 forward's: spills with varlen; the d64
-# forward's 128 x 128 on 4 warps: spills with a mask; the d64 dK/dV's 64 x 128: 4 bytes causal).
+# forward's 128 x 64 tiles: issue:TC 0.68 > 0.6; the d64 forward's 128 x 128 on 4 warps: spills
+# with a mask; the d64 dK/dV's 64 x 128: 4 bytes causal; the d256 forward's 64 x 64 on 1 stage: 12
+# bytes with a mask on 3.6). The d256 forward's had all spilled with varlen until the forward wrote
+# out through a tensor descriptor.
 # Warp specialisation (tl.range(..., warp_specialize=True) over the unmasked key loop, as Triton's
 # tutorial does on Blackwell) is no candidate: compiled for sm_90 it gives the d128 forward the very
 # same SASS (registers, loop, issue:TC), and the d64 forward crashes the compiler
 # (NVGPUWarpSpecialization), Triton 3.6 and 3.9.
 _ATTN_HOPPER_ALTERNATES: dict[tuple[str, bool, int], tuple[tuple[int, ...], ...]] = {
     ("fwd", False, 64): ((128, 128, 8, 3), (128, 64, 4, 2)),
+    ("fwd", False, 256): ((128, 64, 8, 2), (64, 32, 4, 2)),
     ("dkdv", False, 64): ((32, 128, 8, 2),),
     ("dq", False, 64): ((128, 64, 8, 3),),
     ("dq", False, 128): ((128, 64, 8, 2), (128, 32, 8, 3)),
@@ -248,10 +254,10 @@ def attention_fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.de
     return _attention_pick("fwd", tables, head_dim, dtype, device, dropout)
 
 
-def attention_kv_descriptors(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the attention forward reads K and V through tensor descriptors (the TMA unit on
-    Hopper and Blackwell: no per-element address arithmetic in the key loop) rather than pointer
-    tiles, when their strides allow it (the launcher checks). fp16 / bf16 only: the fp32 kernels do
+def attention_descriptors(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the attention forward reads K and V and writes out through tensor descriptors (the
+    TMA unit on Hopper and Blackwell: no per-element address arithmetic in the key loop or the
+    output's store) rather than pointer tiles, when their strides allow it (the launcher checks). fp16 / bf16 only: the fp32 kernels do
     not use the tensor cores, and their small tiles gain nothing from it."""
     if dtype == torch.float32:
         return False

@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (_LN2, _LOG2E, _ROW_MAX_START, _attn_fwd_inner, _block_dims, _diagonals,
-                        _dot_flags, _dot_operand, _key_block_bounds, _kv_descriptor_flag,
+from .attention import (_LN2, _LOG2E, _ROW_MAX_START, _attn_fwd_inner, _block_dims,
+                        _descriptor_flag, _diagonals, _dot_flags, _dot_operand, _key_block_bounds,
                         _page_rows, _phase_range, _rounded, _softcap_factors, _softmax_finish,
                         _visible_key_blocks)
 from .configs import decode_config, decode_num_splits, device_guard, next_power_of_2
@@ -448,7 +448,7 @@ def kvcache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             alibi_strides = (0, alibi.stride(0)) if alibi.dim() == 1 else alibi.stride()
         else:
             alibi_strides = (0, 0)
-        kv_tma = not paged and _kv_descriptor_flag(q, k_cache, v_cache)
+        kv_tma = not paged and _descriptor_flag(q, k_cache, v_cache)
         _decode_fwd_kernel[(splits, row_blocks * Hkv, B)](
             q, k_cache, v_cache, out_k, lse_k,
             none if cache_seqlens is None else cache_seqlens,

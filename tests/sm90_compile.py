@@ -171,6 +171,7 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
                     HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
                     STORE_LO=True,  # training: the forward keeps out's rounding residual
                     KV_TMA=arch >= 90,  # K / V by tensor descriptors, as the launcher picks
+                    O_TMA=arch >= 90,  # and out
                     BLOCK_D=d, BLOCK_DV=d)
         base.update({k: v for k, v in flags.items() if k != "MASK_GRAD"})
         mask_ptr = {"Mask": "*u8" if base["MASK_IS_BOOL"] else "*bf16"}

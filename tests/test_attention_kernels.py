@@ -277,14 +277,15 @@ class _RecordLaunches:
 
 def _forward(monkeypatch, descriptors: bool, fn, *args, **kwargs):
     """fn(*args, **kwargs) (a forward launcher) with configs.py's descriptor choice forced to
-    `descriptors`; returns (its outputs, the KV_TMA flag the forward kernel was launched with)."""
+    `descriptors`; returns (its outputs, (KV_TMA, O_TMA): the flags the forward kernel was launched
+    with)."""
     with monkeypatch.context() as m:
-        m.setattr(attention, "attention_kv_descriptors", lambda dtype, device: descriptors)
+        m.setattr(attention, "attention_descriptors", lambda dtype, device: descriptors)
         recorder = _RecordLaunches(attention._attn_fwd_kernel)
         m.setattr(attention, "_attn_fwd_kernel", recorder)
         result = fn(*args, **kwargs)
     (launch,) = recorder.launches
-    return result, launch["KV_TMA"]
+    return result, (launch["KV_TMA"], launch["O_TMA"])
 
 
 def _descriptor_cases():
@@ -303,9 +304,10 @@ def _descriptor_cases():
 
 @pytest.mark.parametrize("case", _descriptor_cases(), ids=lambda c: c[0])
 def test_kv_descriptor_path_equals_pointer_path(case, monkeypatch):
-    """The forward reading K and V through tensor descriptors gives bitwise the pointer path's out
-    and lse (the same values reach the same math; TMA's zero fill past S and D matches the masked
-    loads), and each path really ran: the kernel's KV_TMA flag, as launched."""
+    """The forward reading K and V and writing out through tensor descriptors gives bitwise the
+    pointer path's out, lse and out's rounding residual (the same values reach the same math;
+    TMA's zero fill past S and D matches the masked loads, its clipped store at L the masked
+    store), and each path really ran: the kernel's KV_TMA and O_TMA flags, as launched."""
     if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
         pytest.skip("tensor descriptors are chosen on Hopper and newer only")
     _, B, Hq, Hkv, L, S, D, Dv, causal, mask_kind, dropout_p, strided, dtype = case
@@ -317,11 +319,14 @@ def test_kv_descriptor_path_equals_pointer_path(case, monkeypatch):
             "padding": (torch.arange(S, device=DEVICE) < torch.tensor([[90], [S]], device=DEVICE)
                         )[:, None, None, :]}[mask_kind]
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE) if dropout_p else None
-    args = (q, k, v, D**-0.5, causal, mask, dropout_p, seed)
-    (out_tma, lse_tma, _), used_tma = _forward(monkeypatch, True, attention.attention_fwd, *args)
-    (out_ptr, lse_ptr, _), used_ptr = _forward(monkeypatch, False, attention.attention_fwd, *args)
-    assert used_tma and not used_ptr
+    args = (q, k, v, D**-0.5, causal, mask, dropout_p, seed, True)  # residual: out_lo too
+    (out_tma, lse_tma, lo_tma), used_tma = _forward(monkeypatch, True, attention.attention_fwd,
+                                                    *args)
+    (out_ptr, lse_ptr, lo_ptr), used_ptr = _forward(monkeypatch, False, attention.attention_fwd,
+                                                    *args)
+    assert used_tma == (True, True) and used_ptr == (False, False)
     assert torch.equal(out_tma, out_ptr) and torch.equal(lse_tma, lse_ptr)
+    assert lo_tma.shape == out_tma.shape and lo_tma.any() and torch.equal(lo_tma, lo_ptr)
     if mask_kind is None and dropout_p == 0.0:  # and right (the pointer path is tested at length)
         ref, _ = reference.scaled_dot_product_attention(*leaves(q, k, v, dtype=torch.float64),
                                                         causal, D**-0.5, None)
@@ -351,7 +356,7 @@ def test_kv_descriptor_path_varlen(causal, monkeypatch):
                                                *args)
     (out_ptr, lse_ptr, _), used_ptr = _forward(monkeypatch, False, attention.varlen_attention_fwd,
                                                *args)
-    assert used_tma and not used_ptr
+    assert used_tma == (True, True) and used_ptr == (False, False)
     torch.testing.assert_close(out_tma, out_ptr, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(lse_tma, lse_ptr, atol=0, rtol=0, equal_nan=True)
     assert out_tma[37:38].isnan().all()  # sequence 1 reads its own (NaN) keys
@@ -368,28 +373,32 @@ def test_kv_descriptors_only_where_strides_allow(monkeypatch):
     """The descriptor path is taken for contiguous and Hugging Face (B, N, H, D).transpose(1, 2)
     k, v whose rows are 16-byte aligned; not for a head dim whose rows are not (bf16 D = 100:
     200-byte rows), a base that is not 16-byte aligned, or fp32 (whose kernels do not use the
-    tensor cores). All of them still give the right answer."""
+    tensor cores). The output (contiguous, Dv wide) goes through one when its rows are aligned,
+    whatever k's. All of them still give the right answer."""
     if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
         pytest.skip("tensor descriptors are chosen on Hopper and newer only")
     torch.manual_seed(13)
 
-    def flag(q, k, v):
+    def flags(q, k, v):
+        """(KV_TMA, O_TMA) of the forward kernel's launch."""
         recorder = _RecordLaunches(attention._attn_fwd_kernel)
         with monkeypatch.context() as m:
             m.setattr(attention, "_attn_fwd_kernel", recorder)
             attention.attention_fwd(q, k, v, 0.125, False)
-        return recorder.launches[0]["KV_TMA"]
+        return recorder.launches[0]["KV_TMA"], recorder.launches[0]["O_TMA"]
 
     bf16 = torch.bfloat16
-    assert flag(*make_inputs(1, 2, 2, 8, 40, 64, 64, bf16)[:3])
-    assert flag(*make_inputs(1, 2, 2, 8, 40, 64, 64, bf16, strided=True)[:3])
-    assert not flag(*make_inputs(1, 2, 2, 8, 40, 100, 100, bf16)[:3])
-    assert not flag(*make_inputs(1, 2, 2, 8, 40, 64, 64, torch.float32)[:3])
+    assert flags(*make_inputs(1, 2, 2, 8, 40, 64, 64, bf16)[:3]) == (True, True)
+    assert flags(*make_inputs(1, 2, 2, 8, 40, 64, 64, bf16, strided=True)[:3]) == (True, True)
+    assert flags(*make_inputs(1, 2, 2, 8, 40, 100, 100, bf16)[:3]) == (False, False)
+    assert flags(*make_inputs(1, 2, 2, 8, 40, 100, 64, bf16)[:3]) == (False, True)
+    assert flags(*make_inputs(1, 2, 2, 8, 40, 64, 100, bf16)[:3]) == (False, False)
+    assert flags(*make_inputs(1, 2, 2, 8, 40, 64, 64, torch.float32)[:3]) == (False, False)
     q, k, v, _ = make_inputs(1, 2, 2, 8, 40, 64, 64, bf16)
     shifted = torch.empty(k.numel() + 1, dtype=bf16, device=DEVICE)[1:].view(k.shape)  # 2-byte offset
     shifted.copy_(k)
     assert shifted.data_ptr() % 16 != 0
-    assert not flag(q, shifted, v)
+    assert flags(q, shifted, v) == (False, True)
     ref, _ = reference.scaled_dot_product_attention(*leaves(q, k, v, dtype=torch.float64), False,
                                                     0.125, None)
     out, _, _ = attention.attention_fwd(q, shifted, v, 0.125, False)

@@ -35,10 +35,11 @@ SCRIPT = pathlib.Path(__file__).with_name("sm90_compile.py")
 # only: another Triton (the GPU image's 3.6) compiles some of them clean.
 XFAIL_TRITON = "3.9."
 XFAIL: dict[tuple[str, int, str], str] = {
-    ("fwd", 64, "mask"): "issue:TC: 1.59 > 1.0 in the main loop",
+    ("fwd", 64, "mask"): "issue:TC: 1.594 > 1.0 in the main loop",
     ("dkdv", 64, "mask"): "issue:TC: 1.477 > 1.0 in the main loop",
     ("dq", 64, "mask"): "issue:TC: 1.294 > 1.0 in the main loop",
-    ("fwd", 64, "dropout"): "issue:TC: 2.549 > 1.0 in the main loop",
+    ("fwd", 64, "dropout"): ("spills: 24 B stored, 24 B loaded; "  # in the masked loop (not on 3.6)
+                             "issue:TC: 2.549 > 1.0 in the main loop"),
     ("dkdv", 64, "dropout"): "issue:TC: 1.883 > 1.0 in the main loop",
     ("dq", 64, "dropout"): "issue:TC: 1.93 > 1.0 in the main loop",
     ("fwd", 64, "softcap"): "issue:TC: 2.244 > 1.0 in the main loop",
@@ -46,21 +47,20 @@ XFAIL: dict[tuple[str, int, str], str] = {
     ("dq", 64, "softcap"): "issue:TC: 1.724 > 1.0 in the main loop",
     ("fwd", 64, "alibi"): "issue:TC: 1.137 > 1.0 in the main loop",
     ("dkdv", 64, "alibi"): "issue:TC: 1.145 > 1.0 in the main loop",
-    ("fwd", 80, "mask"): "issue:TC: 0.775 > 0.6 in the main loop",
-    ("fwd", 80, "dropout"): "issue:TC: 1.609 > 0.6 in the main loop",
+    ("fwd", 80, "mask"): "issue:TC: 0.782 > 0.6 in the main loop",
+    ("fwd", 80, "dropout"): "issue:TC: 1.662 > 0.6 in the main loop",
     ("dkdv", 80, "dropout"): "issue:TC: 1.391 > 1.0 in the main loop",
     ("dq", 80, "dropout"): "issue:TC: 1.279 > 1.0 in the main loop",
-    ("fwd", 128, "mask"): "issue:TC: 0.775 > 0.6 in the main loop",
-    ("fwd", 128, "dropout"): "issue:TC: 1.609 > 0.6 in the main loop",
+    ("fwd", 128, "mask"): "issue:TC: 0.782 > 0.6 in the main loop",
+    ("fwd", 128, "dropout"): "issue:TC: 1.662 > 0.6 in the main loop",
     ("dkdv", 128, "dropout"): "issue:TC: 1.391 > 1.0 in the main loop",
     ("dq", 128, "dropout"): "issue:TC: 1.279 > 1.0 in the main loop",
     ("fwd", 128, "softcap"): "issue:TC: 1.109 > 0.6 in the main loop",
     ("dq", 128, "softcap"): "issue:TC: 1.151 > 1.0 in the main loop",
     ("dkdv", 256, "mask"): "issue:TC: 1.083 > 1.0 in the main loop",
-    ("fwd", 256, "dropout"): "spills: 148 B stored, 164 B loaded",
+    ("fwd", 256, "dropout"): "spills: 12 B stored, 28 B loaded",
     ("dkdv", 256, "dropout"): "issue:TC: 1.253 > 1.0 in the main loop",
     ("dq", 256, "dropout"): "issue:TC: 1.172 > 1.0 in the main loop",
-    ("fwd", 256, "varlen"): "spills: 24 B stored, 24 B loaded",
 }
 
 
