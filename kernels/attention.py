@@ -131,7 +131,8 @@ import triton.language as tl
 from . import autotune
 from .configs import (arch_major, attention_bwd_candidates, attention_fwd_candidates,
                       attention_descriptors, device_guard, interpreting, next_power_of_2)
-from .numerics import dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg, tanh
+from .numerics import (_TWO_LOG2E, dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg,
+                       tanh, tanh_complement)
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd",
            "attention_probs", "varlen_attention_probs"]
@@ -283,6 +284,17 @@ def _softcap_factors(scale, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _dqk_scale(scale, SOFTCAP: tl.constexpr, DTYPE: tl.constexpr):
+    """The factor dQ and dK take once at the end (d(scores)/d(q @ k^T)): the softmax scale, times
+    4 under an fp16 / bf16 softcap, whose dS_qk tiles hold a quarter of its derivative (_scores:
+    a power of 2, so no rounding moves)."""
+    if SOFTCAP and DTYPE != tl.float32:
+        return scale * 4.0
+    else:
+        return scale
+
+
+@triton.jit
 def _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
     """The ALiBi slope of (batch off_b, query head off_h) in log2 units (0.0 without ALiBi)."""
     if HAS_ALIBI:
@@ -326,9 +338,10 @@ def _scores(a, b, q_idx, k_idx, shift, L, S, diag_lo, diag_hi, off,
             HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
             SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ACCURATE: tl.constexpr,
             DOT_PRECISION: tl.constexpr):
-    """(s, t): s the tile's scores in log2 units minus `shift` (a row statistic broadcast like
-    q_idx, or 0.0), hidden pairs -inf; t = tanh of the capped score (SOFTCAP, for the backward's
-    derivative 1 - t^2), else 0.0. With qk = a @ b (q @ k^T, or k @ q^T) in fp32, the score of a
+    """(s, dcap): s the tile's scores in log2 units minus `shift` (a row statistic broadcast like
+    q_idx, or 0.0), hidden pairs -inf; dcap the softcap's derivative for the backward (SOFTCAP,
+    else 0.0): 1 - tanh^2 of the capped score with ACCURATE (fp32 inputs: numerics.tanh), else a
+    quarter of it (see _dqk_scale). With qk = a @ b (q @ k^T, or k @ q^T) in fp32, the score of a
     pair is, in flash-attn's order,
         qk * scale, or softcap * tanh(qk * scale / softcap)   (SOFTCAP: cap_in = scale / softcap,
                                                                cap_out = softcap * log2(e))
@@ -343,15 +356,26 @@ def _scores(a, b, q_idx, k_idx, shift, L, S, diag_lo, diag_hi, off,
     caller's choosing, broadcast like k_idx (_alibi_keys), and `shift` (or the forward's row max)
     carries the rest, slope * log2(e) * (i + off - ref); `off` is then unused."""
     qk = tl.dot(a, b, input_precision=DOT_PRECISION)
-    t = 0.0
-    if SOFTCAP:
-        t = tanh(qk * cap_in, ACCURATE)
-        s = t * cap_out
+    dcap = 0.0
+    if SOFTCAP and not ACCURATE:
+        # cap_out * tanh - shift = (cap_out - shift) - 2 cap_out r, one FFMA from r, the shift per
+        # row (numerics.tanh_complement); dcap = r (1 - r), one FFMA: a quarter of 1 - tanh^2,
+        # the 4 rides on the backward's final scale (_dqk_scale)
+        r = tanh_complement(qk * (cap_in * _TWO_LOG2E))
+        s = (cap_out - shift) - (2.0 * cap_out) * r
+        dcap = r - r * r
+        if HAS_ALIBI == 2:
+            s += alibi
     else:
-        s = qk * qk_scale
-    if HAS_ALIBI == 2:  # a vector of keys, added in the FFMA above: no instruction of its own
-        s += alibi
-    s -= shift  # without ALiBi one FFMA with the scale
+        if SOFTCAP:  # fp32
+            t = tanh(qk * cap_in)
+            s = t * cap_out
+            dcap = 1.0 - t * t
+        else:
+            s = qk * qk_scale
+        if HAS_ALIBI == 2:  # a vector of keys, added in the FFMA above: no instruction of its own
+            s += alibi
+        s -= shift  # without ALiBi one FFMA with the scale
     if HAS_ALIBI == 1:  # |j - i - off| in fp32 from the index vectors: a FADD and a FFMA per score
         s -= alibi * tl.abs(k_idx.to(tl.float32) - (q_idx + off).to(tl.float32))
     if HAS_MASK:
@@ -372,7 +396,7 @@ def _scores(a, b, q_idx, k_idx, shift, L, S, diag_lo, diag_hi, off,
     if MASKED:
         s = tl.where(_visible(q_idx, k_idx, S, diag_lo, diag_hi, WINDOW_LEFT, WINDOW_RIGHT),
                      s, float("-inf"))
-    return s, t
+    return s, dcap
 
 
 @triton.jit
@@ -926,8 +950,9 @@ def _attn_bwd_tile(
     """Recompute the probabilities of one tile (or of its transpose) and the score gradients, as
     (P * Z, dS, dS_qk): the probabilities that multiplied V (Z = dropout keep-mask / (1 - p), 1
     without dropout), the gradient dS w.r.t. the final scores (that of an additive mask), and
-    dS_qk, w.r.t. the scaled q @ k^T (dS times the softcap's derivative 1 - tanh^2; dS itself
-    without a cap); the callers apply the factor `scale` once to their accumulators.
+    dS_qk, w.r.t. the scaled q @ k^T (dS times the softcap's derivative 1 - tanh^2, a quarter of
+    it for fp16 / bf16; dS itself without a cap); the callers apply the factor
+    _dqk_scale (the scale, with that 4) once to their accumulators.
 
     P = exp2(s - lse2) is the forward's softmax (_scores, with s - lse2 one FFMA without
     modifiers; no max/sum pass is needed); hidden pairs (s = -inf) get P = 0, and so has every pair
@@ -935,7 +960,7 @@ def _attn_bwd_tile(
     dP = dO @ V^T.
     """
     if MASKED or HAS_MASK or SOFTCAP or HAS_ALIBI:
-        x, t = _scores(a_s, b_s, q_idx, k_idx, lse2, L, S, diag_lo, diag_hi, off,
+        x, dcap = _scores(a_s, b_s, q_idx, k_idx, lse2, L, S, diag_lo, diag_hi, off,
                        qk_scale, cap_in, cap_out, alibi, mask_base, stride_ml, stride_ms,
                        MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
                        SOFTCAP, HAS_ALIBI, ACCURATE, DOT_PRECISION)
@@ -952,7 +977,7 @@ def _attn_bwd_tile(
         pz = p
     ds = p * (dp - delta)
     if SOFTCAP:
-        return pz, ds, ds * (1.0 - t * t)
+        return pz, ds, ds * dcap
     else:
         return pz, ds, ds
 
@@ -1132,7 +1157,7 @@ def _attn_bwd_dkdv_kernel(
                 DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
             )
 
-    dk *= scale  # d(scores)/dK carries the softmax scale once
+    dk *= _dqk_scale(scale, SOFTCAP, Q.dtype.element_ty)  # d(scores)/dK: the scale, once
     dk_base = _head_rows(dK, off_b, off_hkv, k_start, stride_dkb, stride_dkh, stride_dks)
     dv_base = _head_rows(dV, off_b, off_hkv, k_start, stride_dvb, stride_dvh, stride_dvs)
     offs_dk_part = part * (BLOCK_D // SPLIT) + tl.arange(0, BLOCK_D // SPLIT)
@@ -1288,7 +1313,7 @@ def _attn_bwd_dq_kernel(
             BLOCK_N, BLOCK_D, BLOCK_DV,
         )
 
-    dq *= scale
+    dq *= _dqk_scale(scale, SOFTCAP, Q.dtype.element_ty)
     dq_base = _head_rows(dQ, off_b, off_h, q_start, stride_dqb, stride_dqh, stride_dql)
     _store_tile(dq_base, dq, offs_m, offs_d, L, D, stride_dql, stride_dqd)
 

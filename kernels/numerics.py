@@ -74,21 +74,30 @@ _TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 * log2(e): exp(2x) = exp2(2x 
 
 
 @triton.jit
-def tanh(x, ACCURATE: tl.constexpr):
-    """tanh of fp32 x (the attention softcap), without libdevice (which the interpreter lacks):
-    1 - 2 / (exp(2x) + 1), exact at +-inf (exp2 -> inf or 0), with an absolute error of a few
-    1e-8 near 0 and a fast reciprocal; ACCURATE (fp32 attention) also keeps the relative error
-    near 0 at 1e-7 with an odd polynomial for |x| < 0.625, where the formula cancels."""
-    t = 1.0 - tl.fdiv(2.0, tl.exp2(x * _TWO_LOG2E) + 1.0, ieee_rounding=ACCURATE)
-    if ACCURATE:
-        x2 = x * x
-        poly = _TANH_C5 * x2 + _TANH_C4
-        poly = poly * x2 + _TANH_C3
-        poly = poly * x2 + _TANH_C2
-        poly = poly * x2 + _TANH_C1
-        poly = x + x * (poly * x2)
-        t = tl.where(tl.abs(x) < _TANH_POLY_END, poly, t)
-    return t
+def tanh(x):
+    """tanh of fp32 x (fp32 attention's softcap), without libdevice (which the interpreter lacks):
+    1 - 2 / (exp(2x) + 1) with an IEEE division, exact at +-inf (exp2 -> inf or 0), and an odd
+    polynomial for |x| < 0.625, where the formula cancels: relative error 1e-7 throughout."""
+    t = 1.0 - tl.fdiv(2.0, tl.exp2(x * _TWO_LOG2E) + 1.0, ieee_rounding=True)
+    x2 = x * x
+    poly = _TANH_C5 * x2 + _TANH_C4
+    poly = poly * x2 + _TANH_C3
+    poly = poly * x2 + _TANH_C2
+    poly = poly * x2 + _TANH_C1
+    poly = x + x * (poly * x2)
+    return tl.where(tl.abs(x) < _TANH_POLY_END, poly, t)
+
+
+@triton.jit
+def tanh_complement(y):
+    """r = 1 / (2^y + 1) of fp32 y = 2 x log2(e), i.e. (1 - tanh x) / 2 (fp16 / bf16 attention's
+    softcap: tanh x = 1 - 2r, 1 - tanh^2 x = 4 r (1 - r), without cancellation where tanh -> 1).
+    The reciprocal of 2^y + 1 >= 1 is rsqrt squared: two instructions (rsqrt.approx, CUDA's 2-ulp
+    rsqrtf, and a multiply), where a division takes five with its range fix-up; a relative error
+    of a few fp32 ulp; r = 0 at y = +inf, 1 at -inf."""
+    r = tl.math.rsqrt(tl.exp2(y) + 1.0)
+    return r * r
+
 
 # Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the
 # generator of cuRAND's and torch's CUDA dropout, with its published constants.
