@@ -257,8 +257,9 @@ def attention_fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.de
 def attention_descriptors(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the attention forward reads K and V and writes out through tensor descriptors (the
     TMA unit on Hopper and Blackwell: no per-element address arithmetic in the key loop or the
-    output's store) rather than pointer tiles, when their strides allow it (the launcher checks). fp16 / bf16 only: the fp32 kernels do
-    not use the tensor cores, and their small tiles gain nothing from it."""
+    output's store) rather than pointer tiles, when their strides allow it (the launcher checks).
+    fp16 / bf16 only: the fp32 kernels do not use the tensor cores, and their small tiles gain
+    nothing from it."""
     if dtype == torch.float32:
         return False
     if interpreting() or device.type != "cuda":
