@@ -129,8 +129,9 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .configs import (arch_major, attention_bwd_candidates, attention_fwd_candidates,
-                      attention_descriptors, device_guard, interpreting, next_power_of_2)
+from .configs import (COMPILE_OPTIONS, arch_major, attention_bwd_candidates,
+                      attention_descriptors, attention_fwd_candidates, device_guard, interpreting,
+                      next_power_of_2)
 from .numerics import (_TWO_LOG2E, dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg,
                        tanh, tanh_complement)
 
@@ -1485,7 +1486,7 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
             *alibi_strides,
             scale, *mod_scalars, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse),
-            **flags, **cfg,
+            **flags, **cfg, **COMPILE_OPTIONS,
         )
 
     with device_guard(q):
@@ -1529,7 +1530,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
             *mask_strides, *alibi_strides,
             *scalars,
-            **flags, **dkdv,
+            **flags, **dkdv, **COMPILE_OPTIONS,
         )
 
     def launch_dq(dq_cfg: dict) -> None:
@@ -1541,7 +1542,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             *qkv_strides, *_strides4(dq, varlen), *stat_strides, *mask_strides, *alibi_strides,
             *(dmask.stride() if mask_grad else (0, 0, 0, 0)),
             *scalars,
-            MASK_GRAD=mask_grad, **flags, **dq_cfg,
+            MASK_GRAD=mask_grad, **flags, **dq_cfg, **COMPILE_OPTIONS,
         )
 
     with device_guard(q):
@@ -1556,7 +1557,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             sizes[1], Dv,
             *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
             IS_VARLEN=varlen, HAS_LO=out_lo is not None, HAS_SINKS=sinks is not None,
-            BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre,
+            BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre, **COMPILE_OPTIONS,
         )
         if S > 0:
             launch_dkdv(_tuned("dkdv", cfg["dkdv"], launch_dkdv, q, D, Dv, L, S, flags))
@@ -1589,6 +1590,7 @@ def _launch_probs(q, k, probs, B, L, S, scale, is_causal, attn_mask, dropout_p, 
             **mod_flags, HAS_DROPOUT=dropout_p > 0.0, IS_VARLEN=varlen, **mask_flags,
             **_dot_flags(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_D=_block_dims(D, D)["BLOCK_D"], num_warps=cfg.get("num_warps", 4),
+            **COMPILE_OPTIONS,
         )
 
 

@@ -44,7 +44,8 @@ from .attention import (_LN2, _LOG2E, _ROW_MAX_START, _attn_fwd_inner, _block_di
                         _descriptor_flag, _diagonals, _dot_flags, _dot_operand, _key_block_bounds,
                         _page_rows, _phase_range, _rounded, _softcap_factors, _softmax_finish,
                         _visible_key_blocks)
-from .configs import decode_config, decode_num_splits, device_guard, next_power_of_2
+from .configs import (COMPILE_OPTIONS, decode_config, decode_num_splits, device_guard,
+                      next_power_of_2)
 from .numerics import round_to
 
 __all__ = ["kvcache_attention_fwd"]
@@ -415,7 +416,7 @@ def kvcache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                 *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
                 table_stride, cos.stride(0),
                 HAS_BATCH_IDX=cache_batch_idx is not None, PAGE_SIZE=page_size, **rotary,
-                BLOCK_N=block, **dims,
+                BLOCK_N=block, **dims, **COMPILE_OPTIONS,
             )
         if lse.numel() == 0:
             return out, lse
@@ -467,12 +468,12 @@ def kvcache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             KEY_PADDING=key_padding_mask is not None, HAS_SEQLENS=cache_seqlens is not None,
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             PAGE_SIZE=page_size, **rotary, SPLIT=splits > 1, KV_TMA=kv_tma,
-            **_dot_flags(q.dtype), **dims, **cfg,
+            **_dot_flags(q.dtype), **dims, **cfg, **COMPILE_OPTIONS,
         )
         if splits > 1:
             _decode_merge_kernel[(L, Hq, B)](
                 out_k, lse_k, out, lse, none if sinks is None else sinks,
                 splits, L, Hq, Dv, out_k.stride(0), lse_k.stride(0), *out.stride(),
-                HAS_SINKS=sinks is not None, BLOCK_DV=dims["BLOCK_DV"],
+                HAS_SINKS=sinks is not None, BLOCK_DV=dims["BLOCK_DV"], **COMPILE_OPTIONS,
             )
     return out, lse

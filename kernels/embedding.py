@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import device_guard, embedding_bwd_config, embedding_config
+from .configs import COMPILE_OPTIONS, device_guard, embedding_bwd_config, embedding_config
 from .layer_norm import _normalize_store, unit_stride
 # dropout_keep: Triton's interpreter resolves the globals of the imported _normalize_store here.
 from .numerics import dropout_args, dropout_keep, load_seed, round_to, seed_arg  # noqa: F401
@@ -184,7 +184,7 @@ def embedding_fwd(
             eps, *dropout_args(dropout_p),
             HAS_POS=pos is not None, HAS_TYPE=type_ is not None, HAS_NORM=has_norm,
             HAS_DROPOUT=dropout_p > 0.0,
-            BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+            BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps, **COMPILE_OPTIONS,
         )
     return out, h, mean, rstd
 
@@ -212,6 +212,6 @@ def embedding_bwd(
             dout.stride(0), dout.stride(1),
             padding_idx,
             HAS_PADDING=padding_idx >= 0, SCALE_BY_FREQ=scale_grad_by_freq,
-            BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+            BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps, **COMPILE_OPTIONS,
         )
     return dw

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import column_sum_config, device_guard, norm_bwd_programs, norm_config
+from .configs import (COMPILE_OPTIONS, column_sum_config, device_guard, norm_bwd_programs,
+                      norm_config)
 from .numerics import dropout_args, dropout_keep, load_seed, round_to, seed_arg
 
 
@@ -353,7 +354,7 @@ def norm_fwd(
             IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SINGLE_TILE=cfg.SINGLE_TILE,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, **COMPILE_OPTIONS,
         )
     return y, h, mean, rstd
 
@@ -401,13 +402,14 @@ def norm_bwd(
                 COMPUTE_DW=compute_dweight, COMPUTE_DB=compute_dbias,
                 HAS_DROPOUT=dropout_p > 0.0,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SINGLE_TILE=cfg.SINGLE_TILE,
-                num_warps=cfg.num_warps,
+                num_warps=cfg.num_warps, **COMPILE_OPTIONS,
             )
             if n_parts > 0:
                 block_n = column_sum_config(N, x.device)
                 _column_sum_kernel[(triton.cdiv(N, block_n), n_parts)](
                     part, sums, n_programs, N,
                     BLOCK_G=min(16, triton.next_power_of_2(n_programs)), BLOCK_N=block_n,
+                    **COMPILE_OPTIONS,
                 )
     # Separate tensors (a custom op's outputs may not alias each other), in the parameters' dtypes.
     dweight = sums[0].to(weight.dtype, copy=True) if compute_dweight else x.new_empty((0,))

@@ -64,7 +64,8 @@ DIV16_STRIDE = re.compile(r"stride_(q|k|v|o|do|dk|dv|dq)[bhls]$")
 def compile_variant(fn, pointers: dict, constexprs: dict, options: dict, arch: int,
                     launch_like: bool = False) -> dict:
     """pointers: argument name -> Triton pointer type ("*bf16"); other non-constexpr arguments
-    are i32 scalars, or fp32 for the names in FLOATS. options: num_warps (and num_stages).
+    are i32 scalars, or fp32 for the names in FLOATS. options: num_warps (and num_stages), beside
+    configs.COMPILE_OPTIONS (every launch passes them).
     launch_like: specialise the attention strides as a launch on contiguous tensors does."""
     signature, constexprs, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(fn.arg_names):
@@ -77,7 +78,8 @@ def compile_variant(fn, pointers: dict, constexprs: dict, options: dict, arch: i
             if launch_like and (name in pointers or DIV16_STRIDE.match(name)):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", arch, 32), options=options)
+                              target=GPUTarget("cuda", arch, 32),
+                              options={**configs.COMPILE_OPTIONS, **options})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     suffix = "a" if arch == 90 else ""
