@@ -129,7 +129,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .configs import (COMPILE_OPTIONS, arch_major, attention_bwd_candidates,
+from .configs import (ATTN_BWD_ROW_PAD, COMPILE_OPTIONS, arch_major, attention_bwd_candidates,
                       attention_descriptors, attention_fwd_candidates, device_guard, interpreting,
                       next_power_of_2)
 from .numerics import (_TWO_LOG2E, dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg,
@@ -146,6 +146,7 @@ _ROW_MAX_START = tl.constexpr(-1.0e30)
 # Floor of a finite additive mask value: times log2(e) still finite and above _ROW_MAX_START, so
 # that pairs "masked" with torch.finfo(dtype).min take part as torch's softmax has them.
 _MIN_BIAS = tl.constexpr(-3.0e29)
+_ROW_PAD = tl.constexpr(ATTN_BWD_ROW_PAD)  # see _stat_rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,12 +157,19 @@ _MIN_BIAS = tl.constexpr(-3.0e29)
 @triton.jit
 def _load_tile(base, rows, cols, n_rows, n_cols, stride_row, stride_col):
     """Load the (len(rows), len(cols)) tile base[rows, cols]; out-of-range elements read as 0.
+    n_rows (or n_cols) None: the caller knows every row (column) is in range, and the load takes
+    no mask along them (the dQ loop's unmasked phase, whose key blocks are whole).
 
     Swapping (rows, n_rows, stride_row) with the column arguments loads the transposed tile.
     Offsets are int64 so that index * stride cannot overflow for long sequences.
     """
     offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    if n_rows is None:
+        mask = cols[None, :] < n_cols
+    elif n_cols is None:
+        mask = rows[:, None] < n_rows
+    else:
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(base + offsets, mask=mask, other=0.0)
 
 
@@ -239,6 +247,17 @@ def _head_rows(base, off_b, off_h, start, stride_b, stride_h, stride_row):
     """Pointer to row `start` (0, or a packed sequence's first row) of head off_h of batch entry
     off_b: base + b * stride_b + h * stride_h + start * stride_row, in int64."""
     return base + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h + start * stride_row
+
+
+@triton.jit
+def _stat_rows(base, off_b, off_h, q_start, stride_b, stride_h, IS_VARLEN: tl.constexpr):
+    """Pointer to the first row of (batch entry off_b, head off_h) in the backward's row statistics
+    (Lse2, Delta: _bwd_row_stats), whose every sequence is followed by padding up to a multiple of
+    ATTN_BWD_ROW_PAD rows, +inf and 0 there, so that the dK/dV loop reads a query block's lse2 and
+    delta without a row mask. Packed (IS_VARLEN): sequence b starts at row q_start + b * PAD."""
+    if IS_VARLEN:
+        q_start += off_b.to(tl.int64) * _ROW_PAD
+    return _head_rows(base, off_b, off_h, q_start, stride_b, stride_h, 1)
 
 
 @triton.jit
@@ -878,7 +897,7 @@ def _attn_bwd_preprocess_kernel(
     Out,  # (B, Hq, L, Dv), or (Tq, Hq, Dv) when IS_VARLEN
     OutLo,  # as Out (its strides): the forward's rounding residual of Out (HAS_LO)
     dO,  # same shape as Out
-    Delta,  # laid out as Lse: (B, Hq, L), or (Hq, Tq), float32
+    Delta,  # (B, Hq, Lp), or (Hq, Tq + B * PAD): float32, padded rows (_stat_rows)
     Lse,  # (B, Hq, L), or (Hq, Tq): float32, natural log (the forward's)
     Lse2,  # laid out as Delta: the backward's lse, base 2, +inf where lse = -inf
     Sinks,  # (Hq,) sink logits (HAS_SINKS)
@@ -889,7 +908,8 @@ def _attn_bwd_preprocess_kernel(
     # strides
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
-    stride_deltab, stride_deltah,
+    stride_lseb, stride_lseh,
+    stride_deltab, stride_deltah,  # of Delta and Lse2
     # constexpr flags
     IS_VARLEN: tl.constexpr, HAS_LO: tl.constexpr, HAS_SINKS: tl.constexpr,
     # block sizes
@@ -902,6 +922,9 @@ def _attn_bwd_preprocess_kernel(
     Also lse2 = lse * log2(e), the form the dK/dV and dQ loops read, with a row that saw no key
     (lse = -inf) at +inf, so that their P = exp2(s - lse2) is exactly 0 there (one conversion per
     row here, instead of one per row and query block in the dK/dV loop).
+
+    Both are written on the rows of the padding too (_stat_rows: lse2 = +inf and delta = 0 past L,
+    as o = dO = 0 there).
 
     With sinks, also this block's part of d(sink) = -sum over rows of P(sink) * delta, where
     P(sink) = exp(sink - lse) (the sink's dS: its dP is 0, it has no value), summed by the launcher
@@ -920,13 +943,14 @@ def _attn_bwd_preprocess_kernel(
         o += _load_tile(lo_base, offs_m, offs_dv, L, Dv, stride_ol, stride_od).to(tl.float32)
     do = _load_tile(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
-    tl.store(delta_base + offs_m, delta, mask=offs_m < L)
-    lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
+    padded = offs_m < tl.cdiv(L, _ROW_PAD) * _ROW_PAD  # the sequence's rows and its padding
+    delta_base = _stat_rows(Delta, off_b, off_h, q_start, stride_deltab, stride_deltah, IS_VARLEN)
+    tl.store(delta_base + offs_m, delta, mask=padded)
+    lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
     lse2 = tl.load(lse_base + offs_m, mask=offs_m < L, other=float("inf")) * _LOG2E
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # +inf past L too: P = 0
-    lse2_base = _head_rows(Lse2, off_b, off_h, q_start, stride_deltab, stride_deltah, 1)
-    tl.store(lse2_base + offs_m, lse2, mask=offs_m < L)
+    lse2_base = _stat_rows(Lse2, off_b, off_h, q_start, stride_deltab, stride_deltah, IS_VARLEN)
+    tl.store(lse2_base + offs_m, lse2, mask=padded)
     if HAS_SINKS:
         sink2 = tl.load(Sinks + off_h).to(tl.float32) * _LOG2E
         part = -tl.sum(tl.exp2(sink2 - lse2) * delta, 0)
@@ -1026,11 +1050,13 @@ def _attn_bwd_dkdv_inner(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT = _load_dot_operand(q_base, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
         do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
-        # Rows past L read q = dO = delta = 0 (and lse2 0 or +inf): they add exactly 0 below.
-        lse2 = _load_lse2(lse_base + offs_m, offs_m < L, HAS_ALIBI)
+        # Rows past L read q = dO = 0, and from the statistics' padding (_stat_rows) lse2 = +inf
+        # and delta = 0: P = 0 there, and they add exactly 0 below. No row mask: block rows lie
+        # within the padding.
+        lse2 = tl.load(lse_base + offs_m)
         if HAS_ALIBI == 2:  # one-sided (see _scores): the queries' part joins their lse
             lse2 += slope2 * (offs_m + off - n0).to(tl.float32)
-        delta = tl.load(delta_base + offs_m, mask=offs_m < L, other=0.0)
+        delta = tl.load(delta_base + offs_m)
         pT, _, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
                                     offs_m[None, :], offs_n[:, None], n0, L, S, diag_lo, diag_hi,
                                     off, qk_scale, cap_in, cap_out, alibi,
@@ -1058,8 +1084,8 @@ def _attn_bwd_dkdv_kernel(
     K,  # (B, Hkv, S, D), or (Tk, Hkv, D)
     V,  # (B, Hkv, S, Dv), or (Tk, Hkv, Dv)
     dO,  # shaped as Out
-    Lse2,  # (B, Hq, L), or (Hq, Tq): float32, the preprocess kernel's base-2 lse, unit row stride
-    Delta,  # laid out as Lse2
+    Lse2,  # (B, Hq, Lp), or (Hq, Tq + B * PAD): float32, the preprocess kernel's base-2 lse, padded
+    Delta,  # laid out as Lse2 (_stat_rows)
     dK,  # shaped as K
     dV,  # shaped as V
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
@@ -1143,8 +1169,9 @@ def _attn_bwd_dkdv_kernel(
             off_h = off_hkv * GROUP + g  # query heads off_hkv * GROUP ... read this kv head
             q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
             do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
-            lse_base = _head_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
-            delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+            lse_base = _stat_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, IS_VARLEN)
+            delta_base = _stat_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh,
+                                    IS_VARLEN)
             mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
             seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
             slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
@@ -1191,11 +1218,13 @@ def _attn_bwd_dq_inner(
     alibi = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
     i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
     STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
+    # Unmasked, every key block is whole (keys < S: _key_block_bounds): no row mask
+    n_keys = S if MASKED else None
     for i in range(i_lo, i_hi, STEP):
         n0 = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kT = _load_dot_operand(k_base, offs_d, offs_n, D, S, stride_kd, stride_ks, DOT_FP32)
-        vT = _load_dot_operand(v_base, offs_dv, offs_n, Dv, S, stride_vd, stride_vs, DOT_FP32)
+        kT = _load_dot_operand(k_base, offs_d, offs_n, D, n_keys, stride_kd, stride_ks, DOT_FP32)
+        vT = _load_dot_operand(v_base, offs_dv, offs_n, Dv, n_keys, stride_vd, stride_vs, DOT_FP32)
         shift = lse2
         if HAS_ALIBI == 2:  # the block's slope2 * (n0 - ref), per row, not per score
             shift = lse2 - slope2 * (n0 - alibi_ref).to(tl.float32)
@@ -1221,8 +1250,8 @@ def _attn_bwd_dq_kernel(
     K,  # (B, Hkv, S, D), or (Tk, Hkv, D)
     V,  # (B, Hkv, S, Dv), or (Tk, Hkv, Dv)
     dO,  # shaped as Out
-    Lse2,  # (B, Hq, L), or (Hq, Tq): float32, the preprocess kernel's base-2 lse, unit row stride
-    Delta,  # laid out as Lse2
+    Lse2,  # (B, Hq, Lp), or (Hq, Tq + B * PAD): float32, the preprocess kernel's base-2 lse, padded
+    Delta,  # laid out as Lse2 (_stat_rows)
     dQ,  # shaped as Q
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
     dMask,  # (B, Hq, L, S) float32, zero-initialised: dS (MASK_GRAD)
@@ -1280,8 +1309,8 @@ def _attn_bwd_dq_kernel(
     do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
     k_base = _head_rows(K, off_b, off_hkv, k_start, stride_kb, stride_kh, stride_ks)
     v_base = _head_rows(V, off_b, off_hkv, k_start, stride_vb, stride_vh, stride_vs)
-    lse_base = _head_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
-    delta_base = _head_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
+    lse_base = _stat_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, IS_VARLEN)
+    delta_base = _stat_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, IS_VARLEN)
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
     dmask_base = _head_rows(dMask, off_b, off_h, 0, stride_dmb, stride_dmh, 0)
     block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
@@ -1343,6 +1372,17 @@ def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
 def _row_stat_strides(stat: torch.Tensor, varlen: bool) -> tuple[int, int]:
     """(batch, head) strides of lse / delta: (B, Hq, L), or (Hq, Tq) when varlen."""
     return (0, stat.stride(0)) if varlen else (stat.stride(0), stat.stride(1))
+
+
+def _bwd_row_stats(lse: torch.Tensor, B: int, L: int, varlen: bool) -> tuple[torch.Tensor, ...]:
+    """(lse2, delta), the backward's row statistics, empty: laid out as lse ((B, Hq, L), or
+    (Hq, Tq)), with every sequence padded to a multiple of ATTN_BWD_ROW_PAD rows (_stat_rows):
+    (B, Hq, Lp), or (Hq, Tq + B * ATTN_BWD_ROW_PAD)."""
+    if varlen:
+        shape = (lse.shape[0], lse.shape[1] + B * ATTN_BWD_ROW_PAD)
+    else:
+        shape = (*lse.shape[:2], triton.cdiv(L, ATTN_BWD_ROW_PAD) * ATTN_BWD_ROW_PAD)
+    return tuple(torch.empty(shape, dtype=torch.float32, device=lse.device) for _ in range(2))
 
 
 def _mask_args(attn_mask: torch.Tensor | None, placeholder: torch.Tensor, B: int, Hq: int, L: int,
@@ -1509,7 +1549,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     timing launch may repeat). Returns d(sinks) (Hq,) fp32 with mods["sinks"], else None."""
     varlen = cu_seqlens is not None
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
-    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
+    lse2, delta = _bwd_row_stats(lse, B, L, varlen)
     cfg = attention_bwd_candidates(max(D, Dv), q.dtype, q.device, dropout_p > 0.0)
     mask, mask_strides, mask_flags = _mask_args(attn_mask, lse, B, Hq, L, S)
     alibi, alibi_strides, mod_scalars, mod_flags = _mod_args(is_causal, mods, lse)
@@ -1520,7 +1560,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
                    *_strides4(do, varlen))
     sizes = (Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv)
     scalars = (scale, *mod_scalars, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse))
-    stat_strides = _row_stat_strides(lse, varlen)
+    stat_strides = _row_stat_strides(lse2, varlen)
     mask_grad = dmask is not None
 
     def launch_dkdv(dkdv: dict) -> None:
@@ -1547,7 +1587,8 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
 
     with device_guard(q):
         pre = cfg["preprocess"]
-        pre_grid = (triton.cdiv(L, pre["BLOCK_M"]), Hq, B)
+        padded_rows = triton.cdiv(L, ATTN_BWD_ROW_PAD) * ATTN_BWD_ROW_PAD  # of the longest
+        pre_grid = (triton.cdiv(padded_rows, pre["BLOCK_M"]), Hq, B)
         sinks = mods.get("sinks")
         dsinks_part = (torch.empty((Hq, B * pre_grid[0]), dtype=torch.float32, device=q.device)
                        if sinks is not None else None)
@@ -1555,7 +1596,8 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             out, out if out_lo is None else out_lo, do, delta, lse, lse2,
             lse if sinks is None else sinks, lse if sinks is None else dsinks_part, cu_q,
             sizes[1], Dv,
-            *_strides4(out, varlen), *_strides4(do, varlen), *stat_strides,
+            *_strides4(out, varlen), *_strides4(do, varlen), *_row_stat_strides(lse, varlen),
+            *stat_strides,
             IS_VARLEN=varlen, HAS_LO=out_lo is not None, HAS_SINKS=sinks is not None,
             BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre, **COMPILE_OPTIONS,
         )

@@ -157,6 +157,13 @@ _ATTN_FWD_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 32, 16, 8, 1))
 _ATTN_BWD_DKDV_HOPPER = ((64, 32, 128, 8, 3), (128, 32, 128, 8, 2), (256, 16, 128, 8, 2, 2))
 _ATTN_BWD_DKDV_AMPERE = ((64, 32, 32, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
 _ATTN_BWD_DKDV_FP32 = ((64, 32, 32, 4, 1), (128, 16, 32, 4, 1), (256, 16, 16, 4, 1))
+# The backward's row statistics (lse2, delta) pad every sequence to a multiple of this many rows
+# (kernels/attention.py _stat_rows), so that the dK/dV loop reads a query block's without a row
+# mask: a mask along a length not known to be 16-divisible, as a packed sequence's, cost a
+# predicate per element (varlen d64 dK/dV issue:TC 1.10 -> 0.92, Triton 3.6). Every dK/dV BLOCK_M
+# of these tables, of their dropout twins and of the autotuning alternates divides it
+# (tests/test_attention_kernels.py).
+ATTN_BWD_ROW_PAD = 64
 
 # Backward dQ: a fixed block of BLOCK_M query rows (q, dO and the fp32 dq accumulator) while BLOCK_N
 # keys stream past. Hopper d256: 128 rows on 8 warps, wgmma (32 rows on 8 warps fell back to

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 
+import random
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from conftest import DEVICE
 from fastattn import reference
 from fastattn.kernels import attention, configs
+from fastattn.kernels.attention import _key_block_bounds, _query_block_bounds
 from helpers import assert_within_torch_error
 from test_attention import torch_sdpa
 
@@ -155,6 +160,18 @@ def test_gpu_tile_shapes(arch_major, head_dim, dtype, monkeypatch):
     check_against_reference(1, 2, 1, 150, 133, head_dim, head_dim, False, dtype, attn_mask=mask)
 
 
+def test_row_statistics_padding_covers_every_dkdv_block():
+    """Every dK/dV query block (BLOCK_M) of every table, alternate and the interpreter's divides
+    ATTN_BWD_ROW_PAD: the rows a block reads past L lie in the padding of the row statistics."""
+    rows = [row[1] for name, table in vars(configs).items() if name.startswith("_ATTN_BWD_DKDV_")
+            for row in table]
+    rows += [alt[0] for (name, _, _), alts in configs._ATTN_HOPPER_ALTERNATES.items()
+             if name == "dkdv" for alt in alts]
+    rows.append(configs._ATTN_INTERPRET_BWD["dkdv"]["BLOCK_M"])
+    assert len(rows) >= 10
+    assert all(configs.ATTN_BWD_ROW_PAD % block_m == 0 for block_m in rows), rows
+
+
 # GPU table rows where calls with dropout take other tiles (configs.py's *_DROPOUT tables).
 GPU_DROPOUT_ROWS = [(9, 64), (9, 128), (8, 128)]
 
@@ -214,6 +231,122 @@ def test_key_padding_skips_padded_key_blocks():
     general_mask = key_mask.expand(B, 1, L, S)
     general, _, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, False, general_mask)
     assert general.isnan().any(), "the general mask path should have read the NaN blocks"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loop phases: which blocks take the element mask, and what loads without a row mask
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _phase_bounds_kernel(Out, n0, L, m_hi, m0, m_last, S, diag_lo, diag_hi,
+                         WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    q0, q1, q2, q3 = _query_block_bounds(n0, L, m_hi, diag_lo, diag_hi, WINDOW_LEFT, WINDOW_RIGHT,
+                                         BLOCK_M, BLOCK_N)
+    k0, k1, k2, k3 = _key_block_bounds(m0, m_last, S, diag_lo, diag_hi, WINDOW_LEFT, WINDOW_RIGHT,
+                                       BLOCK_N)
+    tl.store(Out + 0, q0)
+    tl.store(Out + 1, q1)
+    tl.store(Out + 2, q2)
+    tl.store(Out + 3, q3)
+    tl.store(Out + 4, k0)
+    tl.store(Out + 5, k1)
+    tl.store(Out + 6, k2)
+    tl.store(Out + 7, k3)
+
+
+def _check_phases(bounds, block, blocks, needed, unmasked_ok, counted, what):
+    """bounds (lo, full_lo, full_hi, hi) of the loops over `blocks` (block starts): [lo, full_lo)
+    masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked, each stepping by `block` from its
+    start (an empty or inverted range visits nothing). No block is visited twice, every needed
+    block once, and the unmasked phase only visits blocks for which unmasked_ok holds. counted:
+    the dK/dV loop counts the blocks of both masked ranges (with a window), so neither count may
+    be negative."""
+    lo, full_lo, full_hi, hi = bounds
+    phases = ((lo, full_lo, "masked"), (full_lo, full_hi, "unmasked"), (full_hi, hi, "masked"))
+    assert all(a % block == 0 for a, b, _ in phases if a < b), f"{what}: unaligned {bounds}"
+    if counted:
+        assert lo <= full_lo and full_hi < hi + block, f"{what}: negative counts {bounds}"
+    for b in blocks:
+        visits = [kind for a, end, kind in phases if a <= b < end]
+        assert len(visits) <= 1, f"{what}: block {b} visited twice {bounds}"
+        if needed(b):
+            assert visits, f"{what}: block {b} skipped {bounds}"
+        if visits == ["unmasked"]:
+            assert unmasked_ok(b), f"{what}: block {b} in the unmasked phase {bounds}"
+
+
+def test_loop_phase_bounds():
+    """_query_block_bounds (dK/dV) and _key_block_bounds (forward, dQ) on random problems against
+    brute force (causal, windows, bottom-right, key padding's empty query range): every block with
+    a visible pair is visited, and in the unmasked phase every pair is visible. There the dQ loop
+    loads its key blocks without a row mask: they lie whole inside [0, S); the dK/dV loop reads its
+    query blocks' row statistics without one: they lie inside the rows padded to a multiple of
+    ATTN_BWD_ROW_PAD."""
+    rng = random.Random(11)
+    out = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    for case in range(160):
+        block_m, block_n = rng.choice([16, 32, 64]), rng.choice([16, 32, 64, 128])
+        L, S = rng.randint(1, 300), rng.randint(1, 300)
+        window_left, window_right = rng.choice([False, True]), rng.choice([False, True])
+        off = rng.choice([0, S - L])  # top-left or bottom-right diagonal
+        diag_lo, diag_hi = off - rng.randint(0, 120), off + rng.choice([0, rng.randint(0, 120)])
+        m_hi = rng.choice([L, L, 0])  # 0: a key block that only padding queries would see
+        n0 = rng.randrange(0, S, block_n)
+        m0 = rng.randrange(0, L, block_m)
+        m_last = min(m0 + block_m, L) - 1
+        _phase_bounds_kernel[(1,)](out, n0, L, m_hi, m0, m_last, S, diag_lo, diag_hi,
+                                   window_left, window_right, block_m, block_n)
+        got = out.tolist()
+
+        def sees(i, j):
+            return (not window_right or j <= i + diag_hi) and (not window_left or j >= i + diag_lo)
+
+        what = f"case {case}: L={L} S={S} n0={n0} m0={m0} diag=({diag_lo}, {diag_hi}) " \
+               f"window=({window_left}, {window_right}) blocks {block_m}x{block_n}"
+        keys = range(n0, min(n0 + block_n, S))
+        padded = triton.cdiv(L, configs.ATTN_BWD_ROW_PAD) * configs.ATTN_BWD_ROW_PAD
+        _check_phases(got[:4], block_m, range(0, m_hi, block_m),
+                      lambda m: any(sees(i, j) for i in range(m, min(m + block_m, L)) for j in keys),
+                      lambda m: m + block_m <= padded and all(
+                          sees(i, j) for i in range(m, min(m + block_m, L)) for j in keys),
+                      window_left, "query blocks, " + what)
+        queries = range(m0, m_last + 1)
+        _check_phases(got[4:], block_n, range(0, S, block_n),
+                      lambda n: any(sees(i, j) for i in queries for j in range(n, min(n + block_n, S))),
+                      lambda n: n + block_n <= S and all(sees(i, j) for i in queries
+                                                         for j in range(n, n + block_n)),
+                      False, "key blocks, " + what)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_no_row_read_past_the_sequence(is_causal, poisoned_empty):
+    """q, dO (rows past L) and k, v (keys past S) as views into taller tensors whose extra rows are
+    NaN: the backward reads none of them (the dQ loop's unmasked phase loads key blocks without a
+    row mask, so they must be whole), and computes exactly what it computes on contiguous copies.
+    torch.empty gives NaN: the dK/dV loop's unmasked reads of the row statistics' padding find
+    what the preprocess kernel wrote there. L and S leave ragged last blocks for the interpreter's
+    tiles and the GPU tables' alike."""
+    B, H, L, S, D, pad = 2, 2, 45, 77, 32, 64
+    torch.manual_seed(12)
+
+    def padded(n):  # (B, H, n, D) view of a (B, H, n + pad, D) tensor, NaN past row n
+        t = torch.full((B, H, n + pad, D), float("nan"), device=DEVICE, dtype=torch.float16)
+        t[:, :, :n] = torch.randn(B, H, n, D, device=DEVICE).to(torch.float16)
+        return t[:, :, :n]
+
+    q, k, v, do = padded(L), padded(S), padded(S), padded(L)
+    out, lse, _ = attention.attention_fwd(q, k, v, D**-0.5, is_causal)
+    got = attention.attention_bwd(do, q, k, v, out, lse, D**-0.5, is_causal)[:3]
+    for name, t in zip(("dq", "dk", "dv"), got):
+        assert not t.isnan().any(), f"{name}: a row past the sequence (or unwritten padding) was read"
+    qc, kc, vc, doc = (t.contiguous() for t in (q, k, v, do))
+    out_c, lse_c, _ = attention.attention_fwd(qc, kc, vc, D**-0.5, is_causal)
+    want = attention.attention_bwd(doc, qc, kc, vc, out_c, lse_c, D**-0.5, is_causal)[:3]
+    assert torch.equal(out, out_c)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert torch.equal(a, b), f"{name} differs from the contiguous inputs'"
 
 
 # --------------------------------------------------------------------------------------------------

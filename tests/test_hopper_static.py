@@ -36,38 +36,37 @@ SCRIPT = pathlib.Path(__file__).with_name("sm90_compile.py")
 XFAIL_TRITON = "3.9."
 XFAIL: dict[tuple[str, int, str], str] = {
     ("fwd", 64, "mask"): "issue:TC: 1.594 > 1.0 in the main loop",
-    ("dkdv", 64, "mask"): "issue:TC: 1.477 > 1.0 in the main loop",
-    ("dq", 64, "mask"): "issue:TC: 1.294 > 1.0 in the main loop",
+    ("dkdv", 64, "mask"): "issue:TC: 1.461 > 1.0 in the main loop",
+    ("dq", 64, "mask"): "issue:TC: 1.266 > 1.0 in the main loop",
     ("fwd", 64, "dropout"): ("spills: 24 B stored, 24 B loaded; "  # in the masked loop (not on 3.6)
                              "issue:TC: 2.549 > 1.0 in the main loop"),
-    ("dkdv", 64, "dropout"): "issue:TC: 1.883 > 1.0 in the main loop",
-    ("dq", 64, "dropout"): "issue:TC: 1.93 > 1.0 in the main loop",
+    ("dkdv", 64, "dropout"): "issue:TC: 1.859 > 1.0 in the main loop",
+    ("dq", 64, "dropout"): "issue:TC: 1.893 > 1.0 in the main loop",
     ("fwd", 64, "softcap"): "issue:TC: 1.73 > 1.0 in the main loop",
-    ("dkdv", 64, "softcap"): "issue:TC: 1.406 > 1.0 in the main loop",
-    ("dq", 64, "softcap"): "issue:TC: 1.388 > 1.0 in the main loop",
+    ("dkdv", 64, "softcap"): "issue:TC: 1.387 > 1.0 in the main loop",
+    ("dq", 64, "softcap"): "issue:TC: 1.359 > 1.0 in the main loop",
     ("fwd", 64, "alibi"): "issue:TC: 1.137 > 1.0 in the main loop",
-    ("dkdv", 64, "alibi"): "issue:TC: 1.145 > 1.0 in the main loop",
+    ("dkdv", 64, "alibi"): "issue:TC: 1.074 > 1.0 in the main loop",
     ("fwd", 80, "mask"): "issue:TC: 0.782 > 0.6 in the main loop",
     ("fwd", 80, "dropout"): "issue:TC: 1.662 > 0.6 in the main loop",
-    ("dkdv", 80, "dropout"): "issue:TC: 1.391 > 1.0 in the main loop",
-    ("dq", 80, "dropout"): "issue:TC: 1.279 > 1.0 in the main loop",
+    ("dkdv", 80, "dropout"): "issue:TC: 1.375 > 1.0 in the main loop",
+    ("dq", 80, "dropout"): "issue:TC: 1.229 > 1.0 in the main loop",
     ("fwd", 128, "mask"): "issue:TC: 0.782 > 0.6 in the main loop",
     ("fwd", 128, "dropout"): "issue:TC: 1.662 > 0.6 in the main loop",
-    ("dkdv", 128, "dropout"): "issue:TC: 1.391 > 1.0 in the main loop",
-    ("dq", 128, "dropout"): "issue:TC: 1.279 > 1.0 in the main loop",
+    ("dkdv", 128, "dropout"): "issue:TC: 1.375 > 1.0 in the main loop",
+    ("dq", 128, "dropout"): "issue:TC: 1.229 > 1.0 in the main loop",
     ("fwd", 128, "softcap"): "issue:TC: 0.864 > 0.6 in the main loop",
-    ("dkdv", 256, "mask"): "issue:TC: 1.083 > 1.0 in the main loop",
+    ("dkdv", 256, "mask"): "issue:TC: 1.07 > 1.0 in the main loop",
     ("fwd", 256, "dropout"): "spills: 12 B stored, 28 B loaded",
-    ("dkdv", 256, "dropout"): "issue:TC: 1.253 > 1.0 in the main loop",
-    ("dq", 256, "dropout"): "issue:TC: 1.172 > 1.0 in the main loop",
+    ("dkdv", 256, "dropout"): "issue:TC: 1.24 > 1.0 in the main loop",
+    ("dq", 256, "dropout"): "issue:TC: 1.143 > 1.0 in the main loop",
 }
 
 
-# Expected failures of Triton 3.6 (the GPU image's) beyond XFAIL, not strict either: its varlen
-# dK/dV loop at d64 waits on every wgmma (no ptxas warning), which lifts its issue:TC past 1.
-XFAIL_TRITON_36: dict[tuple[str, int, str], str] = {
-    ("dkdv", 64, "varlen"): "issue:TC: 1.102 > 1.0 in the main loop",
-}
+# Expected failures of Triton 3.6 (the GPU image's) beyond XFAIL, not strict either. None today:
+# its d64 varlen dK/dV (1.10, a predicate per element of the row statistics' loads) passes since
+# those are read from padded rows without a mask (0.92).
+XFAIL_TRITON_36: dict[tuple[str, int, str], str] = {}
 
 
 def _triton_version() -> str:
