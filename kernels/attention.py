@@ -130,8 +130,8 @@ import triton.language as tl
 
 from . import autotune
 from .configs import (ATTN_BWD_ROW_PAD, COMPILE_OPTIONS, arch_major, attention_bwd_candidates,
-                      attention_descriptors, attention_fwd_candidates, device_guard, interpreting,
-                      next_power_of_2)
+                      attention_descriptors, attention_fwd_candidates, cdiv, device_guard,
+                      interpreting, next_power_of_2)
 from .numerics import (_TWO_LOG2E, dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg,
                        tanh, tanh_complement)
 
@@ -1381,7 +1381,7 @@ def _bwd_row_stats(lse: torch.Tensor, B: int, L: int, varlen: bool) -> tuple[tor
     if varlen:
         shape = (lse.shape[0], lse.shape[1] + B * ATTN_BWD_ROW_PAD)
     else:
-        shape = (*lse.shape[:2], triton.cdiv(L, ATTN_BWD_ROW_PAD) * ATTN_BWD_ROW_PAD)
+        shape = (*lse.shape[:2], cdiv(L, ATTN_BWD_ROW_PAD) * ATTN_BWD_ROW_PAD)
     return tuple(torch.empty(shape, dtype=torch.float32, device=lse.device) for _ in range(2))
 
 
@@ -1418,7 +1418,7 @@ def _visible_key_blocks(mask: torch.Tensor, flags: dict, S: int, block_n: int,
     if not flags["KEY_PADDING"]:
         return placeholder, placeholder, 0
     B = mask.shape[0]
-    n_blocks = triton.cdiv(S, block_n)
+    n_blocks = cdiv(S, block_n)
     keys = mask.new_zeros((B, n_blocks * block_n))
     keys[:, :S] = mask[:, 0, 0, :]  # (B, S) uint8
     visible = keys.view(B, n_blocks, block_n).any(dim=2)  # (B, nb)
@@ -1518,7 +1518,7 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
 
     def launch(cfg: dict) -> None:
         blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, cfg["BLOCK_N"], lse)
-        _attn_fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)](
+        _attn_fwd_kernel[(cdiv(L, cfg["BLOCK_M"]), Hq, B)](
             q, k, v, out, out if out_lo is None else out_lo, lse, mask, blocks, counts, cu_q, cu_k,
             alibi, lse if sinks is None else sinks,
             Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv, n_blocks,
@@ -1564,7 +1564,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     mask_grad = dmask is not None
 
     def launch_dkdv(dkdv: dict) -> None:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(S, dkdv["BLOCK_N"]) * dkdv["SPLIT"], Hkv, B)](
+        _attn_bwd_dkdv_kernel[(cdiv(S, dkdv["BLOCK_N"]) * dkdv["SPLIT"], Hkv, B)](
             q, k, v, do, lse2, delta, dk, dv, mask, cu_q, cu_k, alibi,
             *sizes,
             *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
@@ -1575,7 +1575,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
 
     def launch_dq(dq_cfg: dict) -> None:
         blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, dq_cfg["BLOCK_N"], lse)
-        _attn_bwd_dq_kernel[(triton.cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
+        _attn_bwd_dq_kernel[(cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
             q, k, v, do, lse2, delta, dq, mask, dmask if mask_grad else lse, blocks, counts,
             cu_q, cu_k, alibi,
             *sizes, n_blocks,
@@ -1587,8 +1587,8 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
 
     with device_guard(q):
         pre = cfg["preprocess"]
-        padded_rows = triton.cdiv(L, ATTN_BWD_ROW_PAD) * ATTN_BWD_ROW_PAD  # of the longest
-        pre_grid = (triton.cdiv(padded_rows, pre["BLOCK_M"]), Hq, B)
+        padded_rows = cdiv(L, ATTN_BWD_ROW_PAD) * ATTN_BWD_ROW_PAD  # of the longest
+        pre_grid = (cdiv(padded_rows, pre["BLOCK_M"]), Hq, B)
         sinks = mods.get("sinks")
         dsinks_part = (torch.empty((Hq, B * pre_grid[0]), dtype=torch.float32, device=q.device)
                        if sinks is not None else None)
@@ -1623,7 +1623,7 @@ def _launch_probs(q, k, probs, B, L, S, scale, is_causal, attn_mask, dropout_p, 
     mod_flags["HAS_ALIBI"] = min(mod_flags["HAS_ALIBI"], 1)  # |j - i - off| as written: no row max
     cu_q, cu_k = cu_seqlens if varlen else (probs, probs)
     with device_guard(q):
-        _attn_probs_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), Hq, B)](
+        _attn_probs_kernel[(cdiv(L, cfg["BLOCK_M"]), Hq, B)](
             q, k, probs, mask, cu_q, cu_k, alibi,
             Hq, *_kernel_lengths(q, k, L, S, varlen), D, Hq // Hkv,
             *_strides4(q, varlen), *_strides4(k, varlen), *probs.stride(), *mask_strides,

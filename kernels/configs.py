@@ -30,8 +30,16 @@ def interpreting() -> bool:
 COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 
 
+# Host-side integer helpers for launch settings and grids. Triton's own (triton.cdiv,
+# triton.next_power_of_2) are ConstexprFunction objects in Triton 3.6 and 3.9: about 5 µs per call
+# from Python, where these take 0.03, and a backward launch computed five grids with them.
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers, b > 0."""
+    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=None)

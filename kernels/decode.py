@@ -44,7 +44,7 @@ from .attention import (_LN2, _LOG2E, _ROW_MAX_START, _attn_fwd_inner, _block_di
                         _descriptor_flag, _diagonals, _dot_flags, _dot_operand, _key_block_bounds,
                         _page_rows, _phase_range, _rounded, _softcap_factors, _softmax_finish,
                         _visible_key_blocks)
-from .configs import (COMPILE_OPTIONS, decode_config, decode_num_splits, device_guard,
+from .configs import (COMPILE_OPTIONS, cdiv, decode_config, decode_num_splits, device_guard,
                       next_power_of_2)
 from .numerics import round_to
 
@@ -409,7 +409,7 @@ def kvcache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     with device_guard(q):
         if L_new > 0 and B > 0:
             block = _append_block(L_new)
-            _kv_append_kernel[(triton.cdiv(L_new, block), Hkv, B)](
+            _kv_append_kernel[(cdiv(L_new, block), Hkv, B)](
                 k, v, k_cache, v_cache, cache_seqlens,
                 none if cache_batch_idx is None else cache_batch_idx, table, cos, sin,
                 L_new, D, Dv, capacity, k_cache.shape[0],
@@ -424,11 +424,11 @@ def kvcache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             q, scale = q.neg(), -scale
         group = Hq // Hkv
         cfg = decode_config(max(D, Dv), group * L, q.device)
-        key_blocks = triton.cdiv(capacity, cfg["BLOCK_N"])
-        row_blocks = triton.cdiv(group * L, cfg["BLOCK_M"])
+        key_blocks = cdiv(capacity, cfg["BLOCK_N"])
+        row_blocks = cdiv(group * L, cfg["BLOCK_M"])
         splits = decode_num_splits(num_splits, B * Hkv * row_blocks, key_blocks, q.device)
-        per_split = triton.cdiv(key_blocks, splits)
-        splits = triton.cdiv(key_blocks, per_split)  # no split left without keys
+        per_split = cdiv(key_blocks, splits)
+        splits = cdiv(key_blocks, per_split)  # no split left without keys
         if splits > 1:
             out_k = torch.empty((splits, B, L, Hq, Dv), dtype=torch.float32, device=q.device)
             lse_k = torch.empty((splits, B, Hq, L), dtype=torch.float32, device=q.device)

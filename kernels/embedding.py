@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import COMPILE_OPTIONS, device_guard, embedding_bwd_config, embedding_config
+from .configs import (COMPILE_OPTIONS, cdiv, device_guard, embedding_bwd_config,
+                      embedding_config)
 from .layer_norm import _normalize_store, unit_stride
 # dropout_keep: Triton's interpreter resolves the globals of the imported _normalize_store here.
 from .numerics import dropout_args, dropout_keep, load_seed, round_to, seed_arg  # noqa: F401
@@ -171,7 +172,7 @@ def embedding_fwd(
         return out, h, mean, rstd
     cfg = embedding_config(D, dev, whole_row=has_norm)
     pos_, type_t = (pos if pos is not None else word), (type_ if type_ is not None else word)
-    grid = (triton.cdiv(T, cfg.BLOCK_T), triton.cdiv(D, cfg.BLOCK_D))
+    grid = (cdiv(T, cfg.BLOCK_T), cdiv(D, cfg.BLOCK_D))
     with device_guard(word):
         _embedding_fwd_kernel[grid](
             ids, pos_ids if pos_ids is not None else ids, type_ids if type_ids is not None else ids,
@@ -206,7 +207,7 @@ def embedding_bwd(
     sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
     cfg = embedding_bwd_config(D, dout.device)
     with device_guard(dout):
-        _embedding_bwd_kernel[(T, triton.cdiv(D, cfg.BLOCK_D))](
+        _embedding_bwd_kernel[(T, cdiv(D, cfg.BLOCK_D))](
             sorted_ids, perm, dout, dw,
             T, D, num_embeddings,
             dout.stride(0), dout.stride(1),

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (COMPILE_OPTIONS, column_sum_config, device_guard, norm_bwd_programs,
-                      norm_config)
+from .configs import (COMPILE_OPTIONS, cdiv, column_sum_config, device_guard,
+                      next_power_of_2, norm_bwd_programs, norm_config)
 from .numerics import dropout_args, dropout_keep, load_seed, round_to, seed_arg
 
 
@@ -345,7 +345,7 @@ def norm_fwd(
     cfg = norm_config(N, x.device)
     res = residual if residual is not None else x  # placeholders for absent inputs are never read
     with device_guard(x):
-        _norm_fwd_kernel[(triton.cdiv(M, cfg.BLOCK_M),)](
+        _norm_fwd_kernel[(cdiv(M, cfg.BLOCK_M),)](
             x, res, weight if weight is not None else x, bias if bias is not None else x,
             y, h, mean, rstd,
             M, N,
@@ -381,7 +381,7 @@ def norm_bwd(
     weight = unit_stride(weight)  # the kernels read W + cols
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     cfg = norm_config(N, x.device, backward=True)
-    n_programs = norm_bwd_programs(triton.cdiv(M, cfg.BLOCK_M), x.device)
+    n_programs = norm_bwd_programs(cdiv(M, cfg.BLOCK_M), x.device)
     n_parts = int(compute_dweight) + int(compute_dbias)
     # Partial sums (dweight and/or dbias, programs, N); the wide-row path accumulates in place.
     part = (torch.empty if cfg.SINGLE_TILE else torch.zeros)(
@@ -406,9 +406,9 @@ def norm_bwd(
             )
             if n_parts > 0:
                 block_n = column_sum_config(N, x.device)
-                _column_sum_kernel[(triton.cdiv(N, block_n), n_parts)](
+                _column_sum_kernel[(cdiv(N, block_n), n_parts)](
                     part, sums, n_programs, N,
-                    BLOCK_G=min(16, triton.next_power_of_2(n_programs)), BLOCK_N=block_n,
+                    BLOCK_G=min(16, next_power_of_2(n_programs)), BLOCK_N=block_n,
                     **COMPILE_OPTIONS,
                 )
     # Separate tensors (a custom op's outputs may not alias each other), in the parameters' dtypes.

@@ -211,3 +211,28 @@ def test_unchecked_bad_cu_seqlens_stay_inside_the_packed_rows(bad, clamped, unch
     for name, a, b in zip(["out", "dq", "dk", "dv"], *results):
         assert torch.isfinite(a[rows]).all(), f"{name}: a NaN guard row was read"
         assert torch.equal(a[rows], b[rows]), f"{name}: differs from the clamped cu_seqlens"
+
+
+def test_launchers_use_plain_integer_helpers():
+    """Host code in kernels/ computes grids and block sizes with configs.cdiv / next_power_of_2,
+    never triton.cdiv / triton.next_power_of_2: those are ConstexprFunction objects in Triton 3.6
+    and 3.9, about 5 µs a call from Python (a backward computed five grids with them). The
+    helpers agree with exact arithmetic."""
+    import ast
+    import math
+    import pathlib
+
+    from fastattn.kernels import configs
+
+    kernels = pathlib.Path(__file__).parents[1] / "kernels"
+    sources = sorted(kernels.glob("*.py"))
+    assert len(sources) >= 6
+    slow = [f"{p.name}:{node.lineno} triton.{node.attr}" for p in sources
+            for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.Attribute) and node.attr in ("cdiv", "next_power_of_2")
+            and isinstance(node.value, ast.Name) and node.value.id == "triton"]
+    assert not slow, slow
+    for a in range(0, 300):
+        for b in (1, 3, 16, 64, 128):
+            assert configs.cdiv(a, b) == math.ceil(a / b), (a, b)
+        assert configs.next_power_of_2(a) == (1 if a <= 1 else 2 ** math.ceil(math.log2(a)))
