@@ -9,8 +9,9 @@ absolute bound.
 from __future__ import annotations
 
 import json
-
+import math
 import random
+from itertools import accumulate
 
 import pytest
 import torch
@@ -306,7 +307,7 @@ def test_loop_phase_bounds():
         what = f"case {case}: L={L} S={S} n0={n0} m0={m0} diag=({diag_lo}, {diag_hi}) " \
                f"window=({window_left}, {window_right}) blocks {block_m}x{block_n}"
         keys = range(n0, min(n0 + block_n, S))
-        padded = triton.cdiv(L, configs.ATTN_BWD_ROW_PAD) * configs.ATTN_BWD_ROW_PAD
+        padded = configs.cdiv(L, configs.ATTN_BWD_ROW_PAD) * configs.ATTN_BWD_ROW_PAD
         _check_phases(got[:4], block_m, range(0, m_hi, block_m),
                       lambda m: any(sees(i, j) for i in range(m, min(m + block_m, L)) for j in keys),
                       lambda m: m + block_m <= padded and all(
@@ -318,6 +319,46 @@ def test_loop_phase_bounds():
                       lambda n: n + block_n <= S and all(sees(i, j) for i in queries
                                                          for j in range(n, n + block_n)),
                       False, "key blocks, " + what)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_row_statistics_layout(varlen, monkeypatch, poisoned_empty):
+    """The backward's row statistics as the preprocess kernel leaves them: each sequence's lse2
+    (lse * log2 e) and delta rows where _stat_rows puts them (packed: sequence b at row
+    cu_seqlens[b] + b * PAD), then +inf and 0 up to a multiple of ATTN_BWD_ROW_PAD rows, where the
+    dK/dV loop reads them without a row mask; no sequence's padding lands on another's rows (on a
+    GPU, writes that overlapped would race)."""
+    pad = configs.ATTN_BWD_ROW_PAD
+    made = []
+    real = attention._bwd_row_stats
+    monkeypatch.setattr(attention, "_bwd_row_stats", lambda *args: made.append(real(*args))
+                        or made[-1])
+    torch.manual_seed(13)
+    lengths, H, D = [45, 64, 1, 70], 2, 32
+    if varlen:
+        cu = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+        q, k, v, do = (torch.randn(sum(lengths), H, D, device=DEVICE) for _ in range(4))
+        args = (cu, cu, max(lengths), max(lengths), D**-0.5, True)
+        out, lse, _ = attention.varlen_attention_fwd(q, k, v, *args)
+        attention.varlen_attention_bwd(do, q, k, v, out, lse, *args)
+        rows = [(int(cu[b]) + b * pad, n, lse[:, cu[b]:cu[b + 1]],
+                 (do[cu[b]:cu[b + 1]] * out[cu[b]:cu[b + 1]]).sum(-1).T)
+                for b, n in enumerate(lengths)]
+    else:
+        L = lengths[0]
+        q, k, v, do = (torch.randn(2, H, L, D, device=DEVICE) for _ in range(4))
+        out, lse, _ = attention.attention_fwd(q, k, v, D**-0.5, True)
+        attention.attention_bwd(do, q, k, v, out, lse, D**-0.5, True)
+        rows = [(0, L, lse[b], (do[b] * out[b]).sum(-1)) for b in range(2)]
+    (lse2, delta), = made
+    for b, (start, n, want_lse, want_delta) in enumerate(rows):
+        stats = (lse2, delta) if varlen else (lse2[b], delta[b])
+        end = start + math.ceil(n / pad) * pad
+        got_lse, got_delta = (t[..., start:start + n] for t in stats)
+        torch.testing.assert_close(got_lse, want_lse * math.log2(math.e), rtol=1e-6, atol=0)
+        torch.testing.assert_close(got_delta, want_delta, rtol=1e-5, atol=1e-6)
+        for t, fill in zip(stats, (float("inf"), 0.0)):
+            assert (t[..., start + n:end] == fill).all(), f"sequence {b}: padding is not {fill}"
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
