@@ -157,16 +157,14 @@ _ROW_PAD = tl.constexpr(ATTN_BWD_ROW_PAD)  # see _stat_rows
 @triton.jit
 def _load_tile(base, rows, cols, n_rows, n_cols, stride_row, stride_col):
     """Load the (len(rows), len(cols)) tile base[rows, cols]; out-of-range elements read as 0.
-    n_rows (or n_cols) None: the caller knows every row (column) is in range, and the load takes
-    no mask along them (the dQ loop's unmasked phase, whose key blocks are whole).
+    n_cols None: the caller knows every column is in range, and the load takes no mask along
+    them (the dQ loop's unmasked phase, whose key blocks, on the columns of K^T and V^T, are whole).
 
     Swapping (rows, n_rows, stride_row) with the column arguments loads the transposed tile.
     Offsets are int64 so that index * stride cannot overflow for long sequences.
     """
     offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
-    if n_rows is None:
-        mask = cols[None, :] < n_cols
-    elif n_cols is None:
+    if n_cols is None:
         mask = rows[:, None] < n_rows
     else:
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
