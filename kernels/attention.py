@@ -103,6 +103,11 @@ loop fetches each block with the TMA unit (rows past S and columns past D arrive
 masked pointer loads give them: the two paths are bitwise equal). Taken when k and v allow it (unit
 last stride, 16-byte aligned base and strides: contiguous tensors and Hugging Face's
 (B, N, H, D).transpose(1, 2) views for head dims that are multiples of 8); pointer tiles otherwise.
+The backward reads what its loops stream the same way: q and dO in the dK/dV kernel (QDO_TMA; with
+SPLIT a second pair of descriptors over this program's part of their columns), K and V in the dQ
+kernel (KV_TMA), each checked as the forward's K and V. Besides the address arithmetic this drops
+the proxy fence that every stage of cp.async copies needs before wgmma reads them (the d64 dK/dV
+loop: four MEMBAR + FENCE groups of six instructions an iteration).
 The forward writes out (and its rounding residual) the same way (O_TMA, Dv a multiple of 8): the
 TMA unit clips the last block at L, and no address or mask of the output tile takes registers at
 the end of the kernel (the d256 forward, whose accumulator holds 128 registers a thread, spilled
@@ -193,6 +198,21 @@ def _store_rows(base, value, row0, rows, cols, n_rows, n_cols, stride_row, strid
         dst.store([row0, 0], round_to(value, base.dtype.element_ty))
     else:
         _store_tile(base, value, rows, cols, n_rows, n_cols, stride_row, stride_col)
+
+
+@triton.jit
+def _row_source(base, n_rows, n_cols, stride_row, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                TMA: tl.constexpr):
+    """What the loops read an (n_rows, n_cols) matrix at `base` (row stride stride_row) through:
+    with TMA a tensor descriptor of (BLOCK_R, BLOCK_C) blocks (unit column stride, base and
+    stride_row 16-byte aligned: the launcher checks), whose loads the TMA unit makes with no
+    per-element address arithmetic and which fill rows past n_rows and columns past n_cols with 0,
+    as the masked pointer loads do; else `base` itself."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, n_cols], strides=[stride_row, 1],
+                                         block_shape=[BLOCK_R, BLOCK_C])
+    else:
+        return base
 
 
 @triton.jit
@@ -771,16 +791,9 @@ def _attn_fwd_kernel(
     alibi_ref = m0 + off if HAS_ALIBI == 2 else off
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
-    if KV_TMA:
-        # This (batch, kv head)'s S keys (a varlen sequence's own rows) as 2-D tensors: the TMA
-        # unit fetches each key block into shared memory, no per-element address arithmetic.
-        k_src = tl.make_tensor_descriptor(k_base, shape=[S, D], strides=[stride_ks, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[S, Dv], strides=[stride_vs, 1],
-                                          block_shape=[BLOCK_N, BLOCK_DV])
-    else:
-        k_src = k_base
-        v_src = v_base
+    # This (batch, kv head)'s S keys (a varlen sequence's own rows)
+    k_src = _row_source(k_base, S, D, stride_ks, BLOCK_N, BLOCK_D, KV_TMA)
+    v_src = _row_source(v_base, S, Dv, stride_vs, BLOCK_N, BLOCK_DV, KV_TMA)
     m_i = tl.full([BLOCK_M], _ROW_MAX_START, dtype=tl.float32)  # running row max, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # running sum of exp2(s - m_i) @ v
@@ -1009,15 +1022,18 @@ def _attn_bwd_tile(
 def _attn_bwd_dkdv_inner(
     dk, dv,  # accumulators: (BLOCK_N, BLOCK_D // SPLIT), (BLOCK_N, BLOCK_DV // SPLIT) fp32
     k, v,  # dot operands of this program's key block, whole rows
-    q_base, do_base, lse_base, delta_base, mask_base,  # of one (batch, query head)
+    q_src, do_src, q_part, do_part,  # q and dO of one (batch, query head): _row_source's, whole
+    #                                  rows and (SPLIT > 1) this part's columns
+    lse_base, delta_base, mask_base,  # of the same (batch, query head)
     offs_n, n0, part, m_lo, m_hi, m_lo2, m_hi2, L, S, D, Dv, diag_lo, diag_hi, off,
     stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
     qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr,
+    QDO_TMA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dV += (P * Z)^T @ dO and dK += dS_qk^T @ Q over the query blocks starting in [m_lo, m_hi)
     and, with WINDOW_LEFT, [m_lo2, m_hi2) (m_lo, m_lo2 multiples of BLOCK_M), for column part
@@ -1026,12 +1042,15 @@ def _attn_bwd_dkdv_inner(
     The tiles are computed transposed, (BLOCK_N, BLOCK_M): sT = k @ q^T, so that P^T and dS^T are
     produced directly in the layout of the left operand of the two products.
     """
-    DTYPE = q_base.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_dk_part = part * (BLOCK_D // SPLIT) + tl.arange(0, BLOCK_D // SPLIT)
     offs_dv_part = part * (BLOCK_DV // SPLIT) + tl.arange(0, BLOCK_DV // SPLIT)
     alibi = _alibi_keys(slope2, offs_n - n0, True, HAS_ALIBI)  # one-sided: keys j - n0
+    # The queries' part, slope2 * (i + off - n0), from a vector made once here and the block's
+    # first row: one FADD per row instead of two integer adds and a conversion (exact in fp32:
+    # integers below 2^24)
+    rows = (tl.arange(0, BLOCK_M) + (off - n0)).to(tl.float32)
     # With a window the loop runs over [m_lo, m_hi) and then [m_lo2, m_hi2) (both edges of the
     # window in one masked loop: a third loop's registers spilled), counting blocks; without one
     # over [m_lo, m_hi) alone, the second range empty.
@@ -1046,14 +1065,19 @@ def _attn_bwd_dkdv_inner(
         if WINDOW_LEFT:
             start_m = tl.where(it < n_first, m_lo + it * BLOCK_M, m_lo2 + (it - n_first) * BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        qT = _load_dot_operand(q_base, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
-        do = _load_dot_operand(do_base, offs_m, offs_dv, L, Dv, stride_dol, stride_dod, DOT_FP32)
+        if QDO_TMA:
+            qT = _dot_operand(tl.trans(q_src.load([start_m, 0])), DTYPE, DOT_FP32)
+            do = _dot_operand(do_src.load([start_m, 0]), DTYPE, DOT_FP32)
+        else:
+            qT = _load_dot_operand(q_src, offs_d, offs_m, D, L, stride_qd, stride_ql, DOT_FP32)
+            do = _load_dot_operand(do_src, offs_m, offs_dv, L, Dv, stride_dol, stride_dod,
+                                   DOT_FP32)
         # Rows past L read q = dO = 0, and from the statistics' padding (_stat_rows) lse2 = +inf
         # and delta = 0: P = 0 there, and they add exactly 0 below. No row mask: block rows lie
         # within the padding.
         lse2 = tl.load(lse_base + offs_m)
         if HAS_ALIBI == 2:  # one-sided (see _scores): the queries' part joins their lse
-            lse2 += slope2 * (offs_m + off - n0).to(tl.float32)
+            lse2 += slope2 * (rows + start_m.to(tl.float32))
         delta = tl.load(delta_base + offs_m)
         pT, _, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
                                     offs_m[None, :], offs_n[:, None], n0, L, S, diag_lo, diag_hi,
@@ -1065,10 +1089,15 @@ def _attn_bwd_dkdv_inner(
                                     DTYPE == tl.float32, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if SPLIT == 1:
             q = tl.trans(qT)
-        else:  # this part's columns of q and dO, read again (from L2: the whole rows just were)
-            q = _load_dot_operand(q_base, offs_m, offs_dk_part, L, D, stride_ql, stride_qd,
+        elif QDO_TMA:  # this part's columns of q and dO, read again (from L2: the whole rows
+            #             just were)
+            q = _dot_operand(q_part.load([start_m, part * (BLOCK_D // SPLIT)]), DTYPE, DOT_FP32)
+            do = _dot_operand(do_part.load([start_m, part * (BLOCK_DV // SPLIT)]), DTYPE,
+                              DOT_FP32)
+        else:
+            q = _load_dot_operand(q_src, offs_m, offs_dk_part, L, D, stride_ql, stride_qd,
                                   DOT_FP32)
-            do = _load_dot_operand(do_base, offs_m, offs_dv_part, L, Dv, stride_dol, stride_dod,
+            do = _load_dot_operand(do_src, offs_m, offs_dv_part, L, Dv, stride_dol, stride_dod,
                                    DOT_FP32)
         dv += tl.dot(_dot_operand(pT, DTYPE, DOT_FP32), do, input_precision=DOT_PRECISION)
         dk += tl.dot(_dot_operand(dsT, DTYPE, DOT_FP32), q, input_precision=DOT_PRECISION)
@@ -1110,6 +1139,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    QDO_TMA: tl.constexpr,  # read q and dO through tensor descriptors (as the forward's KV_TMA)
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -1167,6 +1197,14 @@ def _attn_bwd_dkdv_kernel(
             off_h = off_hkv * GROUP + g  # query heads off_hkv * GROUP ... read this kv head
             q_base = _head_rows(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_ql)
             do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
+            q_src = _row_source(q_base, L, D, stride_ql, BLOCK_M, BLOCK_D, QDO_TMA)
+            do_src = _row_source(do_base, L, Dv, stride_dol, BLOCK_M, BLOCK_DV, QDO_TMA)
+            q_part = q_src
+            do_part = do_src
+            if SPLIT > 1:
+                q_part = _row_source(q_base, L, D, stride_ql, BLOCK_M, BLOCK_D // SPLIT, QDO_TMA)
+                do_part = _row_source(do_base, L, Dv, stride_dol, BLOCK_M, BLOCK_DV // SPLIT,
+                                      QDO_TMA)
             lse_base = _stat_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, IS_VARLEN)
             delta_base = _stat_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh,
                                     IS_VARLEN)
@@ -1174,12 +1212,12 @@ def _attn_bwd_dkdv_kernel(
             seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
             slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                dk, dv, k, v, q_src, do_src, q_part, do_part, lse_base, delta_base, mask_base,
                 offs_n, n0, part, lo, hi, lo2, hi2, L, S, D, Dv, diag_lo, diag_hi, off,
                 stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
                 qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
                 phase == 0, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                SOFTCAP, HAS_ALIBI, HAS_DROPOUT, QDO_TMA, Q.dtype.element_ty,
                 DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
             )
 
@@ -1196,7 +1234,8 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_inner(
     dq,  # accumulator: (BLOCK_M, BLOCK_D) fp32
     q, do, lse2, delta,  # this program's query block: dot operands and (BLOCK_M,) fp32 row statistics
-    k_base, v_base, mask_base,  # K, V of this (batch, kv head); attn_mask of this (batch, head)
+    k_src, v_src, mask_base,  # K, V of this (batch, kv head) (_row_source's); attn_mask of this
+    #                            (batch, head)
     block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
     dmask_base,  # dMask of this (batch, head) (MASK_GRAD)
     offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
@@ -1205,12 +1244,12 @@ def _attn_bwd_dq_inner(
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MASK_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_GRAD: tl.constexpr, KV_TMA: tl.constexpr, DTYPE: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ += dS_qk @ K over the key blocks starting in [n_lo, n_hi); with MASK_GRAD also store
     dS. alibi_ref as in _attn_fwd_inner (HAS_ALIBI == 2: lse2 carries the rows' part)."""
-    DTYPE = k_base.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     alibi = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
@@ -1221,8 +1260,14 @@ def _attn_bwd_dq_inner(
     for i in range(i_lo, i_hi, STEP):
         n0 = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kT = _load_dot_operand(k_base, offs_d, offs_n, D, n_keys, stride_kd, stride_ks, DOT_FP32)
-        vT = _load_dot_operand(v_base, offs_dv, offs_n, Dv, n_keys, stride_vd, stride_vs, DOT_FP32)
+        if KV_TMA:
+            kT = _dot_operand(tl.trans(k_src.load([n0, 0])), DTYPE, DOT_FP32)
+            vT = _dot_operand(tl.trans(v_src.load([n0, 0])), DTYPE, DOT_FP32)
+        else:
+            kT = _load_dot_operand(k_src, offs_d, offs_n, D, n_keys, stride_kd, stride_ks,
+                                   DOT_FP32)
+            vT = _load_dot_operand(v_src, offs_dv, offs_n, Dv, n_keys, stride_vd, stride_vs,
+                                   DOT_FP32)
         shift = lse2
         if HAS_ALIBI == 2:  # the block's slope2 * (n0 - ref), per row, not per score
             shift = lse2 - slope2 * (n0 - alibi_ref).to(tl.float32)
@@ -1278,6 +1323,7 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
+    KV_TMA: tl.constexpr,  # read K and V through tensor descriptors (as the forward)
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -1307,6 +1353,8 @@ def _attn_bwd_dq_kernel(
     do_base = _head_rows(dO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dol)
     k_base = _head_rows(K, off_b, off_hkv, k_start, stride_kb, stride_kh, stride_ks)
     v_base = _head_rows(V, off_b, off_hkv, k_start, stride_vb, stride_vh, stride_vs)
+    k_src = _row_source(k_base, S, D, stride_ks, BLOCK_N, BLOCK_D, KV_TMA)
+    v_src = _row_source(v_base, S, Dv, stride_vs, BLOCK_N, BLOCK_DV, KV_TMA)
     lse_base = _stat_rows(Lse2, off_b, off_h, q_start, stride_lseb, stride_lseh, IS_VARLEN)
     delta_base = _stat_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, IS_VARLEN)
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
@@ -1331,14 +1379,14 @@ def _attn_bwd_dq_kernel(
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the forward
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, mask_base, block_ids, block_counts,
+            dq, q, do, lse2, delta, k_src, v_src, mask_base, block_ids, block_counts,
             dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
             stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml,
             stride_dms, qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale,
             seed_bh,
             phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-            SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD, DOT_FP32, DOT_PRECISION,
-            BLOCK_N, BLOCK_D, BLOCK_DV,
+            SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD, KV_TMA, Q.dtype.element_ty, DOT_FP32,
+            DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
         )
 
     dq *= _dqk_scale(scale, SOFTCAP, Q.dtype.element_ty)
@@ -1446,12 +1494,13 @@ def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _descriptor_flag(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """KV_TMA (tensors k, v) or O_TMA (out and out_lo) of a launch: descriptors where configs.py
-    wants them and every one of `tensors` allows them. On CUDA this also installs the allocator
-    their scratch memory comes from (a ContextVar: set per launch, as autograd's backward runs on
-    another thread)."""
-    use = attention_descriptors(q.dtype, q.device) and all(map(_descriptor_ready, tensors))
+def _descriptor_flag(q: torch.Tensor, *tensors: torch.Tensor, backward: bool = False) -> bool:
+    """KV_TMA (tensors k, v) or O_TMA (out and out_lo) of a launch, or with `backward` the
+    backward's QDO_TMA (q, dO) and KV_TMA: descriptors where configs.py wants them and every one
+    of `tensors` allows them. On CUDA this also installs the allocator their scratch memory comes
+    from (a ContextVar: set per launch, as autograd's backward runs on another thread)."""
+    use = (attention_descriptors(q.dtype, q.device, backward)
+           and all(map(_descriptor_ready, tensors)))
     if use and q.is_cuda:
         triton.set_allocator(_descriptor_scratch)
     return use
@@ -1560,6 +1609,8 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     scalars = (scale, *mod_scalars, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse))
     stat_strides = _row_stat_strides(lse2, varlen)
     mask_grad = dmask is not None
+    qdo_tma = _descriptor_flag(q, q, do, backward=True)
+    kv_tma = _descriptor_flag(q, k, v, backward=True)
 
     def launch_dkdv(dkdv: dict) -> None:
         _attn_bwd_dkdv_kernel[(cdiv(S, dkdv["BLOCK_N"]) * dkdv["SPLIT"], Hkv, B)](
@@ -1568,7 +1619,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
             *mask_strides, *alibi_strides,
             *scalars,
-            **flags, **dkdv, **COMPILE_OPTIONS,
+            QDO_TMA=qdo_tma, **flags, **dkdv, **COMPILE_OPTIONS,
         )
 
     def launch_dq(dq_cfg: dict) -> None:
@@ -1580,7 +1631,7 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             *qkv_strides, *_strides4(dq, varlen), *stat_strides, *mask_strides, *alibi_strides,
             *(dmask.stride() if mask_grad else (0, 0, 0, 0)),
             *scalars,
-            MASK_GRAD=mask_grad, **flags, **dq_cfg, **COMPILE_OPTIONS,
+            MASK_GRAD=mask_grad, KV_TMA=kv_tma, **flags, **dq_cfg, **COMPILE_OPTIONS,
         )
 
     with device_guard(q):

@@ -161,8 +161,11 @@ _ATTN_FWD_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 32, 16, 8, 1))
 # row runs two programs per 128 keys, each accumulating half of the columns of dK and dV (their
 # fp32 accumulators do not fit whole with a 128-key block, and wgmma needs 64 keys per warpgroup:
 # 16 x 32 on 8 warps was mma.sync, computed 4 times over). Each recomputes S and dP, 1.5x the
-# MMA work of one program, all of it wgmma (issue:TC 0.95, was 0.99 on mma.sync).
-_ATTN_BWD_DKDV_HOPPER = ((64, 32, 128, 8, 3), (128, 32, 128, 8, 2), (256, 16, 128, 8, 2, 2))
+# MMA work of one program, all of it wgmma (issue:TC 0.95, was 0.99 on mma.sync). With q and dO
+# read through tensor descriptors (TMA: no address registers, no proxy fence per stage) the d64
+# row takes 64 queries a step, its S^T and dP^T products n64 wide (32 x 128 on 3 stages spilled no
+# more, but ALiBi's issue:TC stayed at 1.02; 64 x 128: 0.75, and a mask 1.46 -> 1.09).
+_ATTN_BWD_DKDV_HOPPER = ((64, 64, 128, 8, 2), (128, 32, 128, 8, 2), (256, 16, 128, 8, 2, 2))
 _ATTN_BWD_DKDV_AMPERE = ((64, 32, 32, 8, 2), (128, 16, 64, 8, 2), (256, 16, 32, 8, 1))
 _ATTN_BWD_DKDV_FP32 = ((64, 32, 32, 4, 1), (128, 16, 32, 4, 1), (256, 16, 16, 4, 1))
 # The backward's row statistics (lse2, delta) pad every sequence to a multiple of this many rows
@@ -220,9 +223,11 @@ _ATTN_INTERPRET_BWD = dict(
 # failure (tests/test_hopper_static.py: a d64 mask's issue:TC, say) an alternate breaks no further
 # rule. Alternates that did not hold with every feature their row serves were dropped (the d128
 # forward's 128 x 64 tiles: issue:TC 0.68 > 0.6; the d64 forward's 128 x 128 on 4 warps: spills
-# with a mask; the d64 dK/dV's 64 x 128: 4 bytes causal; the d256 forward's 64 x 64 on 1 stage: 12
-# bytes with a mask on 3.6). The d256 forward's had all spilled with varlen until the forward wrote
-# out through a tensor descriptor.
+# with a mask; the d256 forward's 64 x 64 on 1 stage: 12 bytes with a mask on 3.6). The d256
+# forward's had all spilled with varlen until the forward wrote out through a tensor descriptor.
+# The d64 dK/dV's 64 x 128, once dropped for 4 bytes spilled causal, is the default now: clean
+# with q and dO by TMA (3.9), and with pointer tiles on 3.6 (3.9's pointer tiles spill 4 bytes
+# with a window, a path no Hopper launch with 3.9 takes).
 # Warp specialisation (tl.range(..., warp_specialize=True) over the unmasked key loop, as Triton's
 # tutorial does on Blackwell) is no candidate: compiled for sm_90 it gives the d128 forward the very
 # same SASS (registers, loop, issue:TC), and the d64 forward crashes the compiler
@@ -230,7 +235,7 @@ _ATTN_INTERPRET_BWD = dict(
 _ATTN_HOPPER_ALTERNATES: dict[tuple[str, bool, int], tuple[tuple[int, ...], ...]] = {
     ("fwd", False, 64): ((128, 128, 8, 3), (128, 64, 4, 2)),
     ("fwd", False, 256): ((128, 64, 8, 2), (64, 32, 4, 2)),
-    ("dkdv", False, 64): ((32, 128, 8, 2),),
+    ("dkdv", False, 64): ((32, 128, 8, 2), (64, 128, 8, 3)),
     ("dq", False, 64): ((128, 64, 8, 3),),
     ("dq", False, 128): ((128, 64, 8, 2), (128, 32, 8, 3)),
 }
@@ -276,17 +281,35 @@ def attention_fwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.de
     return _attention_pick("fwd", tables, head_dim, dtype, device, dropout)
 
 
-def attention_descriptors(dtype: torch.dtype, device: torch.device) -> bool:
+# Triton 3.6's ptxas (the GPU image's) crashes (SIGSEGV) compiling the dK/dV kernel that reads q
+# and dO through tensor descriptors (its non-causal variants, at every head dim; sm_90 compile of
+# the static check), and with descriptors its d256 causal dQ spills 56 bytes; Triton 3.9 compiles
+# every variant clean. The backward takes descriptors from this version on, pointer tiles before.
+BACKWARD_DESCRIPTORS_FROM = (3, 9)
+
+
+def attention_descriptors(dtype: torch.dtype, device: torch.device,
+                          backward: bool = False) -> bool:
     """Whether the attention forward reads K and V and writes out through tensor descriptors (the
     TMA unit on Hopper and Blackwell: no per-element address arithmetic in the key loop or the
-    output's store) rather than pointer tiles, when their strides allow it (the launcher checks).
-    fp16 / bf16 only: the fp32 kernels do not use the tensor cores, and their small tiles gain
-    nothing from it."""
+    output's store) rather than pointer tiles, when their strides allow it (the launcher checks);
+    with `backward`, whether the backward reads q and dO (dK/dV kernel), K and V (dQ kernel) so,
+    which on a GPU also takes a Triton from BACKWARD_DESCRIPTORS_FROM on (the interpreter runs no
+    ptxas). fp16 / bf16 only: the fp32 kernels do not use the tensor cores, and their small tiles
+    gain nothing from it."""
     if dtype == torch.float32:
         return False
     if interpreting() or device.type != "cuda":
         return True  # as on Hopper (tests run the pointer path too, on the same inputs)
-    return arch_major(device) in (9, 10)
+    return arch_major(device) in (9, 10) and (
+        not backward or _triton_version() >= BACKWARD_DESCRIPTORS_FROM)
+
+
+@functools.cache
+def _triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton that compiles the kernels."""
+    import triton  # here: the other settings are read without importing Triton
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 def attention_bwd_candidates(head_dim: int, dtype: torch.dtype, device: torch.device,

@@ -177,10 +177,12 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
                     BLOCK_D=d, BLOCK_DV=d)
         base.update({k: v for k, v in flags.items() if k != "MASK_GRAD"})
         mask_ptr = {"Mask": "*u8" if base["MASK_IS_BOOL"] else "*bf16"}
+        # the backward's descriptors (q, dO; K, V), as configs.py takes them with this Triton
+        bwd_tma = configs.attention_descriptors(torch.bfloat16, gpu, backward=True)
         for fn, cfg, extra in ((AT._attn_fwd_kernel, fwd, {}),
-                               (AT._attn_bwd_dkdv_kernel, bwd["dkdv"], {}),
+                               (AT._attn_bwd_dkdv_kernel, bwd["dkdv"], dict(QDO_TMA=bwd_tma)),
                                (AT._attn_bwd_dq_kernel, bwd["dq"],
-                                dict(MASK_GRAD=flags.get("MASK_GRAD", False)))):
+                                dict(MASK_GRAD=flags.get("MASK_GRAD", False), KV_TMA=bwd_tma))):
             consts = {k: v for k, v in dict(base, **extra, BLOCK_M=cfg["BLOCK_M"],
                                             BLOCK_N=cfg["BLOCK_N"], SPLIT=cfg.get("SPLIT", 1)
                                             ).items() if k in fn.arg_names}

@@ -449,17 +449,38 @@ class _RecordLaunches:
         return launch
 
 
-def _forward(monkeypatch, descriptors: bool, fn, *args, **kwargs):
-    """fn(*args, **kwargs) (a forward launcher) with configs.py's descriptor choice forced to
-    `descriptors`; returns (its outputs, (KV_TMA, O_TMA): the flags the forward kernel was launched
-    with)."""
+def _recorded(monkeypatch, descriptors: bool, flags: dict, fn, *args, **kwargs):
+    """fn(*args, **kwargs) (a launcher) with configs.py's descriptor choice (forward and
+    backward) forced to `descriptors`; returns (its outputs, the descriptor flags its kernels
+    were launched with, in the order of `flags`: kernel name -> the names of its flags; one
+    launch of each kernel)."""
     with monkeypatch.context() as m:
-        m.setattr(attention, "attention_descriptors", lambda dtype, device: descriptors)
-        recorder = _RecordLaunches(attention._attn_fwd_kernel)
-        m.setattr(attention, "_attn_fwd_kernel", recorder)
+        m.setattr(attention, "attention_descriptors",
+                  lambda dtype, device, backward=False: descriptors)
+        recorders = {name: _RecordLaunches(getattr(attention, name)) for name in flags}
+        for name, recorder in recorders.items():
+            m.setattr(attention, name, recorder)
         result = fn(*args, **kwargs)
-    (launch,) = recorder.launches
-    return result, (launch["KV_TMA"], launch["O_TMA"])
+    used = []
+    for name, names in flags.items():
+        (launch,) = recorders[name].launches
+        used += [launch[flag] for flag in names]
+    return result, tuple(used)
+
+
+def _forward(monkeypatch, descriptors: bool, fn, *args, **kwargs):
+    """A forward launcher's outputs with the descriptor choice forced, and the (KV_TMA, O_TMA)
+    its kernel was launched with."""
+    return _recorded(monkeypatch, descriptors, {"_attn_fwd_kernel": ("KV_TMA", "O_TMA")}, fn,
+                     *args, **kwargs)
+
+
+def _backward(monkeypatch, descriptors: bool, fn, *args, **kwargs):
+    """A backward launcher's outputs with the descriptor choice forced, and the flags its kernels
+    were launched with: (QDO_TMA of the dK/dV kernel, KV_TMA of the dQ kernel)."""
+    return _recorded(monkeypatch, descriptors, {"_attn_bwd_dkdv_kernel": ("QDO_TMA",),
+                                                "_attn_bwd_dq_kernel": ("KV_TMA",)},
+                     fn, *args, **kwargs)
 
 
 def _descriptor_cases():
@@ -476,23 +497,31 @@ def _descriptor_cases():
     ]
 
 
-@pytest.mark.parametrize("case", _descriptor_cases(), ids=lambda c: c[0])
-def test_kv_descriptor_path_equals_pointer_path(case, monkeypatch):
-    """The forward reading K and V and writing out through tensor descriptors gives bitwise the
-    pointer path's out, lse and out's rounding residual (the same values reach the same math;
-    TMA's zero fill past S and D matches the masked loads, its clipped store at L the masked
-    store), and each path really ran: the kernel's KV_TMA and O_TMA flags, as launched."""
+def _descriptor_inputs(case, seed: int) -> tuple:
+    """(q, k, v, do, mask, dropout seed) of a _descriptor_cases() case, drawn under `seed`; skips
+    on a GPU that takes no descriptors."""
     if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
         pytest.skip("tensor descriptors are chosen on Hopper and newer only")
     _, B, Hq, Hkv, L, S, D, Dv, causal, mask_kind, dropout_p, strided, dtype = case
-    torch.manual_seed(11)
-    q, k, v, _ = make_inputs(B, Hq, Hkv, L, S, D, Dv, dtype, strided)
+    torch.manual_seed(seed)
+    q, k, v, do = make_inputs(B, Hq, Hkv, L, S, D, Dv, dtype, strided)
     mask = {None: None,
             "bool": torch.rand(L, S, device=DEVICE) < 0.7,
             "float": torch.randn(B, 1, L, S, device=DEVICE).to(dtype),
             "padding": (torch.arange(S, device=DEVICE) < torch.tensor([[90], [S]], device=DEVICE)
                         )[:, None, None, :]}[mask_kind]
     seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE) if dropout_p else None
+    return q, k, v, do, mask, seed
+
+
+@pytest.mark.parametrize("case", _descriptor_cases(), ids=lambda c: c[0])
+def test_kv_descriptor_path_equals_pointer_path(case, monkeypatch):
+    """The forward reading K and V and writing out through tensor descriptors gives bitwise the
+    pointer path's out, lse and out's rounding residual (the same values reach the same math;
+    TMA's zero fill past S and D matches the masked loads, its clipped store at L the masked
+    store), and each path really ran: the kernel's KV_TMA and O_TMA flags, as launched."""
+    _, B, Hq, Hkv, L, S, D, Dv, causal, mask_kind, dropout_p, strided, dtype = case
+    q, k, v, _, mask, seed = _descriptor_inputs(case, 11)
     args = (q, k, v, D**-0.5, causal, mask, dropout_p, seed, True)  # residual: out_lo too
     (out_tma, lse_tma, lo_tma), used_tma = _forward(monkeypatch, True, attention.attention_fwd,
                                                     *args)
@@ -506,6 +535,54 @@ def test_kv_descriptor_path_equals_pointer_path(case, monkeypatch):
                                                         causal, D**-0.5, None)
         torch_out = torch_sdpa(q, k, v, None, causal, Hq != Hkv, scale=D**-0.5)
         assert_within_torch_error("out", out_tma, torch_out, ref, dtype)
+
+
+@pytest.mark.parametrize("case", _descriptor_cases(), ids=lambda c: c[0])
+def test_backward_descriptor_path_equals_pointer_path(case, monkeypatch):
+    """The backward reading q and dO (dK/dV kernel) and K and V (dQ kernel) through tensor
+    descriptors gives bitwise the pointer path's dq, dk, dv (and a float mask's gradient): TMA's
+    zero fill past L, S and D matches the masked loads; each path really ran (the flags the two
+    kernels were launched with). dO is a (B, N, H, D).transpose(1, 2) view where q is."""
+    _, B, Hq, Hkv, L, S, D, Dv, causal, mask_kind, dropout_p, strided, dtype = case
+    q, k, v, do, mask, seed = _descriptor_inputs(case, 16)
+    out, lse, lo = attention.attention_fwd(q, k, v, D**-0.5, causal, mask, dropout_p, seed, True)
+    mask_grad = mask_kind == "float"
+    args = (do, q, k, v, out, lse, D**-0.5, causal, mask, dropout_p, seed, mask_grad, lo)
+    grads_tma, used_tma = _backward(monkeypatch, True, attention.attention_bwd, *args)
+    grads_ptr, used_ptr = _backward(monkeypatch, False, attention.attention_bwd, *args)
+    assert used_tma == (True, True) and used_ptr == (False, False)
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), grads_tma, grads_ptr):
+        assert torch.equal(a, b), f"{name}: the descriptor path differs from the pointer path"
+    assert grads_tma[0].any() and grads_tma[1].any() and grads_tma[2].any()
+    if mask_kind is None and dropout_p == 0.0:  # and right (the pointer path is tested at length)
+        check = leaves(q, k, v, dtype=torch.float64)
+        ref, _ = reference.scaled_dot_product_attention(*check, causal, D**-0.5, None)
+        ref_grads = torch.autograd.grad(ref, check, do.to(torch.float64))
+        torch_leaves = leaves(q, k, v)
+        torch_grads = torch.autograd.grad(
+            torch_sdpa(*torch_leaves, None, causal, Hq != Hkv, scale=D**-0.5), torch_leaves, do)
+        for name, ours, theirs, want in zip(("dq", "dk", "dv"), grads_tma, torch_grads, ref_grads):
+            assert_within_torch_error(name, ours, theirs, want, dtype)
+
+
+def test_backward_descriptors_split_columns(monkeypatch):
+    """The Hopper d256 dK/dV row splits each key block's dK, dV columns over two programs, each
+    reading its part of q's and dO's columns through a descriptor of its own (block
+    BLOCK_M x 128, at column 128 for the second): bitwise the pointer path's gradients."""
+    if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
+        pytest.skip("tensor descriptors are chosen on Hopper and newer only")
+    use_gpu_tiles(9, 256, torch.bfloat16, False, monkeypatch)
+    (dkdv,) = attention.attention_bwd_candidates(256, torch.bfloat16, torch.device(DEVICE))["dkdv"]
+    assert dkdv["SPLIT"] == 2
+    torch.manual_seed(17)
+    q, k, v, do = make_inputs(1, 2, 1, 37, 150, 256, 256, torch.bfloat16)
+    out, lse, lo = attention.attention_fwd(q, k, v, 0.0625, True, None, 0.0, None, True)
+    args = (do, q, k, v, out, lse, 0.0625, True, None, 0.0, None, False, lo)
+    grads_tma, used_tma = _backward(monkeypatch, True, attention.attention_bwd, *args)
+    grads_ptr, used_ptr = _backward(monkeypatch, False, attention.attention_bwd, *args)
+    assert used_tma == (True, True) and used_ptr == (False, False)
+    for name, a, b in zip(("dq", "dk", "dv"), grads_tma, grads_ptr):
+        assert a.any() and torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -541,6 +618,67 @@ def test_kv_descriptor_path_varlen(causal, monkeypatch):
                                             D**-0.5, causal)
         assert torch.isfinite(out_tma[rows_q]).all()
         torch.testing.assert_close(out_tma[rows_q], one[0].transpose(0, 1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_descriptor_path_varlen(causal, monkeypatch):
+    """Packed sequences in the backward: each program's descriptors span its own sequence's rows
+    (q and dO in the dK/dV kernel, K and V in the dQ kernel), so a neighbour's rows never reach
+    its gradients. Sequence 1's q, k, v and dO are NaN here, right past sequence 0's last rows and
+    inside its last blocks: sequences 0 and 2 get finite gradients, bitwise those of padded calls
+    of their own, and bitwise the pointer path's."""
+    if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
+        pytest.skip("tensor descriptors are chosen on Hopper and newer only")
+    torch.manual_seed(18)
+    cu_q = torch.tensor([0, 37, 39, 109], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 50, 53, 119], dtype=torch.int32, device=DEVICE)
+    Hq, Hkv, D = 4, 2, 64
+
+    def rand(rows, heads):
+        return torch.randn(rows, heads, D, device=DEVICE).to(torch.bfloat16)
+    q, do, k, v = rand(109, Hq), rand(109, Hq), rand(119, Hkv), rand(119, Hkv)
+    for t, cu in ((q, cu_q), (do, cu_q), (k, cu_k), (v, cu_k)):
+        t[cu[1]:cu[2]] = float("nan")  # sequence 1
+    scale, lengths = D**-0.5, (70, 66)
+    out, lse, lo = attention.varlen_attention_fwd(q, k, v, cu_q, cu_k, *lengths, scale, causal,
+                                                  0.0, None, True)
+    args = (do, q, k, v, out, lse, cu_q, cu_k, *lengths, scale, causal, 0.0, None, lo)
+    grads_tma, used_tma = _backward(monkeypatch, True, attention.varlen_attention_bwd, *args)
+    grads_ptr, used_ptr = _backward(monkeypatch, False, attention.varlen_attention_bwd, *args)
+    assert used_tma == (True, True) and used_ptr == (False, False)
+    for a, b in zip(grads_tma[:3], grads_ptr[:3]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+    for b in (0, 2):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        one = [t[rows].transpose(0, 1)[None] for t, rows in
+               ((q, rows_q), (k, rows_k), (v, rows_k), (do, rows_q), (out, rows_q))]
+        one_lse = lse[:, rows_q][None].contiguous()
+        want = attention.attention_bwd(one[3], *one[:3], one[4], one_lse, scale, causal,
+                                       out_lo=lo[rows_q].transpose(0, 1)[None])
+        for got, rows, exp in zip(grads_tma[:3], (rows_q, rows_k, rows_k), want[:3]):
+            assert torch.isfinite(got[rows]).all()
+            torch.testing.assert_close(got[rows], exp[0].transpose(0, 1), atol=0, rtol=0)
+
+
+def test_backward_descriptors_from_triton_3_9(monkeypatch):
+    """On a Hopper GPU the backward takes descriptors with Triton 3.9 on, not with 3.6 (whose
+    ptxas crashes on the dK/dV kernel's); never for fp32 or before Hopper; always under the
+    interpreter, which runs no ptxas. The forward takes them with either version."""
+    assert configs._triton_version() == tuple(int(p) for p in triton.__version__.split(".")[:2])
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "arch_major", lambda device: 9)
+    gpu = torch.device("cuda")
+    for version, backward in (((3, 6), False), ((3, 9), True), ((3, 10), True), ((4, 0), True)):
+        monkeypatch.setattr(configs, "_triton_version", lambda: version)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert configs.attention_descriptors(dtype, gpu, backward=True) is backward, version
+            assert configs.attention_descriptors(dtype, gpu) is True
+        assert configs.attention_descriptors(torch.float32, gpu, backward=True) is False
+    monkeypatch.setattr(configs, "arch_major", lambda device: 8)
+    assert configs.attention_descriptors(torch.bfloat16, gpu, backward=True) is False
+    monkeypatch.setattr(configs, "interpreting", lambda: True)
+    monkeypatch.setattr(configs, "_triton_version", lambda: (3, 6))
+    assert configs.attention_descriptors(torch.bfloat16, torch.device("cpu"), backward=True)
 
 
 def test_kv_descriptors_only_where_strides_allow(monkeypatch):
