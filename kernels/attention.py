@@ -1650,10 +1650,11 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             IS_VARLEN=varlen, HAS_LO=out_lo is not None, HAS_SINKS=sinks is not None,
             BLOCK_DV=_block_dims(D, Dv)["BLOCK_DV"], **pre, **COMPILE_OPTIONS,
         )
-        if S > 0:
-            launch_dkdv(_tuned("dkdv", cfg["dkdv"], launch_dkdv, q, D, Dv, L, S, flags))
+        if S > 0:  # the tuning keys name the descriptor choice, as the forward's do
+            launch_dkdv(_tuned("dkdv", cfg["dkdv"], launch_dkdv, q, D, Dv, L, S,
+                               dict(flags, QDO_TMA=qdo_tma)))
         launch_dq(_tuned("dq", cfg["dq"], launch_dq, q, D, Dv, L, S,
-                         dict(flags, MASK_GRAD=mask_grad)))
+                         dict(flags, MASK_GRAD=mask_grad, KV_TMA=kv_tma)))
     return None if sinks is None else dsinks_part.sum(dim=1)
 
 
