@@ -105,9 +105,10 @@ last stride, 16-byte aligned base and strides: contiguous tensors and Hugging Fa
 (B, N, H, D).transpose(1, 2) views for head dims that are multiples of 8); pointer tiles otherwise.
 The backward reads what its loops stream the same way: q and dO in the dK/dV kernel (QDO_TMA; with
 SPLIT a second pair of descriptors over this program's part of their columns), K and V in the dQ
-kernel (KV_TMA), each checked as the forward's K and V. Besides the address arithmetic this drops
-the proxy fence that every stage of cp.async copies needs before wgmma reads them (the d64 dK/dV
-loop: four MEMBAR + FENCE groups of six instructions an iteration).
+kernel (KV_TMA), each checked as the forward's K and V, from Triton 3.9 on (3.6's ptxas crashes on
+the dK/dV kernel's: configs.BACKWARD_DESCRIPTORS_FROM; pointer tiles there). Besides the address
+arithmetic this drops the proxy fence that every stage of cp.async copies needs before wgmma reads
+them (the d64 dK/dV loop: four MEMBAR + FENCE groups of six instructions an iteration).
 The forward writes out (and its rounding residual) the same way (O_TMA, Dv a multiple of 8): the
 TMA unit clips the last block at L, and no address or mask of the output tile takes registers at
 the end of the kernel (the d256 forward, whose accumulator holds 128 registers a thread, spilled
