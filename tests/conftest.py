@@ -4,9 +4,17 @@ TRITON_INTERPRET has to be set before Triton is imported, hence here, at the top
 """
 
 import os
+import sys
 
 import pytest
 import torch
+
+# The clone's root holds kernels/, installed as fastattn.kernels. On sys.path, where
+# `python -m pytest` puts the working directory, it would be the top-level package `kernels` and
+# hide Hugging Face's own `kernels`, which transformers >= 5.25 imports. The tests use the
+# installed fastattn only.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -8,8 +8,10 @@ nothing is downloaded."""
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -551,6 +553,30 @@ def test_patch_and_unpatch(model_cls, config, device):
 def test_import_fastattn_does_not_import_transformers():
     code = "import sys, fastattn; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_register_refuses_a_clone_root_hiding_hf_kernels():
+    """Run from a clone's root (the working directory on sys.path), kernels/ is the top-level
+    `kernels` and hides Hugging Face's package of that name, which transformers >= 5.25 imports:
+    register() refuses, naming the folder, where transformers would fail inside itself. Without
+    the root on sys.path it registers. Where Hugging Face's `kernels` is not installed, nothing is
+    hidden and both register."""
+    code = "import fastattn.integrations.transformers as t; t.register()"
+    root = Path(__file__).resolve().parents[1]
+    in_root = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    try:
+        importlib.metadata.distribution("kernels")
+        hidden = True
+    except importlib.metadata.PackageNotFoundError:
+        hidden = False
+    if hidden:
+        assert in_root.returncode != 0
+        assert f"{root / 'kernels'} (installed as fastattn.kernels)" in in_root.stderr, in_root.stderr
+    else:
+        assert in_root.returncode == 0, in_root.stderr
+    without_root = subprocess.run([sys.executable, "-c", "import sys; sys.path.remove(''); " + code],
+                                  cwd=root, capture_output=True, text=True)
+    assert without_root.returncode == 0, without_root.stderr
 
 
 def test_submodules_are_attributes_loaded_lazily():

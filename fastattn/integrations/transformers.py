@@ -26,6 +26,7 @@ float mask or one that differs per query or head, a gradient) takes the prefill 
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -312,8 +313,31 @@ def attention_mask(**kwargs) -> Optional[Tensor]:
     return mask
 
 
+def _check_kernels_not_hidden() -> None:
+    """Refuse, naming the cause, when fastattn's source folder kernels/ (installed as
+    fastattn.kernels) is on sys.path as the top-level package `kernels`, as a clone's root is when
+    it is the working directory: it hides Hugging Face's `kernels` package, which
+    transformers >= 5.25 imports, and transformers would fail with an ImportError inside it."""
+    import importlib.metadata
+    import importlib.util
+
+    top = importlib.util.find_spec("kernels")
+    ours = importlib.util.find_spec("fastattn.kernels")
+    if top is None or ours is None or top.origin != ours.origin:
+        return
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return  # no Hugging Face `kernels` installed: nothing is hidden
+    raise ImportError(
+        f"transformers cannot import Hugging Face's `kernels` package: sys.path holds a fastattn "
+        f"clone's root, whose folder {os.path.dirname(ours.origin)} (installed as fastattn.kernels) "
+        f"then hides it as the top-level `kernels`. Run from another directory, or with python -P.")
+
+
 def register() -> None:
     """Make attn_implementation="fastattn" available to transformers models (idempotent)."""
+    _check_kernels_not_hidden()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
