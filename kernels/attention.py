@@ -66,9 +66,11 @@ that sees no key gets out = 0); the backward's d(sink) = -sum_rows exp(sink - ls
 from the preprocess kernel, in per-block parts summed by the launcher (deterministic).
 
 Key-padding fast path: for a boolean (B, 1, 1, S) mask the launchers list, per batch, the key blocks
-that hold at least one visible key (and running counts of them per block); the forward and dQ loops
-walk that list, so fully padded key blocks are never loaded, and the dK/dV program of a fully padded
-key block skips its query loop (its dK, dV are 0).
+whose keys are all visible (whole), then those with some visible (partial), with running counts of
+each per block; the forward and dQ loops (and the decode kernel's) walk the whole blocks of each
+phase with no mask, then its partial ones with the mask, so fully padded key blocks are never
+loaded and a padded batch's main loop is the plain one; the dK/dV program of a fully padded key
+block skips its query loop (its dK, dV are 0).
 
 Dropout: the probabilities that multiply V are kept with probability 1 - p and scaled by
 1 / (1 - p) (the softmax normalisation l uses all of them, as torch's dropout(softmax(s)) @ v). The
@@ -504,7 +506,8 @@ def _key_block_bounds(m0, m_last, S, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr
 def _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING: tl.constexpr, BLOCK_N: tl.constexpr):
     """Loop bounds over the key blocks starting in [n_lo, n_hi) (n_lo a multiple of BLOCK_N): the
     keys themselves (step BLOCK_N), or with KEY_PADDING positions in the batch's list of visible
-    blocks (step 1; block_counts[j] = number of visible blocks before block j)."""
+    blocks (step 1; block_counts: one part's row of _visible_key_blocks' counts, see
+    _key_padding_part)."""
     if KEY_PADDING:
         i_lo = tl.load(block_counts + n_lo // BLOCK_N)
         i_hi = tl.load(block_counts + tl.cdiv(n_hi, BLOCK_N))
@@ -512,6 +515,18 @@ def _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING: tl.constexpr, BLOCK_
         i_lo = n_lo
         i_hi = n_hi
     return i_lo, i_hi
+
+
+@triton.jit
+def _key_padding_part(block_counts, part: tl.constexpr, N_KEY_BLOCKS, KEY_PADDING: tl.constexpr):
+    """block_counts of loop part `part` (a static_range index). With KEY_PADDING each phase's loop
+    runs twice: part 0 over the batch's whole key blocks, with no mask (every key visible), part 1
+    over its partial ones, with the mask (see _visible_key_blocks); otherwise once (part 0), with
+    block_counts as given."""
+    if KEY_PADDING:
+        return block_counts + part * (N_KEY_BLOCKS + 1)
+    else:
+        return block_counts
 
 
 @triton.jit
@@ -717,7 +732,7 @@ def _attn_fwd_kernel(
     Lse,  # (B, Hq, L), or (Hq, Tq): float32, unit stride along the query rows
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
     KeyBlocks,  # (B, cdiv(S, BLOCK_N)) int32: key blocks with a visible key first (KEY_PADDING)
-    KeyBlockCounts,  # (B, cdiv(S, BLOCK_N) + 1) int32: visible blocks before each (KEY_PADDING)
+    KeyBlockCounts,  # (B, 2, cdiv(S, BLOCK_N) + 1) int32: list positions (KEY_PADDING)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
     Alibi,  # (B, Hq) float32 ALiBi slopes through strides (0 on a broadcast batch) (HAS_ALIBI)
     Sinks,  # (Hq,) sink logits, any float dtype (HAS_SINKS)
@@ -776,7 +791,7 @@ def _attn_fwd_kernel(
     lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
     block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
-    block_counts = KeyBlockCounts + off_b * (N_KEY_BLOCKS + 1)
+    block_counts = KeyBlockCounts + off_b * (2 * (N_KEY_BLOCKS + 1))
     seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -806,15 +821,17 @@ def _attn_fwd_kernel(
         # 0: the window's left edge, masked; 1: the key blocks every row sees whole, no element
         # mask; 2: the right edge (the causal diagonal) and the ragged block at S, masked
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts, Lse, 1,
-            offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
-            stride_ks, stride_kd, stride_vs, stride_vd, 0, 0, stride_ml, stride_ms,
-            qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
-            phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-            SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 0,
-            KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
-        )
+        for part in tl.static_range(2 if KEY_PADDING else 1):
+            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, KEY_PADDING)
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, counts, Lse, 1,
+                offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
+                stride_ks, stride_kd, stride_vs, stride_vd, 0, 0, stride_ml, stride_ms,
+                qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
+                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK and (part == 1 or not KEY_PADDING),
+                MASK_IS_BOOL, KEY_PADDING, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 0,
+                KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+            )
     if HAS_ALIBI == 2:
         m_i -= slope2 * tl.arange(0, BLOCK_M).to(tl.float32)
 
@@ -1361,7 +1378,7 @@ def _attn_bwd_dq_kernel(
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
     dmask_base = _head_rows(dMask, off_b, off_h, 0, stride_dmb, stride_dmh, 0)
     block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
-    block_counts = KeyBlockCounts + off_b * (N_KEY_BLOCKS + 1)
+    block_counts = KeyBlockCounts + off_b * (2 * (N_KEY_BLOCKS + 1))
     seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
@@ -1379,16 +1396,18 @@ def _attn_bwd_dq_kernel(
                                                          BLOCK_N)
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the forward
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_src, v_src, mask_base, block_ids, block_counts,
-            dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
-            stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml,
-            stride_dms, qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale,
-            seed_bh,
-            phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-            SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD, KV_TMA, Q.dtype.element_ty, DOT_FP32,
-            DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
-        )
+        for part in tl.static_range(2 if KEY_PADDING else 1):  # as in the forward
+            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, KEY_PADDING)
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, k_src, v_src, mask_base, block_ids, counts,
+                dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
+                stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml,
+                stride_dms, qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale,
+                seed_bh,
+                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK and (part == 1 or not KEY_PADDING),
+                MASK_IS_BOOL, KEY_PADDING, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD, KV_TMA,
+                Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+            )
 
     dq *= _dqk_scale(scale, SOFTCAP, Q.dtype.element_ty)
     dq_base = _head_rows(dQ, off_b, off_h, q_start, stride_dqb, stride_dqh, stride_dql)
@@ -1457,10 +1476,14 @@ def _visible_key_blocks(mask: torch.Tensor, flags: dict, S: int, block_n: int,
                         placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Key-padding fast path: (KeyBlocks, KeyBlockCounts, N_KEY_BLOCKS) for key blocks of block_n.
 
-    KeyBlocks (B, nb) int32 lists per batch entry the key blocks holding at least one visible key,
-    in order, first (the rest follows); KeyBlockCounts (B, nb + 1) int32 counts them before each
-    block, so that the visible blocks among blocks [j0, j1) are KeyBlocks[b, counts[j0]:counts[j1]].
-    Built with a few small torch ops on the device (no host sync). Placeholders without the path.
+    KeyBlocks (B, nb) int32 lists per batch entry first its whole key blocks (every key below S
+    visible: the kernels apply no mask there), in order, then its partial ones (some keys
+    visible), in order; the blocks of padding only follow, never visited. KeyBlockCounts
+    (B, 2, nb + 1) int32 holds positions in that list: [b, 0, j] the whole blocks before block j,
+    [b, 1, j] all the whole blocks plus the partial ones before block j, so that the whole blocks
+    among blocks [j0, j1) are KeyBlocks[b, c[0, j0]:c[0, j1]] and the partial ones
+    KeyBlocks[b, c[1, j0]:c[1, j1]]. Built with a few small torch ops on the device (no host
+    sync). Placeholders without the path.
     """
     if not flags["KEY_PADDING"]:
         return placeholder, placeholder, 0
@@ -1468,11 +1491,18 @@ def _visible_key_blocks(mask: torch.Tensor, flags: dict, S: int, block_n: int,
     n_blocks = cdiv(S, block_n)
     keys = mask.new_zeros((B, n_blocks * block_n))
     keys[:, :S] = mask[:, 0, 0, :]  # (B, S) uint8
-    visible = keys.view(B, n_blocks, block_n).any(dim=2)  # (B, nb)
-    counts = torch.zeros((B, n_blocks + 1), dtype=torch.int32, device=mask.device)
-    counts[:, 1:] = visible.cumsum(dim=1)
-    ids = torch.argsort((~visible).to(torch.uint8), dim=1, stable=True).to(torch.int32)
-    return ids, counts, n_blocks
+    blocks = keys.view(B, n_blocks, block_n)
+    visible = blocks.any(dim=2)  # (B, nb)
+    if S % block_n:
+        keys[:, S:] = 1  # the ragged last block is whole when its keys below S are visible
+    whole = blocks.all(dim=2)  # (B, nb); whole blocks are visible ones
+    # One running count over [0, whole..., 0, partial...]: row 1 goes on from row 0's total
+    flags = torch.zeros((B, 2, n_blocks + 1), dtype=torch.int32, device=mask.device)
+    flags[:, 0, 1:] = whole
+    flags[:, 1, 1:] = visible ^ whole
+    counts = flags.view(B, -1).cumsum(dim=1, dtype=torch.int32).view(B, 2, n_blocks + 1)
+    ids = torch.argsort(visible.to(torch.uint8) + whole, dim=1, descending=True, stable=True)
+    return ids.to(torch.int32), counts, n_blocks
 
 
 def _descriptor_ready(t: torch.Tensor) -> bool:

@@ -42,8 +42,8 @@ import triton.language as tl
 
 from .attention import (_LN2, _LOG2E, _ROW_MAX_START, _attn_fwd_inner, _block_dims,
                         _descriptor_flag, _diagonals, _dot_flags, _dot_operand, _key_block_bounds,
-                        _page_rows, _phase_range, _rounded, _softcap_factors, _softmax_finish,
-                        _visible_key_blocks)
+                        _key_padding_part, _page_rows, _phase_range, _rounded,
+                        _softcap_factors, _softmax_finish, _visible_key_blocks)
 from .configs import (COMPILE_OPTIONS, cdiv, decode_config, decode_num_splits, device_guard,
                       next_power_of_2)
 from .numerics import round_to
@@ -260,7 +260,7 @@ def _decode_fwd_kernel(
         v_src = v_base
     mask_base = Mask + off_b.to(tl.int64) * stride_mb
     block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
-    block_counts = KeyBlockCounts + off_b * (N_KEY_BLOCKS + 1)
+    block_counts = KeyBlockCounts + off_b * (2 * (N_KEY_BLOCKS + 1))
 
     qk_scale = scale * _LOG2E
     cap_in, cap_out = _softcap_factors(scale, softcap, SOFTCAP)
@@ -284,15 +284,17 @@ def _decode_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the prefill forward
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, block_counts, page_table,
-            n_cache, offs_i, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
-            stride_ks, stride_kd, stride_vs, stride_vd, stride_kb, stride_vb, 0, stride_ms,
-            qk_scale, cap_in, cap_out, slope2, 0, 0,
-            phase != 1, WINDOW_LEFT, WINDOW_RIGHT, KEY_PADDING, True, KEY_PADDING,
-            SOFTCAP, HAS_ALIBI, False, PAGE_SIZE,
-            KV_TMA, DTYPE, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
-        )
+        for part in tl.static_range(2 if KEY_PADDING else 1):  # whole key blocks, then partial
+            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, KEY_PADDING)
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, counts, page_table,
+                n_cache, offs_i, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
+                stride_ks, stride_kd, stride_vs, stride_vd, stride_kb, stride_vb, 0, stride_ms,
+                qk_scale, cap_in, cap_out, slope2, 0, 0,
+                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, KEY_PADDING and part == 1, True, KEY_PADDING,
+                SOFTCAP, HAS_ALIBI, False, PAGE_SIZE,
+                KV_TMA, DTYPE, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+            )
 
     # The sink joins the softmax once: in the merge when the keys are split.
     out, lse = _softmax_finish(acc, l_i, m_i, Sinks + offs_h, HAS_SINKS and not SPLIT)

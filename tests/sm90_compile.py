@@ -203,6 +203,7 @@ STATIC_FEATURES = {
     "plain": {},
     "causal": dict(is_causal=True),
     "mask": dict(mask=True),  # a bool (L, S) attn_mask (not the key-padding fast path)
+    "key padding": dict(mask="key padding"),  # a bool (B, 1, 1, S) one: BERT's padded batches
     "dropout": dict(dropout_p=0.1),
     "varlen": dict(varlen=True),  # two packed sequences
     "gqa": dict(group=4),  # Hq = 4 * Hkv
@@ -349,7 +350,11 @@ def _launch_attention(head_dim: int, is_causal=False, mask=False, dropout_p=0.0,
     B, Hq, N = STATIC_SHAPE
     Hkv, scale = Hq // group, head_dim ** -0.5
     seed = torch.zeros(1, dtype=torch.int64) if dropout_p else None
-    attn_mask = torch.ones(N, N, dtype=torch.bool) if mask else None  # (L, S)
+    attn_mask = None
+    if mask == "key padding":
+        attn_mask = torch.ones(B, 1, 1, N, dtype=torch.bool)  # (B, 1, 1, S)
+    elif mask:
+        attn_mask = torch.ones(N, N, dtype=torch.bool)  # (L, S)
     mods = (*window, False, softcap, torch.ones(B, Hq) if alibi else None,
             torch.zeros(Hq) if sinks else None)  # the launchers' score modifiers
     if varlen:

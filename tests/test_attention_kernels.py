@@ -234,6 +234,35 @@ def test_key_padding_skips_padded_key_blocks():
     assert general.isnan().any(), "the general mask path should have read the NaN blocks"
 
 
+def test_key_padding_block_lists_split_whole_and_partial_blocks():
+    """_visible_key_blocks against brute force on random (B, 1, 1, S) masks, ragged S among them:
+    per batch, the whole key blocks (every key below S visible; the kernels apply no mask there)
+    in order, then the partial ones in order, then the padding-only ones, and counts giving, for
+    any block range [j0, j1), the list positions of its whole blocks (row 0) and of its partial
+    ones (row 1)."""
+    rng = random.Random(5)
+    for case in range(40):
+        B, S, block_n = rng.randint(1, 3), rng.choice([1, 3, 16, 97, 128, 300]), rng.choice([16, 64])
+        p = rng.choice([0.0, 0.05, 0.5, 1.0])
+        runs = torch.rand(B, 1, 1, S) > p  # scattered padding
+        if rng.random() < 0.5:  # or BERT's: a run of real tokens, then padding
+            lengths = torch.randint(0, S + 1, (B,))
+            runs = (torch.arange(S) < lengths[:, None])[:, None, None, :]
+        ids, counts, nb = attention._visible_key_blocks(runs.view(torch.uint8), {"KEY_PADDING": True},
+                                                        S, block_n, None)
+        assert nb == -(-S // block_n) and ids.dtype == counts.dtype == torch.int32
+        for b in range(B):
+            keys = runs[b, 0, 0].tolist()
+            blocks = [keys[j * block_n:(j + 1) * block_n] for j in range(nb)]
+            whole = [j for j in range(nb) if all(blocks[j])]
+            partial = [j for j in range(nb) if any(blocks[j]) and not all(blocks[j])]
+            rest = [j for j in range(nb) if not any(blocks[j])]
+            assert ids[b].tolist() == whole + partial + rest, (case, b)
+            for j in range(nb + 1):
+                assert counts[b, 0, j] == sum(1 for i in whole if i < j), (case, b, j)
+                assert counts[b, 1, j] == len(whole) + sum(1 for i in partial if i < j), (case, b, j)
+
+
 # --------------------------------------------------------------------------------------------------
 # Loop phases: which blocks take the element mask, and what loads without a row mask
 # --------------------------------------------------------------------------------------------------
