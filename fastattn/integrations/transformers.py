@@ -329,10 +329,11 @@ def _check_kernels_not_hidden() -> None:
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         return  # no Hugging Face `kernels` installed: nothing is hidden
+    folder = os.path.dirname(ours.origin)
     raise ImportError(
         f"transformers cannot import Hugging Face's `kernels` package: sys.path holds a fastattn "
-        f"clone's root, whose folder {os.path.dirname(ours.origin)} (installed as fastattn.kernels) "
-        f"then hides it as the top-level `kernels`. Run from another directory, or with python -P.")
+        f"clone's root, whose folder {folder} (installed as fastattn.kernels) then hides it as "
+        f"the top-level `kernels`. Run from another directory, or with python -P.")
 
 
 def register() -> None:
