@@ -75,10 +75,11 @@ block skips its query loop (its dK, dV are 0).
 Dropout: the probabilities that multiply V are kept with probability 1 - p and scaled by
 1 / (1 - p) (the softmax normalisation l uses all of them, as torch's dropout(softmax(s)) @ v). The
 keep-mask comes from Philox (numerics.dropout_keep_tile) keyed by (seed, b * Hq + h), the seed read
-from a device tensor (so a CUDA graph replays with the seed drawn in that replay), with the counter
-(k_idx // 4, q_idx): one call gives the 4 words of 4 keys, unique per (batch, head, query, key) for
-any length below 2^32 (per sequence for varlen). The backward draws the same numbers for the same
-(query, key) pairs, whatever its tiles.
+from a device tensor (so a CUDA graph replays with the seed drawn in that replay): one call gives
+the 4 words of queries {q, q + 8} x keys {k, k + 8}, the scores one thread holds in the MMA layout
+of either orientation, unique per (batch, head, query, key) for any length below 2^32 (per
+sequence for varlen). The backward draws the same numbers for the same (query, key) pairs, whatever
+its tiles (multiples of 16, as every attention tile is).
 
 Variable length (IS_VARLEN): the batch grid axis runs over sequences; a program reads its sequence's
 start and length from cu_seqlens and works on rows start .. start + length - 1 of the packed
@@ -441,13 +442,12 @@ def _scores(a, b, q_idx, k_idx, shift, L, S, diag_lo, diag_hi, off,
 
 
 @triton.jit
-def _dropout_keep(seed_bh, q_idx, k_idx, n0, dropout_threshold):
-    """Dropout keep-mask of a tile whose keys k_idx are n0 + arange(BLOCK_N) (n0 a multiple of 4),
-    in the orientation of q_idx / k_idx: Philox keyed by seed_bh (seed + (b * Hq + h) << 32), see
-    numerics.dropout_keep_tile (which draws the words of 4 keys at once, so it takes key // 4)."""
-    k4 = n0 // 4 + tl.arange(0, k_idx.numel // 4)
-    k4_idx = k4[None, :] if q_idx.shape[1] == 1 else k4[:, None]
-    return dropout_keep_tile(seed_bh, q_idx, k4_idx, dropout_threshold)
+def _dropout_keep(seed_bh, q_idx, k_idx, m0, n0, dropout_threshold):
+    """Dropout keep-mask of a tile whose queries q_idx are m0 + arange(BLOCK_M) and keys k_idx
+    n0 + arange(BLOCK_N) (m0, n0 multiples of 16), in the orientation of q_idx / k_idx: Philox
+    keyed by seed_bh (seed + (b * Hq + h) << 32), see numerics.dropout_keep_tile."""
+    return dropout_keep_tile(seed_bh, m0, n0, q_idx.numel, k_idx.numel, q_idx.shape[0] == 1,
+                             dropout_threshold)
 
 
 @triton.jit
@@ -648,6 +648,7 @@ def _attn_fwd_inner(
     # One-sided ALiBi's key part: in the unmasked phase one vector for every block (plus a number
     # per block, see below); in the masked phases, where more values are live, made per block
     keys = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
+    m0 = tl.min(offs_m, 0) if HAS_DROPOUT else 0  # the tile's first query (dropout's counters)
     i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
     STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
     for i in range(i_lo, i_hi, STEP):
@@ -687,7 +688,8 @@ def _attn_fwd_inner(
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old row max
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:  # l keeps every probability; only those that multiply V are dropped
-            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], n0, dropout_threshold)
+            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], m0, n0,
+                                 dropout_threshold)
             p = tl.where(keep, p, 0.0)
         pv = tl.dot(_dot_operand(p, DTYPE, DOT_FP32), v, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
@@ -909,7 +911,7 @@ def _attn_probs_kernel(
             else:
                 p = tl.exp2(s - m_i[:, None])
                 if HAS_DROPOUT:
-                    keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], n0,
+                    keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], m0, n0,
                                          dropout_threshold)
                     p = tl.where(keep, p, -p)
                 _store_tile(p_base, p, offs_m, offs_n, L, S, stride_pl, stride_ps)
@@ -992,7 +994,7 @@ def _attn_bwd_tile(
     a_s, b_s,  # s = a_s @ b_s: q @ k^T, or k @ q^T for the transposed tile
     a_dp, b_dp,  # dP = a_dp @ b_dp: dO @ V^T, or V @ dO^T
     lse2, delta,  # fp32 per query row, broadcast like q_idx: base-2 logsumexp and rowsum(dO * O)
-    q_idx, k_idx, n0, L, S, diag_lo, diag_hi, off,  # n0: the tile's first key (k_idx = n0 + ...)
+    q_idx, k_idx, m0, n0, L, S, diag_lo, diag_hi, off,  # the tile's first query and key
     qk_scale, cap_in, cap_out, alibi,  # alibi: the slope, or the key part (_scores)
     mask_base, stride_ml, stride_ms,
     dropout_threshold, dropout_scale, seed_bh,
@@ -1023,7 +1025,7 @@ def _attn_bwd_tile(
     p = tl.exp2(x)  # 0 where hidden
     dp = tl.dot(a_dp, b_dp, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed_bh, q_idx, k_idx, n0, dropout_threshold)
+        keep = _dropout_keep(seed_bh, q_idx, k_idx, m0, n0, dropout_threshold)
         z = tl.where(keep, dropout_scale, 0.0)
         dp = dp * z
         pz = p * z
@@ -1098,8 +1100,8 @@ def _attn_bwd_dkdv_inner(
             lse2 += slope2 * (rows + start_m.to(tl.float32))
         delta = tl.load(delta_base + offs_m)
         pT, _, dsT = _attn_bwd_tile(k, qT, v, tl.trans(do), lse2[None, :], delta[None, :],
-                                    offs_m[None, :], offs_n[:, None], n0, L, S, diag_lo, diag_hi,
-                                    off, qk_scale, cap_in, cap_out, alibi,
+                                    offs_m[None, :], offs_n[:, None], start_m, n0, L, S,
+                                    diag_lo, diag_hi, off, qk_scale, cap_in, cap_out, alibi,
                                     mask_base, stride_ml, stride_ms, dropout_threshold,
                                     dropout_scale, seed_bh,
                                     MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL,
@@ -1271,6 +1273,7 @@ def _attn_bwd_dq_inner(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     alibi = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
+    m0 = tl.min(offs_m, 0) if HAS_DROPOUT else 0  # the tile's first query (dropout's counters)
     i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
     STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
     # Unmasked, every key block is whole (keys < S: _key_block_bounds): no row mask
@@ -1290,8 +1293,9 @@ def _attn_bwd_dq_inner(
         if HAS_ALIBI == 2:  # the block's slope2 * (n0 - ref), per row, not per score
             shift = lse2 - slope2 * (n0 - alibi_ref).to(tl.float32)
         _, ds, ds_qk = _attn_bwd_tile(q, kT, do, vT, shift[:, None], delta[:, None],
-                                      offs_m[:, None], offs_n[None, :], n0, L, S, diag_lo, diag_hi,
-                                      alibi_ref, qk_scale, cap_in, cap_out, alibi,
+                                      offs_m[:, None], offs_n[None, :], m0, n0, L, S,
+                                      diag_lo, diag_hi, alibi_ref, qk_scale, cap_in, cap_out,
+                                      alibi,
                                       mask_base, stride_ml, stride_ms, dropout_threshold,
                                       dropout_scale, seed_bh,
                                       MASKED, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL,

@@ -188,18 +188,21 @@ _ATTN_BWD_DQ_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 16, 16, 8, 1
 # attn_mask (a mask tile) take the rows above: with K / V by TMA they fit (sm_90 compile, no
 # spills; their bigger tiles cut the mask's share of the loop's instructions: d128 dK/dV issue:TC
 # 1.25 -> 0.96, dQ 1.32 -> 0.94, forward 1.55 -> 1.07). The fp32 tables serve them unchanged.
-# Hopper rows re-read with one Philox call per 4 keys (numerics.dropout_keep_tile), Triton 3.9: the
+# Hopper rows re-read with one Philox call per 4 scores (numerics.dropout_keep_tile), Triton 3.9: the
 # widest tiles that do not spill (d128 forward 128 x 32 -> 128 x 64, issue:TC 2.03 -> 1.61; d64
-# forward 128 x 32 -> 128 x 128, 3.63 -> 2.55; with out written through a tensor descriptor its
-# masked loop spills 24 bytes on 3.9, none on 3.6). The d256 forward's 64 x 64 spills 12 bytes on
-# 3.9 and 40 on 3.6 (148 / 92 before that descriptor); on 1 stage 0 / 112, and 64 x 32 is clean on
-# both but at issue:TC 1.2-1.3: it keeps 2 stages.
-_ATTN_FWD_HOPPER_DROPOUT = ((64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (256, 64, 64, 4, 2))
+# forward 128 x 32 -> 128 x 128, 3.63 -> 2.55). With the 2 x 2 scores of a Philox call drawn in
+# the MMA's accumulator layout (no conversion through shared memory) the d128 forward needs 176
+# registers, not 207 (issue:TC 1.52), the d256 forward's 64 x 64 stopped spilling (12 bytes before),
+# the d64 forward takes 64 x 128 on 4 warps, 2 stages (2 CTAs per SM; issue:TC 2.55, no spill:
+# its 128 x 128 spilled 24 bytes, and is at 2.83 without spilling), and the d128 dQ 128 x 64
+# (1.14 -> 0.91; 0.99 on 3.6, 254 registers, no spill). The d128 dK/dV's 32 x 128 still spills
+# (16-20 bytes on 1 or 2 stages; 1.32 with SPLIT 2): it keeps 16 x 128.
+_ATTN_FWD_HOPPER_DROPOUT = ((64, 64, 128, 4, 2), (128, 128, 64, 8, 3), (256, 64, 64, 4, 2))
 _ATTN_FWD_AMPERE_DROPOUT = ((64, 64, 64, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 _ATTN_BWD_DKDV_HOPPER_DROPOUT = ((64, 32, 128, 8, 3), (128, 16, 128, 8, 2),
                                  (256, 16, 128, 8, 1, 2))
 _ATTN_BWD_DKDV_AMPERE_DROPOUT = ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2), (256, 16, 32, 8, 1))
-_ATTN_BWD_DQ_HOPPER_DROPOUT = ((64, 128, 64, 8, 3), (128, 128, 32, 8, 2), (256, 128, 16, 8, 2))
+_ATTN_BWD_DQ_HOPPER_DROPOUT = ((64, 128, 64, 8, 3), (128, 128, 64, 8, 2), (256, 128, 16, 8, 2))
 _ATTN_BWD_DQ_AMPERE_DROPOUT = ((64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (256, 32, 32, 8, 1))
 
 # Under the interpreter: one fixed setting per pass (warps and stages are ignored there). The tiles

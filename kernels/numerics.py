@@ -6,9 +6,10 @@ the rounding error of every bf16 output on CPU test machines; there the value is
 nearest even on its fp32 bits, so the truncation that follows is exact and CPU tests see the GPU's
 rounding.
 
-Dropout: `dropout_keep_tile(seed, q_idx, k4_idx, threshold)` draws the keep-mask of an attention
-score tile with one Philox call per 4 keys, `dropout_keep(seed, rows, cols, threshold)` that of a
-norm or embedding tile in the same way (4 columns per call); `dropout_args(p)` gives the integer
+Dropout: `dropout_keep_tile(seed, q0, k0, ...)` draws the keep-mask of an attention score tile
+with one Philox call per 2 x 2 scores (queries q, q + 8 by keys k, k + 8: the scores one thread
+holds), `dropout_keep(seed, rows, cols, threshold)` that of a norm or embedding tile with one call
+per 4 consecutive columns of a row; `dropout_args(p)` gives the integer
 threshold they compare with and the scale of the kept values. The seed lives in device memory,
 a (1,) int64 tensor the host drew there (fastattn._validate.dropout_seed) and passed as a pointer
 (`seed_arg`), read in the kernel with `load_seed`: no host sync, so torch.compile keeps the draw in
@@ -124,41 +125,61 @@ def _philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def dropout_keep_tile(seed, q_idx, k4_idx, threshold):
-    """Dropout keep-mask of a score tile of one (batch, head), drawn with Philox-4x32-10 keyed by
-    the int64 `seed`.
+def dropout_keep_tile(seed, q0, k0, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                      KEYS_ON_ROWS: tl.constexpr, threshold):
+    """Dropout keep-mask of the score tile of queries q0 + arange(BLOCK_Q) x keys k0 +
+    arange(BLOCK_K) of one (batch, head), (BLOCK_Q, BLOCK_K), or with KEYS_ON_ROWS its transpose
+    (BLOCK_K, BLOCK_Q); q0, k0, BLOCK_Q and BLOCK_K multiples of 16. Philox-4x32-10 keyed by the
+    int64 `seed`.
 
-    One Philox call per query and 4 consecutive keys, counter (key // 4, query, 0, 0): its four
-    32-bit words decide keys 4 * (key // 4) + 0 ... + 3, each kept iff the word, read as a signed
-    int32 (uniform on [-2**31, 2**31)), is >= threshold (= ceil(p * 2**32) - 2**31: the drop rate
-    is p to within 2**-32). A mask depends only on (seed, query, key), so every pass and every tile
-    shape draws the same one, for a quarter of the Philox work of one call per score.
-
-    q_idx (BLOCK_Q, 1) and k4_idx (1, BLOCK_K // 4) (key // 4) give the (BLOCK_Q, BLOCK_K) mask;
-    q_idx (1, BLOCK_Q) and k4_idx (BLOCK_K // 4, 1) the transposed (BLOCK_K, BLOCK_Q) one.
+    One Philox call per pair of queries {q, q + 8} and pair of keys {k, k + 8} (q, k with bit 3
+    clear), counter (half(k), half(q), 0, 0) with half(x) = (x >> 4) * 8 + (x & 7) (x without its
+    bit 3): its word 2 * (q >> 3 & 1) + (k >> 3 & 1) decides (q, k), kept iff the word, read as a
+    signed int32 (uniform on [-2**31, 2**31)), is >= threshold (= ceil(p * 2**32) - 2**31: the
+    drop rate is p to within 2**-32). A mask depends only on (seed, query, key), so every pass and
+    every tile shape draws the same one, for a quarter of the Philox work of one call per score.
+    The four scores of a call sit in one thread in the accumulator layout of the MMAs (wgmma and
+    mma.sync give a thread rows r and r + 8, and columns c and c + 8), in either orientation: the
+    mask is drawn where the scores are, with no layout conversion through shared memory.
     """
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    tl.static_assert(BLOCK_Q % 16 == 0 and BLOCK_K % 16 == 0, "dropout tiles: multiples of 16")
+    key0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    key1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     zero = tl.zeros((1, 1), dtype=tl.uint32)
-    r0, r1, r2, r3 = _philox4x32(k4_idx.to(tl.uint32), q_idx.to(tl.uint32), zero, zero, k0, k1)
-    if k4_idx.shape[0] == 1:  # keys along the columns: word j of a call is column 4 * k4 + j
-        words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    else:  # keys along the rows: [k4, q, a, b] is word 2a + b, moved to row 4 * k4 + 2a + b
-        words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-        words = tl.reshape(tl.permute(words, 0, 2, 3, 1),
-                           (4 * words.shape[0], words.shape[1]))
+    qh = (q0 // 2 + tl.arange(0, BLOCK_Q // 2)).to(tl.uint32)  # half(q) of the q with bit 3 clear
+    kh = (k0 // 2 + tl.arange(0, BLOCK_K // 2)).to(tl.uint32)
+    if KEYS_ON_ROWS:
+        r0, r1, r2, r3 = _philox4x32(kh[:, None], qh[None, :], zero, zero, key0, key1)
+    else:
+        r0, r1, r2, r3 = _philox4x32(kh[None, :], qh[:, None], zero, zero, key0, key1)
+    # [.., kb, qb]: word 2 qb + kb, qb / kb the bit 3 of the query / key
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    # key 16 u + 8 kb + v, query 16 i + 8 qb + j
+    if KEYS_ON_ROWS:  # [u, v, i, j, kb, qb] -> [u, kb, v, i, qb, j]
+        words = tl.reshape(words, (BLOCK_K // 16, 8, BLOCK_Q // 16, 8, 2, 2))
+        words = tl.reshape(tl.permute(words, 0, 4, 1, 2, 5, 3), (BLOCK_K, BLOCK_Q))
+    else:  # [i, j, u, v, kb, qb] -> [i, qb, j, u, kb, v]
+        words = tl.reshape(words, (BLOCK_Q // 16, 8, BLOCK_K // 16, 8, 2, 2))
+        words = tl.reshape(tl.permute(words, 0, 5, 1, 2, 4, 3), (BLOCK_Q, BLOCK_K))
     return words.to(tl.int32, bitcast=True) >= threshold
 
 
 @triton.jit
 def dropout_keep(seed, rows, cols, threshold):
     """The keep-mask of the (len(rows), len(cols)) tile of a row-major tensor (the norms' and
-    embeddings' dropout), drawn as dropout_keep_tile draws a score tile with rows for queries and
-    cols for keys; cols = c0 + arange(BLOCK), c0 a multiple of 4 and BLOCK >= 4 (configs.py keeps
-    the norm and embedding blocks so), so a mask depends only on (seed, row, col), whatever the
-    tiles of the pass that draws it."""
+    embeddings' dropout), Philox-4x32-10 keyed by the int64 `seed`: one call per row and 4
+    consecutive columns, counter (col // 4, row, 0, 0), its word col % 4 deciding (row, col) as in
+    dropout_keep_tile. cols = c0 + arange(BLOCK), c0 a multiple of 4 and BLOCK >= 4 (configs.py
+    keeps the norm and embedding blocks so), so a mask depends only on (seed, row, col), whatever
+    the tiles of the pass that draws it."""
     c4 = tl.min(tl.reshape(cols, (cols.numel // 4, 4)), 1) // 4  # the groups of 4 columns
-    return dropout_keep_tile(seed, rows[:, None], c4[None, :], threshold)
+    key0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    key1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros((1, 1), dtype=tl.uint32)
+    r0, r1, r2, r3 = _philox4x32(c4[None, :].to(tl.uint32), rows[:, None].to(tl.uint32), zero,
+                                 zero, key0, key1)
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4 c4 + word
+    return words.to(tl.int32, bitcast=True) >= threshold
 
 
 def dropout_threshold(p: float) -> int:

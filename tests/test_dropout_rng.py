@@ -67,31 +67,51 @@ def _keep_tile_kernel(Seed, Keep, KeepT, m0, n0, threshold,
     forward and dQ do, (BLOCK_Q, BLOCK_K) into Keep, and as dK/dV does, (BLOCK_K, BLOCK_Q) into
     KeepT."""
     seed = tl.load(Seed)
-    offs_q = m0 + tl.arange(0, BLOCK_Q)
-    k4 = n0 // 4 + tl.arange(0, BLOCK_K // 4)
     rows_q = tl.arange(0, BLOCK_Q)
     rows_k = tl.arange(0, BLOCK_K)
-    keep = numerics.dropout_keep_tile(seed, offs_q[:, None], k4[None, :], threshold)
+    keep = numerics.dropout_keep_tile(seed, m0, n0, BLOCK_Q, BLOCK_K, False, threshold)
     tl.store(Keep + rows_q[:, None] * BLOCK_K + rows_k[None, :], keep.to(tl.int8))
-    keep_t = numerics.dropout_keep_tile(seed, offs_q[None, :], k4[:, None], threshold)
+    keep_t = numerics.dropout_keep_tile(seed, m0, n0, BLOCK_Q, BLOCK_K, True, threshold)
     tl.store(KeepT + rows_k[:, None] * BLOCK_Q + rows_q[None, :], keep_t.to(tl.int8))
 
 
+def _signed(word):
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def _half(x):
+    """x without its bit 3: the counter of the pair {x, x + 8} (x with bit 3 clear)."""
+    return (x >> 4) * 8 + (x & 7)
+
+
 def expected_keep(seed, rows, cols, threshold):
-    """The keep-mask the generator defines for rows x cols (queries x keys), in plain Python."""
+    """The attention keep-mask the generator defines for rows x cols (queries x keys), in plain
+    Python: word 2 * (q >> 3 & 1) + (k >> 3 & 1) of Philox((half(k), half(q), 0, 0), seed)."""
     keep = torch.zeros(len(rows), len(cols), dtype=torch.int8)
     for i, q in enumerate(rows):
         for j, k in enumerate(cols):
-            word = philox_python((k // 4, q, 0, 0), (seed & _M32, seed >> 32))[k % 4]
-            keep[i, j] = int((word - (1 << 32) if word >= 1 << 31 else word) >= threshold)
+            words = philox_python((_half(k), _half(q), 0, 0), (seed & _M32, seed >> 32))
+            keep[i, j] = int(_signed(words[2 * (q >> 3 & 1) + (k >> 3 & 1)]) >= threshold)
+    return keep
+
+
+def expected_norm_keep(seed, rows, cols, threshold):
+    """The norm / embedding keep-mask in plain Python: word col % 4 of
+    Philox((col // 4, row, 0, 0), seed)."""
+    keep = torch.zeros(len(rows), len(cols), dtype=torch.int8)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            word = philox_python((c // 4, r, 0, 0), (seed & _M32, seed >> 32))[c % 4]
+            keep[i, j] = int(_signed(word) >= threshold)
     return keep
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.93])
 def test_keep_tile_is_the_generator_in_both_orientations(p):
-    """Score (q, k) is kept iff word k % 4 of Philox((k // 4, q, 0, 0), seed), read as a signed
-    int32, is >= dropout_threshold(p); the transposed tile of dK/dV is the same mask; seeds with
-    their high word set (the per-(batch, head) part) key the generator."""
+    """Score (q, k) is kept iff word 2 * (q >> 3 & 1) + (k >> 3 & 1) of
+    Philox((half(k), half(q), 0, 0), seed), read as a signed int32, is >= dropout_threshold(p);
+    the transposed tile of dK/dV is the same mask; seeds with their high word set (the
+    per-(batch, head) part) key the generator."""
     seed = (37 << 32) + 0x1234ABCD  # (b * Hq + h) << 32 plus the drawn seed, as the kernels form it
     m0, n0, block_q, block_k = 48, 96, 16, 32
     threshold = numerics.dropout_threshold(p)
@@ -104,6 +124,14 @@ def test_keep_tile_is_the_generator_in_both_orientations(p):
     assert torch.equal(keep.cpu(), expected)
     assert torch.equal(keep_t.cpu(), expected.T)
     assert 0 < expected.sum() < expected.numel()  # a real mask at these p, not all kept or dropped
+
+
+def test_keep_tile_draws_each_score_from_its_own_word():
+    """Over a 64 x 64 tile every (query, key) reads a distinct (counter, word) pair: the mapping
+    is one to one, so no two scores share a random number."""
+    pairs = {((_half(k), _half(q)), 2 * (q >> 3 & 1) + (k >> 3 & 1))
+             for q in range(64) for k in range(64)}
+    assert len(pairs) == 64 * 64
 
 
 @triton.jit
@@ -126,7 +154,7 @@ def test_norm_keep_mask_is_the_generator_whatever_the_tiles(block_m, block_n):
     seed_t = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
     _keep_rows_kernel[(rows // block_m, cols // block_n)](seed_t, keep, threshold, cols,
                                                           BLOCK_M=block_m, BLOCK_N=block_n)
-    assert torch.equal(keep.cpu(), expected_keep(seed, range(rows), range(cols), threshold))
+    assert torch.equal(keep.cpu(), expected_norm_keep(seed, range(rows), range(cols), threshold))
 
 
 def test_dropout_threshold():
