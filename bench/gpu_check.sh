@@ -35,8 +35,8 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')
   # SIGINT at the limit, so that pytest still prints what failed so far.
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   echo "== tests (python3 -m pytest tests -q $XDIST)"
-  timeout -s INT -k 20 230 python3 -m pytest tests -q -p no:cacheprovider --durations=10 $XDIST \
-    --ignore tests/test_hopper_static.py -rfE --tb=short
+  timeout -s INT -k 15 200 python3 -m pytest tests -q -p no:cacheprovider --durations=10 $XDIST \
+    --ignore tests/test_hopper_static.py --continue-on-collection-errors -rfE --tb=short
   TESTS=$?
   echo "tests exit $TESTS at $((SECONDS - START)) s"
 
@@ -49,7 +49,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')
   ((BUDGET < 90)) && BUDGET=90
   ((BUDGET > 240)) && BUDGET=240
   echo "== bench (python3 -m bench --out $OUT --budget-s $BUDGET)"
-  timeout 420 python3 -m bench --out "$OUT" --budget-s "$BUDGET"
+  timeout -s INT -k 15 300 python3 -m bench --out "$OUT" --budget-s "$BUDGET"
   BENCH=$?
   echo "bench exit $BENCH at $((SECONDS - START)) s"
   echo "== exit codes: tests $TESTS, bench $BENCH (124: timed out); files in $OUT:"
