@@ -526,6 +526,15 @@ def _descriptor_cases():
     ]
 
 
+def _skip_without_backward_descriptors() -> None:
+    """On a GPU, the backward takes descriptors only from configs.BACKWARD_DESCRIPTORS_FROM on:
+    an older Triton's ptxas crashes compiling them (3.6: SIGSEGV, seen on an H200), so forcing
+    them there tests nothing fastattn runs."""
+    if DEVICE == "cuda" and configs._triton_version() < configs.BACKWARD_DESCRIPTORS_FROM:
+        pytest.skip(f"the backward takes no descriptors before Triton "
+                    f"{'.'.join(map(str, configs.BACKWARD_DESCRIPTORS_FROM))}")
+
+
 def _descriptor_inputs(case, seed: int) -> tuple:
     """(q, k, v, do, mask, dropout seed) of a _descriptor_cases() case, drawn under `seed`; skips
     on a GPU that takes no descriptors."""
@@ -573,6 +582,7 @@ def test_backward_descriptor_path_equals_pointer_path(case, monkeypatch):
     zero fill past L, S and D matches the masked loads; each path really ran (the flags the two
     kernels were launched with). dO is a (B, N, H, D).transpose(1, 2) view where q is."""
     _, B, Hq, Hkv, L, S, D, Dv, causal, mask_kind, dropout_p, strided, dtype = case
+    _skip_without_backward_descriptors()
     q, k, v, do, mask, seed = _descriptor_inputs(case, 16)
     out, lse, lo = attention.attention_fwd(q, k, v, D**-0.5, causal, mask, dropout_p, seed, True)
     mask_grad = mask_kind == "float"
@@ -600,6 +610,7 @@ def test_backward_descriptors_split_columns(monkeypatch):
     BLOCK_M x 128, at column 128 for the second): bitwise the pointer path's gradients."""
     if DEVICE == "cuda" and configs.arch_major(torch.device(DEVICE)) < 9:
         pytest.skip("tensor descriptors are chosen on Hopper and newer only")
+    _skip_without_backward_descriptors()
     use_gpu_tiles(9, 256, torch.bfloat16, False, monkeypatch)
     (dkdv,) = attention.attention_bwd_candidates(256, torch.bfloat16, torch.device(DEVICE))["dkdv"]
     assert dkdv["SPLIT"] == 2

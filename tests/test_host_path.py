@@ -15,6 +15,7 @@ import torch
 
 import fastattn
 from fastattn import _dispatch, _validate
+from conftest import HAS_CUDA
 from helpers import assert_kernels_ran
 
 attention_module = importlib.import_module("fastattn.attention")
@@ -129,12 +130,17 @@ def test_no_autograd_node_without_grad(device):
 
 def test_dispatch_decision_follows_triton_interpret(monkeypatch):
     """The cached path still follows TRITON_INTERPRET: unset, CPU tensors take torch's ops; set,
-    the interpreter (Triton is imported interpreted in this session)."""
+    the interpreter where Triton was imported interpreted (a CPU session), and a clear error
+    where it was imported compiled (a CUDA session)."""
     cpu = torch.zeros(1)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert fastattn.backend(cpu) == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert fastattn.backend(cpu) == "triton-interpreter"
+    if HAS_CUDA:
+        with pytest.raises(RuntimeError, match="Triton was imported while it was unset"):
+            fastattn.backend(cpu)
+    else:
+        assert fastattn.backend(cpu) == "triton-interpreter"
     monkeypatch.delenv("TRITON_INTERPRET")
     assert fastattn.backend(cpu) == "torch"
     assert fastattn.backend(torch.device("meta")) == "torch"

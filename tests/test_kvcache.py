@@ -192,7 +192,7 @@ def test_flash_attn_kvcache_paged_block_table_bounds(append_knew, device):
         seqlens = torch.full((1,), page, dtype=torch.int32, device=device)
     else:
         k_new, seqlens = None, torch.full((1,), page + 1, dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="block_table"):
+    with fastattn.checking(), pytest.raises(ValueError, match="block_table"):
         flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=k_new, cache_seqlens=seqlens,
                                 block_table=table)
     out = flash_attn_with_kvcache(q, k_cache, v_cache, block_table=table,
@@ -340,9 +340,11 @@ def test_arguments(name, device):
         assert torch.allclose(args["k_cache"].double(), k_ref, atol=tol * 4)
         assert torch.equal(args["v_cache"].double(), v_ref)
     # the torch path (fastattn's CPU fallback) agrees with the kernel
-    fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in ref_args.items()}
+    # (on CPU copies: it is the CPU's path, and on a GPU torch's CPU-only ops refuse CUDA tensors)
+    fresh = {k: (v.cpu().clone() if isinstance(v, torch.Tensor) else v)
+             for k, v in ref_args.items()}
     tp = torch_path.kvcache_attention_fwd(*_op_args(fresh))
-    assert torch.allclose(tp[0].float(), out.float(), atol=tol * 2)
+    assert torch.allclose(tp[0].float(), out.float().cpu(), atol=tol * 2)
 
 
 def _op_args(a: dict) -> tuple:
@@ -491,7 +493,9 @@ ERRORS = [
 def test_errors(name, change, error, match, device):
     args = _ok(device)
     change(args)
-    with pytest.raises(error, match=match):
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    # index ranges are read back from a GPU (a sync) in checking mode only
+    with fastattn.checking(), pytest.raises(error, match=match):
         fastattn.kvcache_attention(**args)
 
 

@@ -226,7 +226,8 @@ def _cu(values, device, dtype=torch.int32):
     (lambda d: dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
 ])
 def test_bad_input_raises_clear_error(change, error, match, device):
-    with pytest.raises(error, match=match):
+    # cu_seqlens values are read back from a GPU (a sync) in checking mode only
+    with fastattn.checking(), pytest.raises(error, match=match):
         fastattn.varlen_attention(**_args(device, **change(device)))
 
 
