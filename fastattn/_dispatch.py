@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import sys
 import threading
 from types import ModuleType
@@ -36,6 +35,8 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+from .kernels.configs import env_value, interpret_value
 
 TRITON = "triton"
 INTERPRETER = "triton-interpreter"
@@ -49,23 +50,9 @@ _paths: dict[tuple[str, str | bytes | None], str] = {}
 _modules: dict[tuple[str, str], ModuleType] = {}  # (path, kernel module name) -> module
 
 
-def _interpreting(value: str | None) -> bool:
-    """Whether a TRITON_INTERPRET value turns Triton's interpreter on."""
-    return (value or "0").lower() in ("1", "true", "on", "yes")
-
-
 def _env() -> str | bytes | None:
-    """TRITON_INTERPRET's raw value: a lookup in os.environ's own dict (os.environ.get decodes
-    and costs about a µs, on every call), os.environ.get where that dict is not available."""
-    if _ENVIRON is None:
-        return os.environ.get("TRITON_INTERPRET")
-    return _ENVIRON.get(_ENV_KEY)
-
-
-try:  # CPython's os.environ keeps the encoded variables in a dict, _data (os.py)
-    _ENVIRON, _ENV_KEY = os.environ._data, os.environ.encodekey("TRITON_INTERPRET")
-except AttributeError:
-    _ENVIRON = _ENV_KEY = None
+    """TRITON_INTERPRET's raw value (read on every call, without os.environ.get's decode)."""
+    return env_value("TRITON_INTERPRET")
 
 
 def _path(device_type: str) -> str:
@@ -78,7 +65,7 @@ def _path(device_type: str) -> str:
         return path
     if device_type == "cuda":
         path = TRITON
-    elif device_type == "cpu" and _interpreting(os.environ.get("TRITON_INTERPRET")):
+    elif device_type == "cpu" and interpret_value(env):
         path = INTERPRETER
     else:
         path = TORCH

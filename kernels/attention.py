@@ -141,21 +141,21 @@ from . import autotune
 from .configs import (ATTN_BWD_ROW_PAD, COMPILE_OPTIONS, arch_major, attention_bwd_candidates,
                       attention_descriptors, attention_fwd_candidates, cdiv, device_guard,
                       interpreting, next_power_of_2)
-from .numerics import (_TWO_LOG2E, dropout_args, dropout_keep_tile, load_seed, round_to, seed_arg,
-                       tanh, tanh_complement)
+from .numerics import (_TWO_LOG2E, Constant, dropout_args, dropout_keep_tile, load_seed, round_to,
+                       seed_arg, tanh, tanh_complement)
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd",
            "attention_probs", "varlen_attention_probs"]
 
-_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
-_LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
+_LOG2E = Constant(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
+_LN2 = Constant(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
 # Start of a row's running max, in log2 units: finite on purpose, so that a hidden pair (score -inf)
 # gets exp2(-inf - m) = 0, never exp2(-inf - -inf) = NaN, even in a row with no visible key yet.
-_ROW_MAX_START = tl.constexpr(-1.0e30)
+_ROW_MAX_START = Constant(-1.0e30)
 # Floor of a finite additive mask value: times log2(e) still finite and above _ROW_MAX_START, so
 # that pairs "masked" with torch.finfo(dtype).min take part as torch's softmax has them.
-_MIN_BIAS = tl.constexpr(-3.0e29)
-_ROW_PAD = tl.constexpr(ATTN_BWD_ROW_PAD)  # see _stat_rows
+_MIN_BIAS = Constant(-3.0e29)
+_ROW_PAD = Constant(ATTN_BWD_ROW_PAD)  # see _stat_rows
 
 
 # --------------------------------------------------------------------------------------------------

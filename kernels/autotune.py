@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .configs import interpreting, next_power_of_2
+from .configs import env_value, interpreting, next_power_of_2
 
 AUTOTUNE_ENV = "FASTATTN_AUTOTUNE"  # "0" / "false" / "off" / "no": no tuning, first candidates
 CACHE_DIR_ENV = "FASTATTN_CACHE_DIR"  # folder of the on-disk cache; default ~/.cache/fastattn
@@ -83,16 +83,9 @@ def seq_bucket(n: int) -> int:
     return 0 if n == 0 else max(_MIN_BUCKET, next_power_of_2(n))
 
 
-try:  # CPython's os.environ keeps the encoded variables in a dict, _data (os.py): a launch reads
-    # FASTATTN_AUTOTUNE every time, and this skips os.environ's per-read encode / decode.
-    _ENVIRON, _ENV_KEY = os.environ._data, os.environ.encodekey(AUTOTUNE_ENV)
-except AttributeError:
-    _ENVIRON = _ENV_KEY = None
-
-
 def autotune_enabled() -> bool:
     """False when FASTATTN_AUTOTUNE is "0", "false", "off" or "no" (read at call time)."""
-    raw = os.environ.get(AUTOTUNE_ENV) if _ENVIRON is None else _ENVIRON.get(_ENV_KEY)
+    raw = env_value(AUTOTUNE_ENV)
     return raw is None or _enabled(raw)
 
 

@@ -18,9 +18,30 @@ from dataclasses import dataclass
 import torch
 
 
+def env_value(name: str) -> str | bytes | None:
+    """Environment variable `name`'s raw value, None when unset: a lookup in the dict of encoded
+    variables CPython's os.environ keeps (_data, os.py), which skips os.environ.get's encode and
+    decode (about a µs; launches read TRITON_INTERPRET and FASTATTN_AUTOTUNE on every call);
+    os.environ.get where there is no such dict. Parse it with a cached function of the raw value."""
+    environ = getattr(os.environ, "_data", None)
+    return os.environ.get(name) if environ is None else environ.get(_encoded(name))
+
+
+@functools.cache
+def _encoded(name: str):
+    return os.environ.encodekey(name)
+
+
 def interpreting() -> bool:
     """True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1), read at call time."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return interpret_value(env_value("TRITON_INTERPRET"))
+
+
+@functools.lru_cache(maxsize=16)
+def interpret_value(raw: str | bytes | None) -> bool:
+    """Whether a raw TRITON_INTERPRET value (str or os.environ's bytes) turns the interpreter on."""
+    text = raw.decode() if isinstance(raw, bytes) else (raw or "0")
+    return text.lower() in ("1", "true", "on", "yes")
 
 
 # Compiler options every fastattn launch passes, beside its num_warps / num_stages. FMA contraction
