@@ -21,8 +21,8 @@ START=$SECONDS
 PHASE=${1:-all}
 case "$PHASE" in all|tests|bench) ;; *) echo "usage: $0 [tests|bench]" >&2; exit 2 ;; esac
 TESTS=0 BENCH=0
-TESTS_S=$([ "$PHASE" = tests ] && echo 540 || echo 270)   # seconds each step may take
-BENCH_S=$([ "$PHASE" = bench ] && echo 540 || echo 300)
+TESTS_S=$([ "$PHASE" = tests ] && echo 540 || echo 255)   # seconds each step may take:
+BENCH_S=$([ "$PHASE" = bench ] && echo 540 || echo 285)   # both within one 600 s call
 if [ -z "${OUT:-}" ]; then
   GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
         | tr -cs 'A-Za-z0-9' '-' | sed 's/-*$//')
