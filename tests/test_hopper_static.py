@@ -59,10 +59,12 @@ XFAIL: dict[tuple[str, int, str], str] = {
 }
 
 
-# Expected failures of Triton 3.6 (the GPU image's) beyond XFAIL, not strict either. None today:
-# its d64 varlen dK/dV (1.10, a predicate per element of the row statistics' loads) passes since
-# those are read from padded rows without a mask (0.92).
-XFAIL_TRITON_36: dict[tuple[str, int, str], str] = {}
+# Expected failures of Triton 3.6 (the GPU image's) beyond XFAIL, not strict either: its d256
+# forward with dropout spills 24 bytes where 3.9 spills none (64 x 32 tiles do not spill there but
+# reach issue:TC 1.14; 64 x 64 on 1 stage spills 120 bytes).
+XFAIL_TRITON_36: dict[tuple[str, int, str], str] = {
+    ("fwd", 256, "dropout"): "spills: 24 B stored, 24 B loaded",
+}
 
 
 def _triton_version() -> str:
