@@ -73,6 +73,14 @@ def _mma(r: dict, short: bool) -> str:
                     for s, n in shapes) or "-"
 
 
+def _edge_issue_tc(r: dict) -> float | None:
+    """The highest issue:TC of the kernel's loops with MMAs: where a kernel splits its key loop,
+    what its masked blocks run (the causal diagonal, a window's edges, a bool mask's partial
+    blocks: an unstructured mask runs that loop throughout)."""
+    tcs = [lp["issue_tc"] for lp in r.get("loops", []) if lp.get("issue_tc") is not None]
+    return max(tcs, default=None)
+
+
 def _row(rec: dict) -> dict:
     r, loop = rec["static"], rec["static"].get("main_loop") or {}
     kernel = {"preprocess": "prep"}.get(r["kernel"], r["kernel"])
@@ -91,7 +99,8 @@ def _row(rec: dict) -> dict:
         "MMA/iter": _mma(r, short=True),
         "load": " ".join(f"{LOADS.get(k, k)}×{n}" for k, n in loads.items()) or "-",
         "wait": loop.get("depbar"), "i/sc": loop.get("instr_per_score"),
-        "issue:TC": loop.get("issue_tc"), "gate": ",".join(rules) or "ok",
+        "issue:TC": loop.get("issue_tc"), "edge": _edge_issue_tc(r),
+        "gate": ",".join(rules) or "ok",
         "MMA kind": r["mma_kind"], "MMA shapes per iteration": _mma(r, short=False),
         "CTAs by regs/smem/warps": f"{by['regs']}/{by['smem']}/{by['warps']}",
         "loop insns": loop.get("insns"), "MUFU.EX2": loop.get("ex2"),
@@ -100,7 +109,7 @@ def _row(rec: dict) -> dict:
 
 
 TERMINAL = ("kernel", "D", "feature", "#", "tile", "w/s", "regs", "spill", "smemK", "CTAs", "MMA/iter",
-            "load", "wait", "i/sc", "issue:TC", "gate")
+            "load", "wait", "i/sc", "issue:TC", "edge", "gate")
 
 
 def section(records_: list[dict]) -> list:
@@ -124,7 +133,9 @@ def section(records_: list[dict]) -> list:
         "(instructions per score) = main-loop SASS instructions x warps / (BLOCK_M x BLOCK_N); "
         "issue:TC = (main-loop "
         "instructions x warps / 4) / (its MMA FMAs / 2048 per clock): above 1 the instruction "
-        "stream, not the tensor cores, sets the pace (static estimate). wait: WARPGROUP.DEPBAR "
+        "stream, not the tensor cores, sets the pace (static estimate); edge: the highest issue:TC "
+        "of the kernel's loops, what its masked blocks run (the causal diagonal, a window's "
+        "edges, a bool mask's partial blocks: all of an unstructured mask's). wait: WARPGROUP.DEPBAR "
         "per main-loop iteration. MMA/iter: the main loop's MMAs, wgmma as n<N>×<count> (m64 "
         "k16), mma.sync as hmma. load: its global loads (TMA, cp = cp.async, LDG). spill: bytes "
         "stored/loaded. CTAs: per SM. gate: ok, or the rules broken (hmma: an mma.sync; serial: "

@@ -503,12 +503,12 @@ def _key_block_bounds(m0, m_last, S, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr
 
 
 @triton.jit
-def _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_block_range(block_counts, n_lo, n_hi, LISTS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Loop bounds over the key blocks starting in [n_lo, n_hi) (n_lo a multiple of BLOCK_N): the
-    keys themselves (step BLOCK_N), or with KEY_PADDING positions in the batch's list of visible
+    keys themselves (step BLOCK_N), or with LISTS positions in the program's list of visible
     blocks (step 1; block_counts: one part's row of _visible_key_blocks' counts, see
     _key_padding_part)."""
-    if KEY_PADDING:
+    if LISTS:
         i_lo = tl.load(block_counts + n_lo // BLOCK_N)
         i_hi = tl.load(block_counts + tl.cdiv(n_hi, BLOCK_N))
     else:
@@ -518,22 +518,32 @@ def _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _key_padding_part(block_counts, part: tl.constexpr, N_KEY_BLOCKS, KEY_PADDING: tl.constexpr):
-    """block_counts of loop part `part` (a static_range index). With KEY_PADDING each phase's loop
-    runs twice: part 0 over the batch's whole key blocks, with no mask (every key visible), part 1
+def _key_padding_part(block_counts, part: tl.constexpr, N_KEY_BLOCKS, LISTS: tl.constexpr):
+    """block_counts of loop part `part` (a static_range index). With LISTS each phase's loop runs
+    twice: part 0 over the program's whole key blocks, with no mask (every pair visible), part 1
     over its partial ones, with the mask (see _visible_key_blocks); otherwise once (part 0), with
     block_counts as given."""
-    if KEY_PADDING:
+    if LISTS:
         return block_counts + part * (N_KEY_BLOCKS + 1)
     else:
         return block_counts
 
 
 @triton.jit
-def _key_block_start(block_ids, i, KEY_PADDING: tl.constexpr, BLOCK_N: tl.constexpr):
-    """First key of the block at loop index i of _key_block_range (block_ids: the batch's visible
-    blocks)."""
-    if KEY_PADDING:
+def _key_lists(KeyBlocks, KeyBlockCounts, off_b, off_h, pid_m, list_sb, list_sh, list_sm,
+               N_KEY_BLOCKS):
+    """(block_ids, block_counts): the lists of _visible_key_blocks of query block pid_m of (batch
+    off_b, head off_h), list number off_b * list_sb + off_h * list_sh + pid_m * list_sm (strides
+    0 on the dims a list serves whole: a key-padding mask has one list per batch entry)."""
+    idx = off_b.to(tl.int64) * list_sb + off_h.to(tl.int64) * list_sh + pid_m.to(tl.int64) * list_sm
+    return KeyBlocks + idx * N_KEY_BLOCKS, KeyBlockCounts + idx * (2 * (N_KEY_BLOCKS + 1))
+
+
+@triton.jit
+def _key_block_start(block_ids, i, LISTS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key of the block at loop index i of _key_block_range (block_ids: the program's list
+    of visible blocks)."""
+    if LISTS:
         return tl.load(block_ids + i) * BLOCK_N
     else:
         return i
@@ -627,14 +637,14 @@ def _attn_fwd_inner(
     q,  # (BLOCK_M, BLOCK_D) dot operand
     k_src, v_src,  # K, V of this (batch, kv head): row pointers, or descriptors with KV_TMA
     mask_base,  # attn_mask of this (batch, query head)
-    block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
+    block_ids, block_counts,  # this program's visible key blocks (LISTS)
     page_table, n_pages,  # this sequence's row of a paged cache's block table (PAGE_SIZE > 0)
     offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_kp, stride_vp, stride_ml, stride_ms,
     qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    LISTS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PAGE_SIZE: tl.constexpr, KV_TMA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -649,10 +659,10 @@ def _attn_fwd_inner(
     # per block, see below); in the masked phases, where more values are live, made per block
     keys = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
     m0 = tl.min(offs_m, 0) if HAS_DROPOUT else 0  # the tile's first query (dropout's counters)
-    i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
-    STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
+    i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, LISTS, BLOCK_N)
+    STEP: tl.constexpr = 1 if LISTS else BLOCK_N
     for i in range(i_lo, i_hi, STEP):
-        n0 = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N)
+        n0 = _key_block_start(block_ids, i, LISTS, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         alibi = keys
         block = 0.0
@@ -733,15 +743,16 @@ def _attn_fwd_kernel(
     OutLo,  # as Out (its strides): the fp32 output's rounding residual out32 - out (STORE_LO)
     Lse,  # (B, Hq, L), or (Hq, Tq): float32, unit stride along the query rows
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
-    KeyBlocks,  # (B, cdiv(S, BLOCK_N)) int32: key blocks with a visible key first (KEY_PADDING)
-    KeyBlockCounts,  # (B, 2, cdiv(S, BLOCK_N) + 1) int32: list positions (KEY_PADDING)
+    KeyBlocks,  # (G, cdiv(S, BLOCK_N)) int32: per list, key blocks with a visible key first (LISTS)
+    KeyBlockCounts,  # (G, 2, cdiv(S, BLOCK_N) + 1) int32: list positions (LISTS)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
     Alibi,  # (B, Hq) float32 ALiBi slopes through strides (0 on a broadcast batch) (HAS_ALIBI)
     Sinks,  # (Hq,) sink logits, any float dtype (HAS_SINKS)
     # sizes
     Hq, L, S, D, Dv,  # L, S: the sequence lengths (varlen: the packed row counts)
     GROUP,  # Hq // Hkv
-    N_KEY_BLOCKS,  # cdiv(S, BLOCK_N) (KEY_PADDING)
+    N_KEY_BLOCKS,  # cdiv(S, BLOCK_N) (LISTS)
+    list_sb, list_sh, list_sm,  # the list of (batch, head, query block): _key_lists (LISTS)
     # strides (batch strides 0 when IS_VARLEN)
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -760,6 +771,7 @@ def _attn_fwd_kernel(
     # constexpr flags
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    TILE_LISTS: tl.constexpr,  # a bool (B, Hq, L, S) mask's key blocks listed per query block
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_LO: tl.constexpr,  # also write OutLo (half-precision inputs whose backward follows)
@@ -792,8 +804,11 @@ def _attn_fwd_kernel(
     o_base = _head_rows(Out, off_b, off_h, q_start, stride_ob, stride_oh, stride_ol)
     lse_base = _head_rows(Lse, off_b, off_h, q_start, stride_lseb, stride_lseh, 1)
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
-    block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
-    block_counts = KeyBlockCounts + off_b * (2 * (N_KEY_BLOCKS + 1))
+    # Listed key blocks (a bool mask): whole ones run with no mask, those hiding nothing visible
+    # are never read
+    LISTS: tl.constexpr = KEY_PADDING or TILE_LISTS
+    block_ids, block_counts = _key_lists(KeyBlocks, KeyBlockCounts, off_b, off_h, pid_m, list_sb,
+                                         list_sh, list_sm, N_KEY_BLOCKS)
     seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -823,15 +838,15 @@ def _attn_fwd_kernel(
         # 0: the window's left edge, masked; 1: the key blocks every row sees whole, no element
         # mask; 2: the right edge (the causal diagonal) and the ragged block at S, masked
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
-        for part in tl.static_range(2 if KEY_PADDING else 1):
-            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, KEY_PADDING)
+        for part in tl.static_range(2 if LISTS else 1):
+            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, LISTS)
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, counts, Lse, 1,
                 offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
                 stride_ks, stride_kd, stride_vs, stride_vd, 0, 0, stride_ml, stride_ms,
                 qk_scale, cap_in, cap_out, slope2, dropout_threshold, seed_bh,
-                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK and (part == 1 or not KEY_PADDING),
-                MASK_IS_BOOL, KEY_PADDING, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 0,
+                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK and (part == 1 or not LISTS),
+                MASK_IS_BOOL, KEY_PADDING, LISTS, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 0,
                 KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
             )
     if HAS_ALIBI == 2:
@@ -1256,14 +1271,14 @@ def _attn_bwd_dq_inner(
     q, do, lse2, delta,  # this program's query block: dot operands and (BLOCK_M,) fp32 row statistics
     k_src, v_src, mask_base,  # K, V of this (batch, kv head) (_row_source's); attn_mask of this
     #                            (batch, head)
-    block_ids, block_counts,  # this batch's visible key blocks (KEY_PADDING)
+    block_ids, block_counts,  # this program's visible key blocks (LISTS)
     dmask_base,  # dMask of this (batch, head) (MASK_GRAD)
     offs_m, n_lo, n_hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
     stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml, stride_dms,
     qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    LISTS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MASK_GRAD: tl.constexpr, KV_TMA: tl.constexpr, DTYPE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -1274,12 +1289,12 @@ def _attn_bwd_dq_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     alibi = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
     m0 = tl.min(offs_m, 0) if HAS_DROPOUT else 0  # the tile's first query (dropout's counters)
-    i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, KEY_PADDING, BLOCK_N)
-    STEP: tl.constexpr = 1 if KEY_PADDING else BLOCK_N
+    i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, LISTS, BLOCK_N)
+    STEP: tl.constexpr = 1 if LISTS else BLOCK_N
     # Unmasked, every key block is whole (keys < S: _key_block_bounds): no row mask
     n_keys = S if MASKED else None
     for i in range(i_lo, i_hi, STEP):
-        n0 = _key_block_start(block_ids, i, KEY_PADDING, BLOCK_N)
+        n0 = _key_block_start(block_ids, i, LISTS, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if KV_TMA:
             kT = _dot_operand(tl.trans(k_src.load([n0, 0])), DTYPE, DOT_FP32)
@@ -1320,13 +1335,14 @@ def _attn_bwd_dq_kernel(
     dQ,  # shaped as Q
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
     dMask,  # (B, Hq, L, S) float32, zero-initialised: dS (MASK_GRAD)
-    KeyBlocks, KeyBlockCounts,  # visible key blocks per batch, as in the forward (KEY_PADDING)
+    KeyBlocks, KeyBlockCounts,  # visible key blocks, as in the forward (LISTS)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
     Alibi,  # (B, Hq) float32 ALiBi slopes through strides (HAS_ALIBI)
     # sizes
     Hq, L, S, D, Dv,
     GROUP,  # Hq // Hkv
-    N_KEY_BLOCKS,  # cdiv(S, BLOCK_N) (KEY_PADDING)
+    N_KEY_BLOCKS,  # cdiv(S, BLOCK_N) (LISTS)
+    list_sb, list_sh, list_sm,  # as the forward's (LISTS)
     # strides (batch strides 0 when IS_VARLEN)
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -1343,6 +1359,7 @@ def _attn_bwd_dq_kernel(
     # constexpr flags
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
+    TILE_LISTS: tl.constexpr,  # as the forward's
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, MASK_GRAD: tl.constexpr,
     KV_TMA: tl.constexpr,  # read K and V through tensor descriptors (as the forward)
@@ -1381,8 +1398,9 @@ def _attn_bwd_dq_kernel(
     delta_base = _stat_rows(Delta, off_b, off_h, q_start, stride_lseb, stride_lseh, IS_VARLEN)
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
     dmask_base = _head_rows(dMask, off_b, off_h, 0, stride_dmb, stride_dmh, 0)
-    block_ids = KeyBlocks + off_b * N_KEY_BLOCKS
-    block_counts = KeyBlockCounts + off_b * (2 * (N_KEY_BLOCKS + 1))
+    LISTS: tl.constexpr = KEY_PADDING or TILE_LISTS
+    block_ids, block_counts = _key_lists(KeyBlocks, KeyBlockCounts, off_b, off_h, pid_m, list_sb,
+                                         list_sh, list_sm, N_KEY_BLOCKS)
     seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
@@ -1400,16 +1418,16 @@ def _attn_bwd_dq_kernel(
                                                          BLOCK_N)
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the forward
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
-        for part in tl.static_range(2 if KEY_PADDING else 1):  # as in the forward
-            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, KEY_PADDING)
+        for part in tl.static_range(2 if LISTS else 1):  # as in the forward
+            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, LISTS)
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, k_src, v_src, mask_base, block_ids, counts,
                 dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
                 stride_ks, stride_kd, stride_vs, stride_vd, stride_ml, stride_ms, stride_dml,
                 stride_dms, qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale,
                 seed_bh,
-                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK and (part == 1 or not KEY_PADDING),
-                MASK_IS_BOOL, KEY_PADDING, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD, KV_TMA,
+                phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK and (part == 1 or not LISTS),
+                MASK_IS_BOOL, KEY_PADDING, LISTS, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD, KV_TMA,
                 Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
             )
 
@@ -1476,37 +1494,70 @@ def _mask_args(attn_mask: torch.Tensor | None, placeholder: torch.Tensor, B: int
     return view, view.stride(), dict(HAS_MASK=True, MASK_IS_BOOL=is_bool, KEY_PADDING=key_padding)
 
 
-def _visible_key_blocks(mask: torch.Tensor, flags: dict, S: int, block_n: int,
-                        placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Key-padding fast path: (KeyBlocks, KeyBlockCounts, N_KEY_BLOCKS) for key blocks of block_n.
+def _tile_lists(flags: dict, varlen: bool) -> bool:
+    """Whether the forward and dQ kernels list the key blocks of a bool mask per query block
+    (TILE_LISTS): any bool mask but a key-padding one (which has its own lists), padded calls."""
+    return flags["MASK_IS_BOOL"] and not flags["KEY_PADDING"] and not varlen
 
-    KeyBlocks (B, nb) int32 lists per batch entry first its whole key blocks (every key below S
-    visible: the kernels apply no mask there), in order, then its partial ones (some keys
-    visible), in order; the blocks of padding only follow, never visited. KeyBlockCounts
-    (B, 2, nb + 1) int32 holds positions in that list: [b, 0, j] the whole blocks before block j,
-    [b, 1, j] all the whole blocks plus the partial ones before block j, so that the whole blocks
-    among blocks [j0, j1) are KeyBlocks[b, c[0, j0]:c[0, j1]] and the partial ones
-    KeyBlocks[b, c[1, j0]:c[1, j1]]. Built with a few small torch ops on the device (no host
-    sync). Placeholders without the path.
+
+def _block_reduce(x: torch.Tensor, dim: int, block: int, op) -> torch.Tensor:
+    """op (torch.amax or torch.amin) over each run of `block` elements of x along `dim`, the last
+    run ragged (only its real elements count: no padding); views of x, no copy of it."""
+    n = x.shape[dim]
+    if block == 1:
+        return x
+    full = n // block * block
+    parts = []
+    if full:
+        parts.append(op(x.narrow(dim, 0, full).unflatten(dim, (full // block, block)), dim + 1))
+    if full < n:
+        parts.append(op(x.narrow(dim, full, n - full), dim, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _visible_key_blocks(mask: torch.Tensor, flags: dict, L: int, S: int, block_m: int,
+                        block_n: int, tile_lists: bool, placeholder: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int, int]]:
+    """The key blocks (of block_n keys) each program visits, listed, for a bool mask (the uint8
+    (B, Hq, L, S) view of _mask_args): (KeyBlocks, KeyBlockCounts, N_KEY_BLOCKS, list strides).
+
+    One list per batch entry with KEY_PADDING (a (B, 1, 1, S) mask), or with `tile_lists` one
+    per query block (of block_m rows) of each (batch entry, head) the mask has (its broadcast
+    dims but the batch's, stride 0 in the view, share a list; so do all query blocks where its
+    rows are broadcast). The list strides (batch, head, query block) number them (_key_lists).
+    KeyBlocks (G, nb) int32 lists first the whole key blocks (every pair of the list's queries
+    below L and keys below S visible: the kernels apply no mask there), in order, then the partial
+    ones (some pair visible), in order; the blocks with no visible pair follow, never visited.
+    The mask is read once (block maxima and minima over keys, then over query rows), not copied.
+    KeyBlockCounts (G, 2, nb + 1) int32 holds positions in that list: [g, 0, j] the whole blocks
+    before block j, [g, 1, j] all the whole blocks plus the partial ones before block j, so that
+    the whole blocks among blocks [j0, j1) are KeyBlocks[g, c[0, j0]:c[0, j1]] and the partial
+    ones KeyBlocks[g, c[1, j0]:c[1, j1]]. Built with a few torch ops on the device (no host
+    sync). Placeholders without lists.
     """
-    if not flags["KEY_PADDING"]:
-        return placeholder, placeholder, 0
-    B = mask.shape[0]
+    if not (flags["KEY_PADDING"] or tile_lists):
+        return placeholder, placeholder, 0, (0, 0, 0)
     n_blocks = cdiv(S, block_n)
-    keys = mask.new_zeros((B, n_blocks * block_n))
-    keys[:, :S] = mask[:, 0, 0, :]  # (B, S) uint8
-    blocks = keys.view(B, n_blocks, block_n)
-    visible = blocks.any(dim=2)  # (B, nb)
-    if S % block_n:
-        keys[:, S:] = 1  # the ragged last block is whole when its keys below S are visible
-    whole = blocks.all(dim=2)  # (B, nb); whole blocks are visible ones
+    sb, sh, sl, _ = mask.stride()
+    Bm = 1 if sb == 0 and not flags["KEY_PADDING"] else mask.shape[0]
+    Hm = 1 if sh == 0 or flags["KEY_PADDING"] else mask.shape[1]
+    Lm = 1 if sl == 0 or flags["KEY_PADDING"] else L
+    rows = block_m if Lm > 1 else 1  # the rows of one list
+    n_row_blocks = cdiv(Lm, rows)
+    pairs = mask[:Bm, :Hm, :Lm, :]  # a view: the mask is read, never copied
+    # Over the keys of each key block, then over the rows of each query block
+    visible = _block_reduce(_block_reduce(pairs, 3, block_n, torch.amax), 2, rows, torch.amax)
+    whole = _block_reduce(_block_reduce(pairs, 3, block_n, torch.amin), 2, rows, torch.amin)
+    visible, whole = visible.reshape(-1, n_blocks), whole.reshape(-1, n_blocks)  # (G, nb)
+    G = whole.shape[0]
     # One running count over [0, whole..., 0, partial...]: row 1 goes on from row 0's total
-    flags = torch.zeros((B, 2, n_blocks + 1), dtype=torch.int32, device=mask.device)
-    flags[:, 0, 1:] = whole
-    flags[:, 1, 1:] = visible ^ whole
-    counts = flags.view(B, -1).cumsum(dim=1, dtype=torch.int32).view(B, 2, n_blocks + 1)
-    ids = torch.argsort(visible.to(torch.uint8) + whole, dim=1, descending=True, stable=True)
-    return ids.to(torch.int32), counts, n_blocks
+    parts = torch.zeros((G, 2, n_blocks + 1), dtype=torch.int32, device=mask.device)
+    parts[:, 0, 1:] = whole
+    parts[:, 1, 1:] = visible ^ whole
+    counts = parts.view(G, -1).cumsum(dim=1, dtype=torch.int32).view(G, 2, n_blocks + 1)
+    ids = torch.argsort(visible + whole, dim=1, descending=True, stable=True)
+    strides = (int(Bm > 1) * Hm * n_row_blocks, int(Hm > 1) * n_row_blocks, int(n_row_blocks > 1))
+    return ids.to(torch.int32), counts, n_blocks, strides
 
 
 def _descriptor_ready(t: torch.Tensor) -> bool:
@@ -1598,17 +1649,20 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
                  **mask_flags, **_dot_flags(q.dtype),
                  **_block_dims(D, Dv))
 
+    tile_lists = _tile_lists(mask_flags, varlen)
+
     def launch(cfg: dict) -> None:
-        blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, cfg["BLOCK_N"], lse)
+        blocks, counts, n_blocks, list_strides = _visible_key_blocks(
+            mask, mask_flags, L, S, cfg["BLOCK_M"], cfg["BLOCK_N"], tile_lists, lse)
         _attn_fwd_kernel[(cdiv(L, cfg["BLOCK_M"]), Hq, B)](
             q, k, v, out, out if out_lo is None else out_lo, lse, mask, blocks, counts, cu_q, cu_k,
             alibi, lse if sinks is None else sinks,
-            Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv, n_blocks,
+            Hq, *_kernel_lengths(q, k, L, S, varlen), D, Dv, Hq // Hkv, n_blocks, *list_strides,
             *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen),
             *_strides4(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
             *alibi_strides,
             scale, *mod_scalars, *dropout_args(dropout_p), seed_arg(seed, dropout_p, lse),
-            **flags, **cfg, **COMPILE_OPTIONS,
+            TILE_LISTS=tile_lists, **flags, **cfg, **COMPILE_OPTIONS,
         )
 
     with device_guard(q):
@@ -1657,16 +1711,20 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             QDO_TMA=qdo_tma, **flags, **dkdv, **COMPILE_OPTIONS,
         )
 
+    tile_lists = _tile_lists(mask_flags, varlen)
+
     def launch_dq(dq_cfg: dict) -> None:
-        blocks, counts, n_blocks = _visible_key_blocks(mask, mask_flags, S, dq_cfg["BLOCK_N"], lse)
+        blocks, counts, n_blocks, list_strides = _visible_key_blocks(
+            mask, mask_flags, L, S, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], tile_lists, lse)
         _attn_bwd_dq_kernel[(cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
             q, k, v, do, lse2, delta, dq, mask, dmask if mask_grad else lse, blocks, counts,
             cu_q, cu_k, alibi,
-            *sizes, n_blocks,
+            *sizes, n_blocks, *list_strides,
             *qkv_strides, *_strides4(dq, varlen), *stat_strides, *mask_strides, *alibi_strides,
             *(dmask.stride() if mask_grad else (0, 0, 0, 0)),
             *scalars,
-            MASK_GRAD=mask_grad, KV_TMA=kv_tma, **flags, **dq_cfg, **COMPILE_OPTIONS,
+            MASK_GRAD=mask_grad, KV_TMA=kv_tma, TILE_LISTS=tile_lists, **flags, **dq_cfg,
+            **COMPILE_OPTIONS,
         )
 
     with device_guard(q):

@@ -171,8 +171,12 @@ def device_guard(tensor: torch.Tensor):
 # Hopper rows give every warpgroup (4 warps) its own 64 rows of the MMA tiles, so no wgmma work is
 # done twice (a 64-row tile over 8 warps was, and an n8 wgmma with it): d256 64 x 64 on 4 warps
 # (issue:TC 0.72 -> 0.43 against 64 x 32, Triton 3.9); d128 on 128-wide key blocks (issue:TC of its
-# main loop 0.80 -> 0.64, sm_90 compile, Triton 3.6; 0.49 with K / V by TMA).
-_ATTN_FWD_HOPPER = ((64, 128, 64, 4, 3), (128, 128, 128, 8, 2), (256, 64, 64, 4, 2))
+# main loop 0.80 -> 0.64, sm_90 compile, Triton 3.6; 0.49 with K / V by TMA); d64 128 x 128 on 8
+# warps, 3 stages, not 128 x 64 on 4: each thread rescales half as many accumulator elements per
+# score and its row reductions cover twice the keys (issue:TC 0.99 -> 0.88 plain, key padding 1.05
+# -> 0.93, ALiBi 1.14 -> 1.04, a bool mask 1.59 -> 1.49; 3.6: 0.98 -> 0.87), one CTA per SM (the
+# 128 x 64 tiles, 2 CTAs per SM, are no alternate: with key padding they miss the gate, 1.05).
+_ATTN_FWD_HOPPER = ((64, 128, 128, 8, 3), (128, 128, 128, 8, 2), (256, 64, 64, 4, 2))
 _ATTN_FWD_AMPERE = ((64, 64, 64, 8, 2), (128, 64, 64, 4, 2), (256, 32, 32, 4, 1))
 _ATTN_FWD_FP32 = ((64, 64, 32, 8, 2), (128, 32, 16, 8, 1), (256, 32, 16, 8, 1))
 
@@ -257,7 +261,7 @@ _ATTN_INTERPRET_BWD = dict(
 # same SASS (registers, loop, issue:TC), and the d64 forward crashes the compiler
 # (NVGPUWarpSpecialization), Triton 3.6 and 3.9.
 _ATTN_HOPPER_ALTERNATES: dict[tuple[str, bool, int], tuple[tuple[int, ...], ...]] = {
-    ("fwd", False, 64): ((128, 128, 8, 3), (128, 64, 4, 2)),
+    ("fwd", False, 64): ((128, 128, 8, 2),),
     ("fwd", False, 256): ((128, 64, 8, 2), (64, 32, 4, 2)),
     ("dkdv", False, 64): ((32, 128, 8, 2), (64, 128, 8, 3)),
     ("dq", False, 64): ((128, 64, 8, 3),),

@@ -292,7 +292,7 @@ def _decode_fwd_kernel(
                 stride_ks, stride_kd, stride_vs, stride_vd, stride_kb, stride_vb, 0, stride_ms,
                 qk_scale, cap_in, cap_out, slope2, 0, 0,
                 phase != 1, WINDOW_LEFT, WINDOW_RIGHT, KEY_PADDING and part == 1, True, KEY_PADDING,
-                SOFTCAP, HAS_ALIBI, False, PAGE_SIZE,
+                KEY_PADDING, SOFTCAP, HAS_ALIBI, False, PAGE_SIZE,
                 KV_TMA, DTYPE, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
             )
 
@@ -442,8 +442,8 @@ def kvcache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         if key_padding_mask is not None:
             mask = key_padding_mask.view(torch.uint8)
             flags = dict(KEY_PADDING=True)
-            blocks, counts, n_blocks = _visible_key_blocks(mask[:, None, None, :], flags,
-                                                           capacity, cfg["BLOCK_N"], none)
+            blocks, counts, n_blocks, _ = _visible_key_blocks(
+                mask[:, None, None, :], flags, 1, capacity, 1, cfg["BLOCK_N"], False, none)
             mask_strides = mask.stride()
         else:
             mask, blocks, counts, n_blocks, mask_strides = none, none, none, 0, (0, 0)

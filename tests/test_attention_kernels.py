@@ -209,7 +209,8 @@ def test_key_padding_skips_padded_key_blocks():
     """With a boolean (B, 1, 1, S) key padding mask, key blocks that hold only padding are never
     read: their K and V are NaN here, and reading them would turn out or a gradient into NaN
     (0 * NaN). Padding runs are aligned to 128 keys, the widest key block of any table. The same
-    mask spelled (B, 1, L, S) takes the general path, which reads every block: NaN."""
+    mask spelled (B, 1, L, S) has the forward's lists per query block (the same blocks skipped,
+    the same order: the same bits), and as a float mask (0 / -inf) every block is read: NaN."""
     B, H, L, S, D = 2, 2, 40, 384, 32
     torch.manual_seed(9)
     keys = torch.arange(S, device=DEVICE)
@@ -231,7 +232,98 @@ def test_key_padding_skips_padded_key_blocks():
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     general_mask = key_mask.expand(B, 1, L, S)
     general, _, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, False, general_mask)
-    assert general.isnan().any(), "the general mask path should have read the NaN blocks"
+    torch.testing.assert_close(general, want, atol=0, rtol=0)
+    float_mask = torch.zeros(general_mask.shape, device=DEVICE).masked_fill(~general_mask,
+                                                                              float("-inf"))
+    unlisted, _, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, False, float_mask)
+    assert unlisted.isnan().any(), "a float mask's path should have read the NaN blocks"
+
+
+def _lists_brute_force(mask, L, S, block_m, block_n):
+    """Per (batch, head, query block) of a (B, H, L, S) bool mask: (whole, partial, rest) key
+    block numbers, each in order, as _visible_key_blocks lists them."""
+    B, H = mask.shape[:2]
+    nb = -(-S // block_n)
+    lists = {}
+    for b, h, i in ((b, h, i) for b in range(B) for h in range(H) for i in range(-(-L // block_m))):
+        rows = mask[b, h, i * block_m:(i + 1) * block_m]
+        tiles = [rows[:, j * block_n:(j + 1) * block_n] for j in range(nb)]
+        lists[b, h, i] = ([j for j in range(nb) if tiles[j].all()],
+                          [j for j in range(nb) if tiles[j].any() and not tiles[j].all()],
+                          [j for j in range(nb) if not tiles[j].any()])
+    return lists
+
+
+def test_tile_lists_of_a_bool_mask_match_brute_force():
+    """_visible_key_blocks with tile lists (a bool (B, Hq, L, S) mask as the forward and dQ
+    kernels take it) against brute force on random masks: every (batch, head, query block) finds,
+    at the list number its strides give, its whole key blocks (every pair below L and S visible)
+    in order, then the partial ones, then those with nothing visible, with counts as the
+    key-padding lists have them. Broadcast dims (size 1, expanded: stride 0) share a list; ragged
+    L and S, blocks of structure (a static cache's unused tail, a causal staircase) and noise."""
+    rng = random.Random(11)
+    for case in range(40):
+        B, H = rng.randint(1, 3), rng.randint(1, 3)
+        L, S = rng.choice([1, 3, 16, 97, 130]), rng.choice([1, 3, 16, 97, 200])
+        block_m, block_n = rng.choice([16, 32, 64]), rng.choice([16, 32, 64])
+        shape = (rng.choice([1, B]), rng.choice([1, H]), rng.choice([1, L]), S)
+        pattern = rng.choice(["noise", "tail", "staircase", "all", "none"])
+        if pattern == "noise":
+            small = torch.rand(shape) > rng.choice([0.02, 0.5, 0.98])
+        elif pattern == "tail":  # a static cache: the keys past each sequence's length hidden
+            lengths = torch.randint(0, S + 1, shape[:2] + (1, 1))
+            small = (torch.arange(S) < lengths).expand(shape)
+        elif pattern == "staircase":
+            small = (torch.arange(S)[None, :] <= torch.arange(shape[2])[:, None] * 2).expand(shape)
+        else:
+            small = torch.full(shape, pattern == "all")
+        view = small.expand(B, H, L, S).view(torch.uint8)
+        flags = dict(MASK_IS_BOOL=True, KEY_PADDING=False)
+        ids, counts, nb, (sb, sh, sm) = attention._visible_key_blocks(
+            view, flags, L, S, block_m, block_n, True, None)
+        assert nb == -(-S // block_n) and ids.dtype == counts.dtype == torch.int32
+        assert ids.shape[0] <= shape[0] * shape[1] * -(-shape[2] // block_m), "broadcast dims share"
+        for (b, h, i), (whole, partial, rest) in _lists_brute_force(
+                small.expand(B, H, L, S), L, S, block_m, block_n).items():
+            g = b * sb + h * sh + i * sm
+            assert ids[g].tolist() == whole + partial + rest, (case, b, h, i)
+            for j in range(nb + 1):
+                assert counts[g, 0, j] == sum(1 for x in whole if x < j), (case, b, h, i, j)
+                assert counts[g, 1, j] == len(whole) + sum(1 for x in partial if x < j), (case, j)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bool_mask_skips_hidden_key_blocks(causal):
+    """A bool (B, Hq, L, S) mask with structure, as a static cache's (each (batch, head) sees a
+    prefix of the keys, its tail hidden) or a document mask's: the forward and dQ kernels never
+    read a key block that hides every pair of a query block (K and V NaN there: reading one
+    would turn out or dQ into NaN, 0 * NaN), and match the float64 reference within torch's own
+    error where they skip. Key blocks hidden are aligned to 128 keys, the widest of any table."""
+    B, H, L, S, D = 2, 2, 64, 384, 32
+    torch.manual_seed(12)
+    keys = torch.arange(S, device=DEVICE)
+    lengths = torch.tensor([[128, 256], [384, 128]], device=DEVICE)  # (B, H): visible prefixes
+    mask = (keys < lengths[:, :, None, None]) & (torch.rand(B, H, L, S, device=DEVICE) < 0.9)
+    mask[..., 0] = True  # every row sees a key (torch's op gives such a row NaN)
+    hidden = keys >= lengths[:, :, None]  # (B, H, S)
+    q, k, v, do = make_inputs(B, H, H, L, S, D, D, torch.float16)
+    k_nan, v_nan = (t.masked_fill(hidden[..., None], float("nan")) for t in (k, v))
+    out, lse, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, causal, mask)
+    assert not out.isnan().any(), "the forward read a hidden key block"
+    dq, _, _, _, _ = attention.attention_bwd(do, q, k_nan, v_nan, out, lse, D**-0.5, causal, mask)
+    assert not dq.isnan().any(), "the dQ kernel read a hidden key block"
+    ref_out, ref_dq = _sdpa_out_dq(q, k, v, do, mask, causal, D**-0.5, torch.float64)
+    torch_out, torch_dq = _sdpa_out_dq(q, k, v, do, mask, causal, D**-0.5, torch.float16)
+    assert_within_torch_error("out", out, torch_out, ref_out, torch.float16)
+    assert_within_torch_error("dq", dq, torch_dq, ref_dq, torch.float16)
+
+
+def _sdpa_out_dq(q, k, v, do, mask, causal, scale, dtype):
+    """(out, dq) of torch's own op in `dtype` (float64: the reference) on the same inputs."""
+    q = q.detach().to(dtype).requires_grad_(True)
+    out = torch_sdpa(q, k.to(dtype), v.to(dtype), mask, causal, False, scale=scale)
+    (dq,) = torch.autograd.grad(out, q, do.to(dtype))
+    return out, dq
 
 
 def test_key_padding_block_lists_split_whole_and_partial_blocks():
@@ -248,8 +340,9 @@ def test_key_padding_block_lists_split_whole_and_partial_blocks():
         if rng.random() < 0.5:  # or BERT's: a run of real tokens, then padding
             lengths = torch.randint(0, S + 1, (B,))
             runs = (torch.arange(S) < lengths[:, None])[:, None, None, :]
-        ids, counts, nb = attention._visible_key_blocks(runs.view(torch.uint8), {"KEY_PADDING": True},
-                                                        S, block_n, None)
+        ids, counts, nb, strides = attention._visible_key_blocks(
+            runs.view(torch.uint8), {"KEY_PADDING": True}, 1, S, 1, block_n, False, None)
+        assert strides == (int(B > 1), 0, 0)  # one list per batch entry
         assert nb == -(-S // block_n) and ids.dtype == counts.dtype == torch.int32
         for b in range(B):
             keys = runs[b, 0, 0].tolist()
