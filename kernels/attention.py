@@ -138,9 +138,9 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .configs import (ATTN_BWD_ROW_PAD, COMPILE_OPTIONS, arch_major, attention_bwd_candidates,
-                      attention_descriptors, attention_fwd_candidates, cdiv, device_guard,
-                      interpreting, next_power_of_2)
+from .configs import (ATTN_BWD_ROW_PAD, ATTN_TILE_LISTS_MIN_KEY_BLOCKS, COMPILE_OPTIONS,
+                      arch_major, attention_bwd_candidates, attention_descriptors,
+                      attention_fwd_candidates, cdiv, device_guard, interpreting, next_power_of_2)
 from .numerics import (_TWO_LOG2E, Constant, dropout_args, dropout_keep_tile, load_seed, round_to,
                        seed_arg, tanh, tanh_complement)
 
@@ -1427,8 +1427,8 @@ def _attn_bwd_dq_kernel(
                 stride_dms, qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale,
                 seed_bh,
                 phase != 1, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK and (part == 1 or not LISTS),
-                MASK_IS_BOOL, KEY_PADDING, LISTS, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD, KV_TMA,
-                Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
+                MASK_IS_BOOL, KEY_PADDING, LISTS, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, MASK_GRAD,
+                KV_TMA, Q.dtype.element_ty, DOT_FP32, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV,
             )
 
     dq *= _dqk_scale(scale, SOFTCAP, Q.dtype.element_ty)
@@ -1494,10 +1494,12 @@ def _mask_args(attn_mask: torch.Tensor | None, placeholder: torch.Tensor, B: int
     return view, view.stride(), dict(HAS_MASK=True, MASK_IS_BOOL=is_bool, KEY_PADDING=key_padding)
 
 
-def _tile_lists(flags: dict, varlen: bool) -> bool:
-    """Whether the forward and dQ kernels list the key blocks of a bool mask per query block
-    (TILE_LISTS): any bool mask but a key-padding one (which has its own lists), padded calls."""
-    return flags["MASK_IS_BOOL"] and not flags["KEY_PADDING"] and not varlen
+def _tile_lists(flags: dict, varlen: bool, S: int, block_n: int) -> bool:
+    """Whether the forward or dQ kernel lists the key blocks of a bool mask per query block
+    (TILE_LISTS): any bool mask but a key-padding one (which has its own lists), padded calls,
+    keys over at least configs.ATTN_TILE_LISTS_MIN_KEY_BLOCKS blocks of block_n."""
+    return (flags["MASK_IS_BOOL"] and not flags["KEY_PADDING"] and not varlen
+            and cdiv(S, block_n) >= ATTN_TILE_LISTS_MIN_KEY_BLOCKS)
 
 
 def _block_reduce(x: torch.Tensor, dim: int, block: int, op) -> torch.Tensor:
@@ -1649,9 +1651,8 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
                  **mask_flags, **_dot_flags(q.dtype),
                  **_block_dims(D, Dv))
 
-    tile_lists = _tile_lists(mask_flags, varlen)
-
     def launch(cfg: dict) -> None:
+        tile_lists = _tile_lists(mask_flags, varlen, S, cfg["BLOCK_N"])
         blocks, counts, n_blocks, list_strides = _visible_key_blocks(
             mask, mask_flags, L, S, cfg["BLOCK_M"], cfg["BLOCK_N"], tile_lists, lse)
         _attn_fwd_kernel[(cdiv(L, cfg["BLOCK_M"]), Hq, B)](
@@ -1711,9 +1712,8 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
             QDO_TMA=qdo_tma, **flags, **dkdv, **COMPILE_OPTIONS,
         )
 
-    tile_lists = _tile_lists(mask_flags, varlen)
-
     def launch_dq(dq_cfg: dict) -> None:
+        tile_lists = _tile_lists(mask_flags, varlen, S, dq_cfg["BLOCK_N"])
         blocks, counts, n_blocks, list_strides = _visible_key_blocks(
             mask, mask_flags, L, S, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], tile_lists, lse)
         _attn_bwd_dq_kernel[(cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](

@@ -201,6 +201,13 @@ _ATTN_BWD_DKDV_FP32 = ((64, 32, 32, 4, 1), (128, 16, 32, 4, 1), (256, 16, 16, 4,
 # (tests/test_attention_kernels.py).
 ATTN_BWD_ROW_PAD = 64
 
+# A bool mask (other than a key-padding one) has its key blocks listed per query block for the
+# forward and dQ kernels (kernels/attention.py _visible_key_blocks: hidden blocks skipped, whole
+# ones unmasked) when the keys span at least this many key blocks of the launch: below, there is
+# little to skip, and the lists' dozen small torch ops (about 120 µs of host time on the 2-core
+# CPU) would cost more than they save.
+ATTN_TILE_LISTS_MIN_KEY_BLOCKS = 4
+
 # Backward dQ: a fixed block of BLOCK_M query rows (q, dO and the fp32 dq accumulator) while BLOCK_N
 # keys stream past. Hopper d256: 128 rows on 8 warps, wgmma (32 rows on 8 warps fell back to
 # mma.sync); the Hopper dK/dV d128 row keeps 128 keys on 8 warps (16 x 64 computed S and dP twice).

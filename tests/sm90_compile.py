@@ -144,7 +144,8 @@ FEATURES = {
 }
 ALL_FEATURES = {
     "plain": {}, **FEATURES,
-    "bool mask + causal": dict(HAS_MASK=True, MASK_IS_BOOL=True, WINDOW_RIGHT=True),
+    "bool mask + causal": dict(HAS_MASK=True, MASK_IS_BOOL=True, TILE_LISTS=True,
+                               WINDOW_RIGHT=True),
     "key padding + dropout + causal": dict(HAS_MASK=True, MASK_IS_BOOL=True, KEY_PADDING=True,
                                            HAS_DROPOUT=True, WINDOW_RIGHT=True),
 }
@@ -170,7 +171,7 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
                configs.attention_bwd_candidates(d, torch.bfloat16, gpu, dropout).items()}
         base = dict(WINDOW_LEFT=False, WINDOW_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False,
                     HAS_SINKS=False, HAS_MASK=False, MASK_IS_BOOL=False, KEY_PADDING=False,
-                    HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
+                    TILE_LISTS=False, HAS_DROPOUT=False, IS_VARLEN=False, DOT_FP32=False, DOT_PRECISION="tf32",
                     STORE_LO=True,  # training: the forward keeps out's rounding residual
                     KV_TMA=arch >= 90,  # K / V by tensor descriptors, as the launcher picks
                     O_TMA=arch >= 90,  # and out

@@ -923,3 +923,33 @@ def test_gpu_tuning_candidates(head_dim, candidate, monkeypatch):
     mask[:, 0] = True
     check_against_reference(1, 2, 1, 150, 133, head_dim, head_dim, True, torch.bfloat16,
                             attn_mask=mask)
+
+
+@pytest.mark.parametrize("S", [3 * 32, 4 * 32 + 5])
+def test_tile_lists_taken_from_enough_key_blocks(monkeypatch, S):
+    """The forward and dQ kernels take tile lists (TILE_LISTS) for a bool (B, Hq, L, S) mask whose
+    keys span configs.ATTN_TILE_LISTS_MIN_KEY_BLOCKS key blocks of the launch (the interpreter's:
+    32 keys), never for a key-padding or a float mask; with and without lists the outputs match
+    (the lists only reorder whole blocks before partial ones) within fp32 rounding."""
+    B, H, L, D = 1, 2, 70, 16
+    q, k, v, do = make_inputs(B, H, H, L, S, D, D, torch.float32)
+    mask = torch.rand(B, H, L, S, device=DEVICE) > 0.3
+    mask[..., :40] = True  # whole blocks beside partial ones
+    want = S >= configs.ATTN_TILE_LISTS_MIN_KEY_BLOCKS * 32
+    flags = {"_attn_fwd_kernel": ("TILE_LISTS",), "_attn_bwd_dq_kernel": ("TILE_LISTS",)}
+
+    def run(m):
+        out, lse, _ = attention.attention_fwd(q, k, v, D**-0.5, False, m)
+        dq, _, _, _, _ = attention.attention_bwd(do, q, k, v, out, lse, D**-0.5, False, m)
+        return out, dq
+
+    (out, dq), used = _recorded(monkeypatch, True, flags, run, mask)
+    assert used == (want, want)
+    float_mask = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, float("-inf"))
+    (out_f, dq_f), used_f = _recorded(monkeypatch, True, flags, run, float_mask)
+    assert used_f == (False, False)
+    torch.testing.assert_close(out, out_f, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dq, dq_f, atol=1e-6, rtol=1e-5)
+    padding = mask[:, :1, :1, :]
+    _, used_p = _recorded(monkeypatch, True, flags, run, padding)
+    assert used_p == (False, False)  # a key-padding mask has its own lists (KEY_PADDING)
