@@ -138,7 +138,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .configs import (ATTN_BWD_ROW_PAD, ATTN_TILE_LISTS_MIN_KEY_BLOCKS, COMPILE_OPTIONS,
+from .configs import (ATTN_BWD_ROW_PAD, ATTN_TILE_LISTS_MIN_BLOCKS, COMPILE_OPTIONS,
                       arch_major, attention_bwd_candidates, attention_descriptors,
                       attention_fwd_candidates, cdiv, device_guard, interpreting, next_power_of_2)
 from .numerics import (_TWO_LOG2E, Constant, dropout_args, dropout_keep_tile, load_seed, round_to,
@@ -503,48 +503,48 @@ def _key_block_bounds(m0, m_last, S, diag_lo, diag_hi, WINDOW_LEFT: tl.constexpr
 
 
 @triton.jit
-def _key_block_range(block_counts, n_lo, n_hi, LISTS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Loop bounds over the key blocks starting in [n_lo, n_hi) (n_lo a multiple of BLOCK_N): the
-    keys themselves (step BLOCK_N), or with LISTS positions in the program's list of visible
-    blocks (step 1; block_counts: one part's row of _visible_key_blocks' counts, see
-    _key_padding_part)."""
+def _block_range(block_counts, lo, hi, LISTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Loop bounds over the blocks (of BLOCK keys, or with the dK/dV kernel's lists BLOCK queries)
+    starting in [lo, hi) (lo a multiple of BLOCK, or hi itself: an empty range): the positions
+    themselves (step BLOCK), or with LISTS positions in the program's list of visible blocks
+    (step 1; block_counts: one part's row of _visible_blocks' counts, see _list_part)."""
     if LISTS:
-        i_lo = tl.load(block_counts + n_lo // BLOCK_N)
-        i_hi = tl.load(block_counts + tl.cdiv(n_hi, BLOCK_N))
+        i_lo = tl.load(block_counts + tl.cdiv(lo, BLOCK))
+        i_hi = tl.load(block_counts + tl.cdiv(hi, BLOCK))
     else:
-        i_lo = n_lo
-        i_hi = n_hi
+        i_lo = lo
+        i_hi = hi
     return i_lo, i_hi
 
 
 @triton.jit
-def _key_padding_part(block_counts, part: tl.constexpr, N_KEY_BLOCKS, LISTS: tl.constexpr):
+def _list_part(block_counts, part: tl.constexpr, N_BLOCKS, LISTS: tl.constexpr):
     """block_counts of loop part `part` (a static_range index). With LISTS each phase's loop runs
-    twice: part 0 over the program's whole key blocks, with no mask (every pair visible), part 1
-    over its partial ones, with the mask (see _visible_key_blocks); otherwise once (part 0), with
+    twice: part 0 over the program's whole blocks, with no mask (every pair visible), part 1
+    over its partial ones, with the mask (see _visible_blocks); otherwise once (part 0), with
     block_counts as given."""
     if LISTS:
-        return block_counts + part * (N_KEY_BLOCKS + 1)
+        return block_counts + part * (N_BLOCKS + 1)
     else:
         return block_counts
 
 
 @triton.jit
-def _key_lists(KeyBlocks, KeyBlockCounts, off_b, off_h, pid_m, list_sb, list_sh, list_sm,
-               N_KEY_BLOCKS):
-    """(block_ids, block_counts): the lists of _visible_key_blocks of query block pid_m of (batch
-    off_b, head off_h), list number off_b * list_sb + off_h * list_sh + pid_m * list_sm (strides
-    0 on the dims a list serves whole: a key-padding mask has one list per batch entry)."""
-    idx = off_b.to(tl.int64) * list_sb + off_h.to(tl.int64) * list_sh + pid_m.to(tl.int64) * list_sm
-    return KeyBlocks + idx * N_KEY_BLOCKS, KeyBlockCounts + idx * (2 * (N_KEY_BLOCKS + 1))
+def _block_lists(Blocks, BlockCounts, off_b, off_h, pid, list_sb, list_sh, list_sp, N_BLOCKS):
+    """(block_ids, block_counts): the lists of _visible_blocks of program block pid (a query
+    block, or the dK/dV kernel's key block) of (batch off_b, head off_h), list number
+    off_b * list_sb + off_h * list_sh + pid * list_sp (strides 0 on the dims a list serves whole:
+    a key-padding mask has one list per batch entry)."""
+    idx = off_b.to(tl.int64) * list_sb + off_h.to(tl.int64) * list_sh + pid.to(tl.int64) * list_sp
+    return Blocks + idx * N_BLOCKS, BlockCounts + idx * (2 * (N_BLOCKS + 1))
 
 
 @triton.jit
-def _key_block_start(block_ids, i, LISTS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """First key of the block at loop index i of _key_block_range (block_ids: the program's list
-    of visible blocks)."""
+def _block_start(block_ids, i, LISTS: tl.constexpr, BLOCK: tl.constexpr):
+    """First position (key, or query) of the block at loop index i of _block_range (block_ids:
+    the program's list of visible blocks)."""
     if LISTS:
-        return tl.load(block_ids + i) * BLOCK_N
+        return tl.load(block_ids + i) * BLOCK
     else:
         return i
 
@@ -659,10 +659,10 @@ def _attn_fwd_inner(
     # per block, see below); in the masked phases, where more values are live, made per block
     keys = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
     m0 = tl.min(offs_m, 0) if HAS_DROPOUT else 0  # the tile's first query (dropout's counters)
-    i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, LISTS, BLOCK_N)
+    i_lo, i_hi = _block_range(block_counts, n_lo, n_hi, LISTS, BLOCK_N)
     STEP: tl.constexpr = 1 if LISTS else BLOCK_N
     for i in range(i_lo, i_hi, STEP):
-        n0 = _key_block_start(block_ids, i, LISTS, BLOCK_N)
+        n0 = _block_start(block_ids, i, LISTS, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         alibi = keys
         block = 0.0
@@ -752,7 +752,7 @@ def _attn_fwd_kernel(
     Hq, L, S, D, Dv,  # L, S: the sequence lengths (varlen: the packed row counts)
     GROUP,  # Hq // Hkv
     N_KEY_BLOCKS,  # cdiv(S, BLOCK_N) (LISTS)
-    list_sb, list_sh, list_sm,  # the list of (batch, head, query block): _key_lists (LISTS)
+    list_sb, list_sh, list_sm,  # the list of (batch, head, query block): _block_lists (LISTS)
     # strides (batch strides 0 when IS_VARLEN)
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -807,8 +807,8 @@ def _attn_fwd_kernel(
     # Listed key blocks (a bool mask): whole ones run with no mask, those hiding nothing visible
     # are never read
     LISTS: tl.constexpr = KEY_PADDING or TILE_LISTS
-    block_ids, block_counts = _key_lists(KeyBlocks, KeyBlockCounts, off_b, off_h, pid_m, list_sb,
-                                         list_sh, list_sm, N_KEY_BLOCKS)
+    block_ids, block_counts = _block_lists(KeyBlocks, KeyBlockCounts, off_b, off_h, pid_m, list_sb,
+                                           list_sh, list_sm, N_KEY_BLOCKS)
     seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -839,7 +839,7 @@ def _attn_fwd_kernel(
         # mask; 2: the right edge (the causal diagonal) and the ragged block at S, masked
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         for part in tl.static_range(2 if LISTS else 1):
-            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, LISTS)
+            counts = _list_part(block_counts, part, N_KEY_BLOCKS, LISTS)
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, counts, Lse, 1,
                 offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
@@ -1060,19 +1060,21 @@ def _attn_bwd_dkdv_inner(
     q_src, do_src, q_part, do_part,  # q and dO of one (batch, query head): _row_source's, whole
     #                                  rows and (SPLIT > 1) this part's columns
     lse_base, delta_base, mask_base,  # of the same (batch, query head)
+    block_ids, block_counts,  # this key block's visible query blocks of that head (LISTS)
     offs_n, n0, part, m_lo, m_hi, m_lo2, m_hi2, L, S, D, Dv, diag_lo, diag_hi, off,
     stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
     qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    LISTS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QDO_TMA: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dV += (P * Z)^T @ dO and dK += dS_qk^T @ Q over the query blocks starting in [m_lo, m_hi)
     and, with WINDOW_LEFT, [m_lo2, m_hi2) (m_lo, m_lo2 multiples of BLOCK_M), for column part
-    `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO).
+    `part` of SPLIT of dK and dV (the scores still take whole rows of q and dO); with LISTS only
+    the listed ones among them (_block_range).
 
     The tiles are computed transposed, (BLOCK_N, BLOCK_M): sT = k @ q^T, so that P^T and dS^T are
     produced directly in the layout of the left operand of the two products.
@@ -1087,18 +1089,28 @@ def _attn_bwd_dkdv_inner(
     # integers below 2^24)
     rows = (tl.arange(0, BLOCK_M) + (off - n0)).to(tl.float32)
     # With a window the loop runs over [m_lo, m_hi) and then [m_lo2, m_hi2) (both edges of the
-    # window in one masked loop: a third loop's registers spilled), counting blocks; without one
-    # over [m_lo, m_hi) alone, the second range empty.
-    n_first = tl.cdiv(m_hi - m_lo, BLOCK_M)
-    IT_STEP: tl.constexpr = 1 if WINDOW_LEFT else BLOCK_M
+    # window in one masked loop: a third loop's registers spilled), counting blocks (with LISTS
+    # list positions); without one over [m_lo, m_hi) alone, the second range empty.
+    i_lo, i_hi = _block_range(block_counts, m_lo, m_hi, LISTS, BLOCK_M)
     if WINDOW_LEFT:
-        it_lo, it_hi = 0, n_first + tl.cdiv(m_hi2 - m_lo2, BLOCK_M)
+        i_lo2, i_hi2 = _block_range(block_counts, m_lo2, m_hi2, LISTS, BLOCK_M)
+        if LISTS:
+            n_first = i_hi - i_lo
+            it_lo, it_hi = 0, n_first + i_hi2 - i_lo2
+        else:
+            n_first = tl.cdiv(m_hi - m_lo, BLOCK_M)
+            it_lo, it_hi = 0, n_first + tl.cdiv(m_hi2 - m_lo2, BLOCK_M)
     else:
-        it_lo, it_hi = m_lo, m_hi
+        it_lo, it_hi = i_lo, i_hi
+    IT_STEP: tl.constexpr = 1 if WINDOW_LEFT or LISTS else BLOCK_M
     for it in range(it_lo, it_hi, IT_STEP):
-        start_m = it
-        if WINDOW_LEFT:
+        if WINDOW_LEFT and LISTS:
+            start_m = _block_start(block_ids, tl.where(it < n_first, i_lo + it,
+                                                       i_lo2 + (it - n_first)), True, BLOCK_M)
+        elif WINDOW_LEFT:
             start_m = tl.where(it < n_first, m_lo + it * BLOCK_M, m_lo2 + (it - n_first) * BLOCK_M)
+        else:
+            start_m = _block_start(block_ids, it, LISTS, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if QDO_TMA:
             qT = _dot_operand(tl.trans(q_src.load([start_m, 0])), DTYPE, DOT_FP32)
@@ -1151,11 +1163,14 @@ def _attn_bwd_dkdv_kernel(
     dK,  # shaped as K
     dV,  # shaped as V
     Mask,  # (B, Hq, L, S) through strides (0 on broadcast dims): bool as uint8, or float (HAS_MASK)
+    QueryBlocks, QueryBlockCounts,  # a bool mask's visible query blocks per key block (TILE_LISTS)
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32 cumulative sequence lengths (IS_VARLEN)
     Alibi,  # (B, Hq) float32 ALiBi slopes through strides (HAS_ALIBI)
     # sizes
     Hq, L, S, D, Dv,
     GROUP,  # Hq // Hkv
+    N_QUERY_BLOCKS,  # cdiv(L, BLOCK_M) (TILE_LISTS)
+    list_sb, list_sh, list_sn,  # the list of (batch, query head, key block): _block_lists
     # strides (batch strides 0 when IS_VARLEN)
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -1174,6 +1189,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, KEY_PADDING: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    TILE_LISTS: tl.constexpr,  # a bool (B, Hq, L, S) mask's query blocks listed per key block
     QDO_TMA: tl.constexpr,  # read q and dO through tensor descriptors (as the forward's KV_TMA)
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
@@ -1223,6 +1239,8 @@ def _attn_bwd_dkdv_kernel(
     # Phase 0, masked: the diagonal and (WINDOW_LEFT) the window's left edge, in one loop (a loop
     # of their own spilled registers); phase 1: the query blocks that see the key block whole. The
     # query heads that share this kv head run inside each phase (outside, they spilled with GQA).
+    # With TILE_LISTS each head's loops run in two parts, as the forward's: the query blocks the
+    # mask shows whole (no mask), then the partial ones (those hiding every pair never read).
     for phase in tl.static_range(2):
         if phase == 0:
             lo, hi, lo2, hi2 = m_lo, m_full_lo, m_full_hi, m_hi
@@ -1246,15 +1264,22 @@ def _attn_bwd_dkdv_kernel(
             mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
             seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + seed
             slope2 = _alibi_slope2(Alibi, off_b, off_h, stride_ab, stride_ah, HAS_ALIBI)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_src, do_src, q_part, do_part, lse_base, delta_base, mask_base,
-                offs_n, n0, part, lo, hi, lo2, hi2, L, S, D, Dv, diag_lo, diag_hi, off,
-                stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
-                qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
-                phase == 0, WINDOW_LEFT, WINDOW_RIGHT, HAS_MASK, MASK_IS_BOOL, KEY_PADDING,
-                SOFTCAP, HAS_ALIBI, HAS_DROPOUT, QDO_TMA, Q.dtype.element_ty,
-                DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
-            )
+            block_ids, block_counts = _block_lists(QueryBlocks, QueryBlockCounts, off_b, off_h,
+                                                   pid_n, list_sb, list_sh, list_sn,
+                                                   N_QUERY_BLOCKS)
+            for list_part in tl.static_range(2 if TILE_LISTS else 1):
+                counts = _list_part(block_counts, list_part, N_QUERY_BLOCKS, TILE_LISTS)
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, q_src, do_src, q_part, do_part, lse_base, delta_base,
+                    mask_base, block_ids, counts,
+                    offs_n, n0, part, lo, hi, lo2, hi2, L, S, D, Dv, diag_lo, diag_hi, off,
+                    stride_ql, stride_qd, stride_dol, stride_dod, stride_ml, stride_ms,
+                    qk_scale, cap_in, cap_out, slope2, dropout_threshold, dropout_scale, seed_bh,
+                    phase == 0, WINDOW_LEFT, WINDOW_RIGHT,
+                    HAS_MASK and (list_part == 1 or not TILE_LISTS), MASK_IS_BOOL, KEY_PADDING,
+                    TILE_LISTS, SOFTCAP, HAS_ALIBI, HAS_DROPOUT, QDO_TMA, Q.dtype.element_ty,
+                    DOT_FP32, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, SPLIT,
+                )
 
     dk *= _dqk_scale(scale, SOFTCAP, Q.dtype.element_ty)  # d(scores)/dK: the scale, once
     dk_base = _head_rows(dK, off_b, off_hkv, k_start, stride_dkb, stride_dkh, stride_dks)
@@ -1289,12 +1314,12 @@ def _attn_bwd_dq_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     alibi = _alibi_keys(slope2, tl.arange(0, BLOCK_N), False, HAS_ALIBI)
     m0 = tl.min(offs_m, 0) if HAS_DROPOUT else 0  # the tile's first query (dropout's counters)
-    i_lo, i_hi = _key_block_range(block_counts, n_lo, n_hi, LISTS, BLOCK_N)
+    i_lo, i_hi = _block_range(block_counts, n_lo, n_hi, LISTS, BLOCK_N)
     STEP: tl.constexpr = 1 if LISTS else BLOCK_N
     # Unmasked, every key block is whole (keys < S: _key_block_bounds): no row mask
     n_keys = S if MASKED else None
     for i in range(i_lo, i_hi, STEP):
-        n0 = _key_block_start(block_ids, i, LISTS, BLOCK_N)
+        n0 = _block_start(block_ids, i, LISTS, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if KV_TMA:
             kT = _dot_operand(tl.trans(k_src.load([n0, 0])), DTYPE, DOT_FP32)
@@ -1399,8 +1424,8 @@ def _attn_bwd_dq_kernel(
     mask_base = _head_rows(Mask, off_b, off_h, 0, stride_mb, stride_mh, 0)
     dmask_base = _head_rows(dMask, off_b, off_h, 0, stride_dmb, stride_dmh, 0)
     LISTS: tl.constexpr = KEY_PADDING or TILE_LISTS
-    block_ids, block_counts = _key_lists(KeyBlocks, KeyBlockCounts, off_b, off_h, pid_m, list_sb,
-                                         list_sh, list_sm, N_KEY_BLOCKS)
+    block_ids, block_counts = _block_lists(KeyBlocks, KeyBlockCounts, off_b, off_h, pid_m, list_sb,
+                                           list_sh, list_sm, N_KEY_BLOCKS)
     seed_bh = ((off_b * Hq + off_h).to(tl.int64) << 32) + load_seed(Seed, HAS_DROPOUT)
 
     q = _load_dot_operand(q_base, offs_m, offs_d, L, D, stride_ql, stride_qd, DOT_FP32)
@@ -1419,7 +1444,7 @@ def _attn_bwd_dq_kernel(
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the forward
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         for part in tl.static_range(2 if LISTS else 1):  # as in the forward
-            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, LISTS)
+            counts = _list_part(block_counts, part, N_KEY_BLOCKS, LISTS)
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, k_src, v_src, mask_base, block_ids, counts,
                 dmask_base, offs_m, lo, hi, L, S, D, Dv, diag_lo, diag_hi, alibi_ref,
@@ -1494,12 +1519,13 @@ def _mask_args(attn_mask: torch.Tensor | None, placeholder: torch.Tensor, B: int
     return view, view.stride(), dict(HAS_MASK=True, MASK_IS_BOOL=is_bool, KEY_PADDING=key_padding)
 
 
-def _tile_lists(flags: dict, varlen: bool, S: int, block_n: int) -> bool:
-    """Whether the forward or dQ kernel lists the key blocks of a bool mask per query block
-    (TILE_LISTS): any bool mask but a key-padding one (which has its own lists), padded calls,
-    keys over at least configs.ATTN_TILE_LISTS_MIN_KEY_BLOCKS blocks of block_n."""
+def _tile_lists(flags: dict, varlen: bool, n: int, block: int) -> bool:
+    """Whether a kernel lists the blocks of a bool mask per program (TILE_LISTS): any bool mask but
+    a key-padding one (which has its own lists), padded calls, the listed positions (the forward's
+    and dQ's n = S keys, dK/dV's n = L queries) over at least configs.ATTN_TILE_LISTS_MIN_BLOCKS
+    blocks of `block`."""
     return (flags["MASK_IS_BOOL"] and not flags["KEY_PADDING"] and not varlen
-            and cdiv(S, block_n) >= ATTN_TILE_LISTS_MIN_KEY_BLOCKS)
+            and cdiv(n, block) >= ATTN_TILE_LISTS_MIN_BLOCKS)
 
 
 def _block_reduce(x: torch.Tensor, dim: int, block: int, op) -> torch.Tensor:
@@ -1517,39 +1543,49 @@ def _block_reduce(x: torch.Tensor, dim: int, block: int, op) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def _visible_key_blocks(mask: torch.Tensor, flags: dict, L: int, S: int, block_m: int,
-                        block_n: int, tile_lists: bool, placeholder: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int, int]]:
-    """The key blocks (of block_n keys) each program visits, listed, for a bool mask (the uint8
-    (B, Hq, L, S) view of _mask_args): (KeyBlocks, KeyBlockCounts, N_KEY_BLOCKS, list strides).
+def _visible_blocks(mask: torch.Tensor, flags: dict, L: int, S: int, block_m: int, block_n: int,
+                    tile_lists: bool, placeholder: torch.Tensor, by_keys: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int, int]]:
+    """The blocks each program visits, listed, for a bool mask (the uint8 (B, Hq, L, S) view of
+    _mask_args): (Blocks, BlockCounts, N_BLOCKS, list strides). The forward and dQ programs own a
+    query block (block_m rows) and list key blocks (block_n keys); with `by_keys` the dK/dV
+    programs own a key block and list query blocks.
 
-    One list per batch entry with KEY_PADDING (a (B, 1, 1, S) mask), or with `tile_lists` one
-    per query block (of block_m rows) of each (batch entry, head) the mask has (its broadcast
+    One list per batch entry with KEY_PADDING (a (B, 1, 1, S) mask, key blocks), or with
+    `tile_lists` one per program block of each (batch entry, head) the mask has (its broadcast
     dims but the batch's, stride 0 in the view, share a list; so do all query blocks where its
-    rows are broadcast). The list strides (batch, head, query block) number them (_key_lists).
-    KeyBlocks (G, nb) int32 lists first the whole key blocks (every pair of the list's queries
-    below L and keys below S visible: the kernels apply no mask there), in order, then the partial
-    ones (some pair visible), in order; the blocks with no visible pair follow, never visited.
-    The mask is read once (block maxima and minima over keys, then over query rows), not copied.
-    KeyBlockCounts (G, 2, nb + 1) int32 holds positions in that list: [g, 0, j] the whole blocks
-    before block j, [g, 1, j] all the whole blocks plus the partial ones before block j, so that
-    the whole blocks among blocks [j0, j1) are KeyBlocks[g, c[0, j0]:c[0, j1]] and the partial
-    ones KeyBlocks[g, c[1, j0]:c[1, j1]]. Built with a few torch ops on the device (no host
+    rows are broadcast, when they own the list). The list strides (batch, head, program block)
+    number them (_block_lists).
+    Blocks (G, nb) int32 lists first the whole blocks (every pair of the program's and the
+    block's positions below L and S visible: the kernels apply no mask there), in order, then the
+    partial ones (some pair visible), in order; the blocks with no visible pair follow, never
+    visited. The mask is read once (block maxima and minima over keys, then over query rows), not
+    copied. BlockCounts (G, 2, nb + 1) int32 holds positions in that list: [g, 0, j] the whole
+    blocks before block j, [g, 1, j] all the whole blocks plus the partial ones before block j,
+    so that the whole blocks among blocks [j0, j1) are Blocks[g, c[0, j0]:c[0, j1]] and the
+    partial ones Blocks[g, c[1, j0]:c[1, j1]]. Built with a few torch ops on the device (no host
     sync). Placeholders without lists.
     """
     if not (flags["KEY_PADDING"] or tile_lists):
         return placeholder, placeholder, 0, (0, 0, 0)
-    n_blocks = cdiv(S, block_n)
     sb, sh, sl, _ = mask.stride()
     Bm = 1 if sb == 0 and not flags["KEY_PADDING"] else mask.shape[0]
     Hm = 1 if sh == 0 or flags["KEY_PADDING"] else mask.shape[1]
     Lm = 1 if sl == 0 or flags["KEY_PADDING"] else L
-    rows = block_m if Lm > 1 else 1  # the rows of one list
+    rows = block_m if Lm > 1 else 1  # the rows of one query block's reduction
     n_row_blocks = cdiv(Lm, rows)
     pairs = mask[:Bm, :Hm, :Lm, :]  # a view: the mask is read, never copied
-    # Over the keys of each key block, then over the rows of each query block
+    # Over the keys of each key block, then over the rows of each query block: (Bm, Hm, nrb, nkb)
     visible = _block_reduce(_block_reduce(pairs, 3, block_n, torch.amax), 2, rows, torch.amax)
     whole = _block_reduce(_block_reduce(pairs, 3, block_n, torch.amin), 2, rows, torch.amin)
+    if by_keys:  # per key block, the query blocks: rows broadcast give each query block the same
+        n_blocks = cdiv(L, block_m)
+        visible, whole = (x.expand(Bm, Hm, n_blocks, -1).transpose(2, 3) for x in (visible, whole))
+        strides = (int(Bm > 1) * Hm * visible.shape[2], int(Hm > 1) * visible.shape[2], 1)
+    else:
+        n_blocks = cdiv(S, block_n)
+        strides = (int(Bm > 1) * Hm * n_row_blocks, int(Hm > 1) * n_row_blocks,
+                   int(n_row_blocks > 1))
     visible, whole = visible.reshape(-1, n_blocks), whole.reshape(-1, n_blocks)  # (G, nb)
     G = whole.shape[0]
     # One running count over [0, whole..., 0, partial...]: row 1 goes on from row 0's total
@@ -1558,8 +1594,8 @@ def _visible_key_blocks(mask: torch.Tensor, flags: dict, L: int, S: int, block_m
     parts[:, 1, 1:] = visible ^ whole
     counts = parts.view(G, -1).cumsum(dim=1, dtype=torch.int32).view(G, 2, n_blocks + 1)
     ids = torch.argsort(visible + whole, dim=1, descending=True, stable=True)
-    strides = (int(Bm > 1) * Hm * n_row_blocks, int(Hm > 1) * n_row_blocks, int(n_row_blocks > 1))
-    return ids.to(torch.int32), counts, n_blocks, strides
+    # Row-major, as the kernels read it (argsort keeps its input's layout: by_keys' transposed view)
+    return ids.to(torch.int32).contiguous(), counts, n_blocks, strides
 
 
 def _descriptor_ready(t: torch.Tensor) -> bool:
@@ -1653,7 +1689,7 @@ def _launch_fwd(q, k, v, out, out_lo, lse, B, L, S, scale, is_causal, attn_mask,
 
     def launch(cfg: dict) -> None:
         tile_lists = _tile_lists(mask_flags, varlen, S, cfg["BLOCK_N"])
-        blocks, counts, n_blocks, list_strides = _visible_key_blocks(
+        blocks, counts, n_blocks, list_strides = _visible_blocks(
             mask, mask_flags, L, S, cfg["BLOCK_M"], cfg["BLOCK_N"], tile_lists, lse)
         _attn_fwd_kernel[(cdiv(L, cfg["BLOCK_M"]), Hq, B)](
             q, k, v, out, out if out_lo is None else out_lo, lse, mask, blocks, counts, cu_q, cu_k,
@@ -1703,18 +1739,22 @@ def _launch_bwd(do, q, k, v, out, out_lo, lse, dq, dk, dv, dmask, B, L, S, scale
     kv_tma = _descriptor_flag(q, k, v, backward=True)
 
     def launch_dkdv(dkdv: dict) -> None:
+        tile_lists = _tile_lists(mask_flags, varlen, L, dkdv["BLOCK_M"])
+        blocks, counts, n_blocks, list_strides = _visible_blocks(
+            mask, mask_flags, L, S, dkdv["BLOCK_M"], dkdv["BLOCK_N"], tile_lists, lse,
+            by_keys=True)
         _attn_bwd_dkdv_kernel[(cdiv(S, dkdv["BLOCK_N"]) * dkdv["SPLIT"], Hkv, B)](
-            q, k, v, do, lse2, delta, dk, dv, mask, cu_q, cu_k, alibi,
-            *sizes,
+            q, k, v, do, lse2, delta, dk, dv, mask, blocks, counts, cu_q, cu_k, alibi,
+            *sizes, n_blocks, *list_strides,
             *qkv_strides, *_strides4(dk, varlen), *_strides4(dv, varlen), *stat_strides,
             *mask_strides, *alibi_strides,
             *scalars,
-            QDO_TMA=qdo_tma, **flags, **dkdv, **COMPILE_OPTIONS,
+            QDO_TMA=qdo_tma, TILE_LISTS=tile_lists, **flags, **dkdv, **COMPILE_OPTIONS,
         )
 
     def launch_dq(dq_cfg: dict) -> None:
         tile_lists = _tile_lists(mask_flags, varlen, S, dq_cfg["BLOCK_N"])
-        blocks, counts, n_blocks, list_strides = _visible_key_blocks(
+        blocks, counts, n_blocks, list_strides = _visible_blocks(
             mask, mask_flags, L, S, dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], tile_lists, lse)
         _attn_bwd_dq_kernel[(cdiv(L, dq_cfg["BLOCK_M"]), Hq, B)](
             q, k, v, do, lse2, delta, dq, mask, dmask if mask_grad else lse, blocks, counts,

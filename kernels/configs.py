@@ -202,11 +202,12 @@ _ATTN_BWD_DKDV_FP32 = ((64, 32, 32, 4, 1), (128, 16, 32, 4, 1), (256, 16, 16, 4,
 ATTN_BWD_ROW_PAD = 64
 
 # A bool mask (other than a key-padding one) has its key blocks listed per query block for the
-# forward and dQ kernels (kernels/attention.py _visible_key_blocks: hidden blocks skipped, whole
-# ones unmasked) when the keys span at least this many key blocks of the launch: below, there is
-# little to skip, and the lists' dozen small torch ops (about 120 µs of host time on the 2-core
-# CPU) would cost more than they save.
-ATTN_TILE_LISTS_MIN_KEY_BLOCKS = 4
+# forward and dQ kernels, and its query blocks per key block for the dK/dV kernel
+# (kernels/attention.py _visible_blocks: hidden blocks skipped, whole ones unmasked), when the
+# listed positions (keys; dK/dV's queries) span at least this many blocks of the launch: below,
+# there is little to skip, and the lists' dozen small torch ops (about 120 µs of host time on the
+# 2-core CPU) would cost more than they save.
+ATTN_TILE_LISTS_MIN_BLOCKS = 4
 
 # Backward dQ: a fixed block of BLOCK_M query rows (q, dO and the fp32 dq accumulator) while BLOCK_N
 # keys stream past. Hopper d256: 128 rows on 8 warps, wgmma (32 rows on 8 warps fell back to
@@ -262,7 +263,8 @@ _ATTN_INTERPRET_BWD = dict(
 # forward's had all spilled with varlen until the forward wrote out through a tensor descriptor.
 # The d64 dK/dV's 64 x 128, once dropped for 4 bytes spilled causal, is the default now: clean
 # with q and dO by TMA (3.9), and with pointer tiles on 3.6 (3.9's pointer tiles spill 4 bytes
-# with a window, a path no Hopper launch with 3.9 takes).
+# with a window, a path no Hopper launch with 3.9 takes); its 3-stage twin spills 12 bytes with a
+# bool mask's tile lists (3.9).
 # Warp specialisation (tl.range(..., warp_specialize=True) over the unmasked key loop, as Triton's
 # tutorial does on Blackwell) is no candidate: compiled for sm_90 it gives the d128 forward the very
 # same SASS (registers, loop, issue:TC), and the d64 forward crashes the compiler
@@ -270,7 +272,7 @@ _ATTN_INTERPRET_BWD = dict(
 _ATTN_HOPPER_ALTERNATES: dict[tuple[str, bool, int], tuple[tuple[int, ...], ...]] = {
     ("fwd", False, 64): ((128, 128, 8, 2),),
     ("fwd", False, 256): ((128, 64, 8, 2), (64, 32, 4, 2)),
-    ("dkdv", False, 64): ((32, 128, 8, 2), (64, 128, 8, 3)),
+    ("dkdv", False, 64): ((32, 128, 8, 2),),
     ("dq", False, 64): ((128, 64, 8, 3),),
     ("dq", False, 128): ((128, 64, 8, 2), (128, 32, 8, 3)),
 }

@@ -42,8 +42,8 @@ import triton.language as tl
 
 from .attention import (_LN2, _LOG2E, _ROW_MAX_START, _attn_fwd_inner, _block_dims,
                         _descriptor_flag, _diagonals, _dot_flags, _dot_operand, _key_block_bounds,
-                        _key_padding_part, _page_rows, _phase_range, _rounded,
-                        _softcap_factors, _softmax_finish, _visible_key_blocks)
+                        _list_part, _page_rows, _phase_range, _rounded,
+                        _softcap_factors, _softmax_finish, _visible_blocks)
 from .configs import (COMPILE_OPTIONS, cdiv, decode_config, decode_num_splits, device_guard,
                       next_power_of_2)
 from .numerics import round_to
@@ -171,7 +171,7 @@ def _decode_fwd_kernel(
     Alibi,  # (B, Hq) float32 slopes through strides (HAS_ALIBI)
     Sinks,  # (Hq,) sink logits (HAS_SINKS)
     Mask,  # (B, capacity) uint8 key padding mask, 1 = takes part (KEY_PADDING)
-    KeyBlocks, KeyBlockCounts,  # the mask's visible key blocks (see attention._visible_key_blocks)
+    KeyBlocks, KeyBlockCounts,  # the mask's visible key blocks (see attention._visible_blocks)
     # sizes
     L, D, Dv, GROUP, L_new,
     capacity,  # rows a sequence's cache holds: S_cache, or max_pages * PAGE_SIZE
@@ -285,7 +285,7 @@ def _decode_fwd_kernel(
     for phase in tl.static_range(0 if WINDOW_LEFT else 1, 3):  # as in the prefill forward
         lo, hi = _phase_range(phase, n_lo, n_full_lo, n_full_hi, n_hi)
         for part in tl.static_range(2 if KEY_PADDING else 1):  # whole key blocks, then partial
-            counts = _key_padding_part(block_counts, part, N_KEY_BLOCKS, KEY_PADDING)
+            counts = _list_part(block_counts, part, N_KEY_BLOCKS, KEY_PADDING)
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, k_src, v_src, mask_base, block_ids, counts, page_table,
                 n_cache, offs_i, lo, hi, L, S, D, Dv, diag_lo, diag_hi, off,
@@ -442,7 +442,7 @@ def kvcache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         if key_padding_mask is not None:
             mask = key_padding_mask.view(torch.uint8)
             flags = dict(KEY_PADDING=True)
-            blocks, counts, n_blocks, _ = _visible_key_blocks(
+            blocks, counts, n_blocks, _ = _visible_blocks(
                 mask[:, None, None, :], flags, 1, capacity, 1, cfg["BLOCK_N"], False, none)
             mask_strides = mask.stride()
         else:

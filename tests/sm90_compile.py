@@ -160,7 +160,8 @@ def attention_variants(arch: int, head_dims=(128,), features=FEATURES):
     configs.arch_major = lambda device: arch // 10
     ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "OutLo", "dO", "dK", "dV", "dQ")}
     ptrs.update({n: "*fp32" for n in ("Lse", "Lse2", "Delta", "dMask", "Alibi", "Sinks", "dSinksPart")})
-    ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "CuSeqlensQ", "CuSeqlensK")})
+    ptrs.update({n: "*i32" for n in ("KeyBlocks", "KeyBlockCounts", "QueryBlocks", "QueryBlockCounts",
+                                     "CuSeqlensQ", "CuSeqlensK")})
     ptrs["Seed"] = "*i64"
     for d, (feature, flags) in itertools.product(head_dims, features.items()):
         name = f"d{d} {feature}"

@@ -241,7 +241,7 @@ def test_key_padding_skips_padded_key_blocks():
 
 def _lists_brute_force(mask, L, S, block_m, block_n):
     """Per (batch, head, query block) of a (B, H, L, S) bool mask: (whole, partial, rest) key
-    block numbers, each in order, as _visible_key_blocks lists them."""
+    block numbers, each in order, as _visible_blocks lists them."""
     B, H = mask.shape[:2]
     nb = -(-S // block_n)
     lists = {}
@@ -255,11 +255,11 @@ def _lists_brute_force(mask, L, S, block_m, block_n):
 
 
 def test_tile_lists_of_a_bool_mask_match_brute_force():
-    """_visible_key_blocks with tile lists (a bool (B, Hq, L, S) mask as the forward and dQ
-    kernels take it) against brute force on random masks: every (batch, head, query block) finds,
-    at the list number its strides give, its whole key blocks (every pair below L and S visible)
-    in order, then the partial ones, then those with nothing visible, with counts as the
-    key-padding lists have them. Broadcast dims (size 1, expanded: stride 0) share a list; ragged
+    """_visible_blocks with tile lists (a bool (B, Hq, L, S) mask as the kernels take it) against
+    brute force on random masks: every (batch, head, query block) of the forward and dQ finds, at
+    the list number its strides give, its whole key blocks (every pair below L and S visible) in
+    order, then the partial ones, then those with nothing visible, with counts as the key-padding
+    lists have them; every (batch, head, key block) of dK/dV (by_keys) its query blocks alike. Broadcast dims (size 1, expanded: stride 0) share a list; ragged
     L and S, blocks of structure (a static cache's unused tail, a causal staircase) and noise."""
     rng = random.Random(11)
     for case in range(40):
@@ -279,55 +279,78 @@ def test_tile_lists_of_a_bool_mask_match_brute_force():
             small = torch.full(shape, pattern == "all")
         view = small.expand(B, H, L, S).view(torch.uint8)
         flags = dict(MASK_IS_BOOL=True, KEY_PADDING=False)
-        ids, counts, nb, (sb, sh, sm) = attention._visible_key_blocks(
-            view, flags, L, S, block_m, block_n, True, None)
-        assert nb == -(-S // block_n) and ids.dtype == counts.dtype == torch.int32
-        assert ids.shape[0] <= shape[0] * shape[1] * -(-shape[2] // block_m), "broadcast dims share"
-        for (b, h, i), (whole, partial, rest) in _lists_brute_force(
-                small.expand(B, H, L, S), L, S, block_m, block_n).items():
-            g = b * sb + h * sh + i * sm
-            assert ids[g].tolist() == whole + partial + rest, (case, b, h, i)
-            for j in range(nb + 1):
-                assert counts[g, 0, j] == sum(1 for x in whole if x < j), (case, b, h, i, j)
-                assert counts[g, 1, j] == len(whole) + sum(1 for x in partial if x < j), (case, j)
+        full = small.expand(B, H, L, S)
+        # The forward's and dQ's lists (key blocks per query block), then dK/dV's (query blocks
+        # per key block: the brute force on the transposed mask)
+        for by_keys, pairs, n, n_lists, block in (
+                (False, full, L, shape[2], block_m), (True, full.transpose(2, 3), S, S, block_n)):
+            ids, counts, nb, (sb, sh, sp) = attention._visible_blocks(
+                view, flags, L, S, block_m, block_n, True, None, by_keys=by_keys)
+            other = block_m + block_n - block  # the listed blocks' size
+            assert nb == -(-pairs.shape[3] // other) and ids.dtype == counts.dtype == torch.int32
+            assert ids.is_contiguous() and counts.is_contiguous(), "the kernels read them row-major"
+            assert ids.shape[0] <= shape[0] * shape[1] * -(-n_lists // block), "broadcasts share"
+            for (b, h, i), (whole, partial, rest) in _lists_brute_force(
+                    pairs, n, pairs.shape[3], block, other).items():
+                g = b * sb + h * sh + i * sp
+                assert ids[g].tolist() == whole + partial + rest, (case, by_keys, b, h, i)
+                for j in range(nb + 1):
+                    assert counts[g, 0, j] == sum(1 for x in whole if x < j), (case, by_keys, j)
+                    assert counts[g, 1, j] == len(whole) + sum(1 for x in partial if x < j), (
+                        case, by_keys, j)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_bool_mask_skips_hidden_key_blocks(causal):
+def test_bool_mask_skips_hidden_blocks(causal):
     """A bool (B, Hq, L, S) mask with structure, as a static cache's (each (batch, head) sees a
-    prefix of the keys, its tail hidden) or a document mask's: the forward and dQ kernels never
-    read a key block that hides every pair of a query block (K and V NaN there: reading one
-    would turn out or dQ into NaN, 0 * NaN), and match the float64 reference within torch's own
-    error where they skip. Key blocks hidden are aligned to 128 keys, the widest of any table."""
-    B, H, L, S, D = 2, 2, 64, 384, 32
+    prefix of the keys, its tail hidden) or a document mask's, here with a run of queries that
+    see no key: the forward and dQ kernels never read a key block that hides every pair of a
+    query block (K and V NaN there: reading one would turn out or dQ into NaN, 0 * NaN), the dK/dV
+    kernel never reads a query block that hides every pair of its key block (dO NaN on the rows
+    that see nothing, and K, V on the hidden keys: dK or dV would turn NaN), and they match the
+    float64 reference within torch's own error (the rows that see nothing: out = 0, dQ = 0, no
+    part in dK, dV; the reference leaves them out). Blocks hidden are aligned to 128 keys and
+    queries, the widest of any table; L spans ATTN_TILE_LISTS_MIN_BLOCKS of dK/dV's."""
+    B, H, L, S, D = 2, 2, 256, 384, 32
+    blind = slice(128, 256)  # queries that see no key
     torch.manual_seed(12)
     keys = torch.arange(S, device=DEVICE)
     lengths = torch.tensor([[128, 256], [384, 128]], device=DEVICE)  # (B, H): visible prefixes
     mask = (keys < lengths[:, :, None, None]) & (torch.rand(B, H, L, S, device=DEVICE) < 0.9)
-    mask[..., 0] = True  # every row sees a key (torch's op gives such a row NaN)
+    mask[..., 0] = True  # every row but the blind ones sees a key (torch gives such a row NaN)
+    mask[:, :, blind] = False
     hidden = keys >= lengths[:, :, None]  # (B, H, S)
     q, k, v, do = make_inputs(B, H, H, L, S, D, D, torch.float16)
     k_nan, v_nan = (t.masked_fill(hidden[..., None], float("nan")) for t in (k, v))
+    do_nan = do.clone()
+    do_nan[:, :, blind] = float("nan")
     out, lse, _ = attention.attention_fwd(q, k_nan, v_nan, D**-0.5, causal, mask)
     assert not out.isnan().any(), "the forward read a hidden key block"
-    dq, _, _, _, _ = attention.attention_bwd(do, q, k_nan, v_nan, out, lse, D**-0.5, causal, mask)
+    dq, dk, dv, _, _ = attention.attention_bwd(do_nan, q, k_nan, v_nan, out, lse, D**-0.5, causal,
+                                               mask)
     assert not dq.isnan().any(), "the dQ kernel read a hidden key block"
-    ref_out, ref_dq = _sdpa_out_dq(q, k, v, do, mask, causal, D**-0.5, torch.float64)
-    torch_out, torch_dq = _sdpa_out_dq(q, k, v, do, mask, causal, D**-0.5, torch.float16)
-    assert_within_torch_error("out", out, torch_out, ref_out, torch.float16)
-    assert_within_torch_error("dq", dq, torch_dq, ref_dq, torch.float16)
+    assert not (dk.isnan().any() or dv.isnan().any()), "the dK/dV kernel read a hidden block"
+    assert out[:, :, blind].eq(0).all() and dq[:, :, blind].eq(0).all()
+    seen = slice(0, blind.start)
+    ref = _sdpa_grads(q[:, :, seen], k, v, do[:, :, seen], mask[:, :, seen], causal, D**-0.5,
+                      torch.float64)
+    torch_ref = _sdpa_grads(q[:, :, seen], k, v, do[:, :, seen], mask[:, :, seen], causal,
+                            D**-0.5, torch.float16)
+    ours = (out[:, :, seen], dq[:, :, seen], dk, dv)
+    for name, got, want, torch_got in zip(("out", "dq", "dk", "dv"), ours, ref, torch_ref):
+        assert_within_torch_error(name, got, torch_got, want, torch.float16)
 
 
-def _sdpa_out_dq(q, k, v, do, mask, causal, scale, dtype):
-    """(out, dq) of torch's own op in `dtype` (float64: the reference) on the same inputs."""
-    q = q.detach().to(dtype).requires_grad_(True)
-    out = torch_sdpa(q, k.to(dtype), v.to(dtype), mask, causal, False, scale=scale)
-    (dq,) = torch.autograd.grad(out, q, do.to(dtype))
-    return out, dq
+def _sdpa_grads(q, k, v, do, mask, causal, scale, dtype):
+    """(out, dq, dk, dv) of torch's own op in `dtype` (float64: the reference) on the same
+    inputs."""
+    q, k, v = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+    out = torch_sdpa(q, k, v, mask, causal, False, scale=scale)
+    return (out, *torch.autograd.grad(out, (q, k, v), do.to(dtype)))
 
 
 def test_key_padding_block_lists_split_whole_and_partial_blocks():
-    """_visible_key_blocks against brute force on random (B, 1, 1, S) masks, ragged S among them:
+    """_visible_blocks against brute force on random (B, 1, 1, S) masks, ragged S among them:
     per batch, the whole key blocks (every key below S visible; the kernels apply no mask there)
     in order, then the partial ones in order, then the padding-only ones, and counts giving, for
     any block range [j0, j1), the list positions of its whole blocks (row 0) and of its partial
@@ -340,7 +363,7 @@ def test_key_padding_block_lists_split_whole_and_partial_blocks():
         if rng.random() < 0.5:  # or BERT's: a run of real tokens, then padding
             lengths = torch.randint(0, S + 1, (B,))
             runs = (torch.arange(S) < lengths[:, None])[:, None, None, :]
-        ids, counts, nb, strides = attention._visible_key_blocks(
+        ids, counts, nb, strides = attention._visible_blocks(
             runs.view(torch.uint8), {"KEY_PADDING": True}, 1, S, 1, block_n, False, None)
         assert strides == (int(B > 1), 0, 0)  # one list per batch entry
         assert nb == -(-S // block_n) and ids.dtype == counts.dtype == torch.int32
@@ -925,31 +948,34 @@ def test_gpu_tuning_candidates(head_dim, candidate, monkeypatch):
                             attn_mask=mask)
 
 
-@pytest.mark.parametrize("S", [3 * 32, 4 * 32 + 5])
-def test_tile_lists_taken_from_enough_key_blocks(monkeypatch, S):
+@pytest.mark.parametrize("L,S", [(70, 3 * 32), (70, 4 * 32 + 5), (4 * 32 + 2, 3 * 32)])
+def test_tile_lists_taken_from_enough_blocks(monkeypatch, L, S):
     """The forward and dQ kernels take tile lists (TILE_LISTS) for a bool (B, Hq, L, S) mask whose
-    keys span configs.ATTN_TILE_LISTS_MIN_KEY_BLOCKS key blocks of the launch (the interpreter's:
-    32 keys), never for a key-padding or a float mask; with and without lists the outputs match
-    (the lists only reorder whole blocks before partial ones) within fp32 rounding."""
-    B, H, L, D = 1, 2, 70, 16
+    keys span configs.ATTN_TILE_LISTS_MIN_BLOCKS key blocks of the launch (the interpreter's: 32
+    keys), the dK/dV kernel when its queries span as many query blocks (32 queries), never for a
+    key-padding or a float mask; with and without lists the outputs match (the lists only reorder
+    whole blocks before partial ones) within fp32 rounding."""
+    B, H, D = 1, 2, 16
     q, k, v, do = make_inputs(B, H, H, L, S, D, D, torch.float32)
     mask = torch.rand(B, H, L, S, device=DEVICE) > 0.3
     mask[..., :40] = True  # whole blocks beside partial ones
-    want = S >= configs.ATTN_TILE_LISTS_MIN_KEY_BLOCKS * 32
-    flags = {"_attn_fwd_kernel": ("TILE_LISTS",), "_attn_bwd_dq_kernel": ("TILE_LISTS",)}
+    mask[:, :, :40] = True
+    by_keys = -(-S // 32) >= configs.ATTN_TILE_LISTS_MIN_BLOCKS
+    by_queries = -(-L // 32) >= configs.ATTN_TILE_LISTS_MIN_BLOCKS
+    flags = {name: ("TILE_LISTS",) for name in
+             ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
 
     def run(m):
         out, lse, _ = attention.attention_fwd(q, k, v, D**-0.5, False, m)
-        dq, _, _, _, _ = attention.attention_bwd(do, q, k, v, out, lse, D**-0.5, False, m)
-        return out, dq
+        return (out, *attention.attention_bwd(do, q, k, v, out, lse, D**-0.5, False, m)[:3])
 
-    (out, dq), used = _recorded(monkeypatch, True, flags, run, mask)
-    assert used == (want, want)
+    got, used = _recorded(monkeypatch, True, flags, run, mask)
+    assert used == (by_keys, by_queries, by_keys)
     float_mask = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, float("-inf"))
-    (out_f, dq_f), used_f = _recorded(monkeypatch, True, flags, run, float_mask)
-    assert used_f == (False, False)
-    torch.testing.assert_close(out, out_f, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(dq, dq_f, atol=1e-6, rtol=1e-5)
+    want, used_f = _recorded(monkeypatch, True, flags, run, float_mask)
+    assert used_f == (False, False, False)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
     padding = mask[:, :1, :1, :]
     _, used_p = _recorded(monkeypatch, True, flags, run, padding)
-    assert used_p == (False, False)  # a key-padding mask has its own lists (KEY_PADDING)
+    assert used_p == (False, False, False)  # key padding has its own lists (KEY_PADDING)

@@ -35,7 +35,6 @@ SCRIPT = pathlib.Path(__file__).with_name("sm90_compile.py")
 # only: another Triton (the GPU image's 3.6) compiles some of them clean.
 XFAIL_TRITON = "3.9."
 XFAIL: dict[tuple[str, int, str], str] = {
-    ("dkdv", 64, "mask"): "issue:TC: 1.094 > 1.0 in the main loop",
     ("fwd", 64, "dropout"): "issue:TC: 2.545 > 1.0 in the main loop",
     ("dkdv", 64, "dropout"): "issue:TC: 1.754 > 1.0 in the main loop",
     ("dq", 64, "dropout"): "issue:TC: 1.737 > 1.0 in the main loop",
@@ -48,7 +47,6 @@ XFAIL: dict[tuple[str, int, str], str] = {
     ("fwd", 128, "dropout"): "issue:TC: 1.523 > 0.6 in the main loop",
     ("dkdv", 128, "dropout"): "issue:TC: 1.27 > 1.0 in the main loop",
     ("fwd", 128, "softcap"): "issue:TC: 0.864 > 0.6 in the main loop",
-    ("dkdv", 256, "mask"): "issue:TC: 1.018 > 1.0 in the main loop",
     ("dkdv", 256, "dropout"): "issue:TC: 1.224 > 1.0 in the main loop",
     ("dq", 256, "dropout"): "issue:TC: 1.06 > 1.0 in the main loop",
 }
