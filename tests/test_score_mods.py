@@ -87,6 +87,11 @@ CASES = [
     ("sinks", (2, 4, 2, 37, 37, 32), True, {}, dict(sinks=True)),
     ("sinks, rows without keys", (1, 2, 2, 50, 20, 32), True,
      dict(window_size=(3, -1), bottom_right=True), dict(sinks=True)),
+    # a bool (B, Hq, L, S) mask with a window: the tile lists (kernels/attention.py, TILE_LISTS;
+    # L and S over 4 blocks of the interpreter's tiles) meet both edges of the window; whole
+    # blocks (the first 64 queries see every key), partial ones, and keys a head never sees
+    ("bool mask, causal window", (1, 2, 1, 140, 160, 32), True,
+     dict(window_size=(40, -1), bottom_right=True), dict(bool_mask=True)),
     ("everything", (2, 4, 2, 45, 61, 40), True,
      dict(window_size=(19, -1), bottom_right=True, softcap=2.0, alibi_slopes="batch"),
      dict(sinks=True, dropout_p=0.25, key_padding=True)),
@@ -109,6 +114,11 @@ def _case_inputs(shape, dtype, device, mods, extras):
     if extras.get("key_padding"):  # (B, 1, 1, S): batch 1 pads its last 20 keys
         attn_mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
         attn_mask[1:, ..., S - 20:] = False
+        attn_mask = attn_mask.to(device)
+    if extras.get("bool_mask"):
+        attn_mask = torch.rand(B, Hq, L, S, generator=g) > 0.3
+        attn_mask[:, :, :64] = True
+        attn_mask[:, 0, :, 96:128] = False
         attn_mask = attn_mask.to(device)
     return q, k, v, do, sinks, attn_mask, mods
 
