@@ -24,6 +24,9 @@ dropout or score modifier compiles to the plain kernel:
     HAS_SINKS                (forward, preprocess) a sink logit per head in the softmax
     HAS_MASK, MASK_IS_BOOL   an attn_mask, boolean (True = takes part) or additive float
     KEY_PADDING              the mask is a boolean per-batch key padding mask (B, 1, 1, S)
+    TILE_LISTS               any other boolean mask, its blocks listed per program (forward, dQ:
+                             key blocks per query block; dK/dV: query blocks per key block), whole
+                             ones run unmasked, hidden ones never read (_visible_blocks)
     HAS_DROPOUT              dropout on the attention probabilities
     IS_VARLEN                packed sequences: program (.., .., b) works on sequence b
     MASK_GRAD                (dQ kernel) also write dS, the gradient of an additive mask
